@@ -1,0 +1,89 @@
+"""The Backend and RootKey interfaces: key custody by protection name.
+
+A backend plugin (``kb_backends`` hook) returns objects with these methods.
+The core never sees raw key material: it stores the opaque ``material`` blob
+that ``generate`` returns (key bytes wrapped under the root key, or a token
+object reference) and hands it back in a :class:`~broker.keys.VersionRef`.
+``broker.testing`` has a conformance suite every backend runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from .keys import KeyType, VersionRef
+
+__all__ = ["Aad", "Backend", "RootKey"]
+
+# One aad for the whole batch, or one per item.
+Aad = bytes | Sequence[bytes]
+
+
+class RootKey(Protocol):
+    """The root of trust that wraps software-protected key material."""
+
+    name: str
+
+    async def open(self) -> None:
+        """Load or create the root key. Called once before use."""
+
+    async def wrap(self, material: bytes | bytearray, context: bytes) -> bytes:
+        """Encrypt ``material`` under the root key, bound to ``context``."""
+
+    async def unwrap(self, blob: bytes, context: bytes) -> bytearray:
+        """Decrypt a wrapped blob. The caller zeroes the result after use.
+
+        Raises:
+            DecryptionFailed: wrong root key or tampered blob.
+        """
+
+    async def aclose(self) -> None:
+        """Cleanse the root key from memory. Idempotent."""
+
+
+class Backend(Protocol):
+    """Custody and use of key versions for one protection name."""
+
+    protection: str
+
+    def check_type(self, key_type: KeyType) -> None:
+        """Raise InvalidArgument naming what is missing if ``key_type`` is unsupported."""
+
+    async def generate(self, key_id: bytes, version: int, key_type: KeyType) -> bytes:
+        """Create new key material; return the opaque blob the store keeps."""
+
+    async def destroy(self, ref: VersionRef) -> None:
+        """Destroy the version's material for good (token object, cached slots)."""
+
+    async def encrypt(self, ref: VersionRef, items: Sequence[bytes], aad: Aad) -> list[bytes]:
+        """Seal each item into a format-1 envelope under ``ref``."""
+
+    async def decrypt(self, ref: VersionRef, envelopes: Sequence[bytes], aad: Aad) -> list[bytes | None]:
+        """Open each envelope; None for an item that fails authentication."""
+
+    async def rewrap(
+        self, old: VersionRef, new: VersionRef, envelopes: Sequence[bytes], aad: Aad
+    ) -> list[bytes | None]:
+        """Open under ``old`` and seal under ``new``; plaintext stays inside the backend."""
+
+    async def sign(self, ref: VersionRef, data: bytes, *, prehashed: bool) -> bytes:
+        """Sign a message (or, ``prehashed``, a SHA-256 digest)."""
+
+    async def verify(self, ref: VersionRef, data: bytes, signature: bytes, *, prehashed: bool) -> bool:
+        """Check a signature; False when it does not verify."""
+
+    async def mac(self, ref: VersionRef, message: bytes) -> bytes:
+        """HMAC-SHA256 of ``message``."""
+
+    async def verify_mac(self, ref: VersionRef, message: bytes, tag: bytes) -> bool:
+        """Constant-time check of an HMAC-SHA256 tag."""
+
+    async def public_pem(self, ref: VersionRef) -> bytes:
+        """The public key of a signing key version, PEM SubjectPublicKeyInfo."""
+
+    def forget(self, key_id: bytes) -> None:
+        """Drop any cached material of the key (it changed or was destroyed)."""
+
+    async def aclose(self) -> None:
+        """Release sessions and cleanse cached material. Idempotent."""

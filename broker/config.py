@@ -1,0 +1,205 @@
+"""Broker configuration: frozen dataclasses loaded from TOML, with defaults.
+
+Every option and its default is documented in docs/configuration.md. Parsing
+is pure (a mapping in, a :class:`Config` out) so it is tested without files.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgument
+
+__all__ = ["AuditConfig", "Config", "Limits", "TLSConfig", "load_config", "parse_config"]
+
+# PROTOCOL.md's defaults.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_BATCH_ITEMS = 100_000
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_IDLE_TIMEOUT_S = 300.0
+# Bounds the memory one pipelining client can pin: beyond this many requests
+# in flight, the reader stops reading and TCP pushes back.
+DEFAULT_MAX_INFLIGHT = 128
+# A client that starts a message must finish it within this time (slow-loris).
+DEFAULT_MESSAGE_TIMEOUT_S = 30.0
+# SIGTERM lets in-flight requests finish for this long before cancelling them.
+DEFAULT_DRAIN_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    max_inflight_per_connection: int = DEFAULT_MAX_INFLIGHT
+    message_timeout_s: float = DEFAULT_MESSAGE_TIMEOUT_S
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """TCP listener with TLS 1.3 and required client certificates."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path
+    host: str = "127.0.0.1"
+    port: int = 7443
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    # When the audit sink fails, refuse everything (fail closed), or keep
+    # serving metadata reads only.
+    fail_open_reads: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    data_dir: Path
+    socket_path: Path
+    socket_mode: int = 0o660
+    tls: TLSConfig | None = None
+    limits: Limits = field(default_factory=Limits)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    node: str = ""
+    store: str = "sqlite"
+    root: str = "file"
+    passphrase_file: Path | None = None
+    # Maps a transport identity ("uid:1000", a SPIFFE ID, a CN) to a name.
+    principals: Mapping[str, str] = field(default_factory=dict)
+    # Plugin sections, by plugin name: [plugins.rbac], [plugins.pkcs11], ...
+    plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    disabled_plugins: tuple[str, ...] = ()
+
+    def section(self, name: str) -> Mapping[str, Any]:
+        """The raw ``[plugins.NAME]`` table (empty when absent)."""
+        return self.plugins.get(name, {})
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.data_dir / "audit"
+
+
+def _take(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    value = table.get(key, default)
+    if value is not default and not isinstance(value, kind):
+        raise InvalidArgument(f"config: {key} has the wrong type")
+    return value
+
+
+def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise InvalidArgument(f"config: unknown option(s) in {where}: {', '.join(unknown)}")
+
+
+def _limits(table: Mapping[str, Any]) -> Limits:
+    defaults = Limits()
+    _check_keys(table, set(Limits.__dataclass_fields__), "[limits]")
+    values: dict[str, Any] = {}
+    for name in Limits.__dataclass_fields__:
+        default = getattr(defaults, name)
+        kind: type | tuple[type, ...] = (int, float) if isinstance(default, float) else int
+        value = _take(table, name, kind, default)
+        if isinstance(value, bool) or value <= 0:
+            raise InvalidArgument(f"config: limits.{name} must be a positive number")
+        values[name] = float(value) if isinstance(default, float) else value
+    return Limits(**values)
+
+
+def _tls(table: Mapping[str, Any], base: Path) -> TLSConfig:
+    _check_keys(table, set(TLSConfig.__dataclass_fields__), "[tls]")
+    try:
+        return TLSConfig(
+            cert_file=base / str(table["cert_file"]),
+            key_file=base / str(table["key_file"]),
+            client_ca_file=base / str(table["client_ca_file"]),
+            host=_take(table, "host", str, "127.0.0.1"),
+            port=_take(table, "port", int, 7443),
+        )
+    except KeyError as exc:
+        raise InvalidArgument(f"config: [tls] needs {exc.args[0]}") from None
+
+
+_TOP_LEVEL = {
+    "data_dir",
+    "socket",
+    "socket_mode",
+    "node",
+    "store",
+    "root",
+    "passphrase_file",
+    "limits",
+    "tls",
+    "audit",
+    "principals",
+    "plugins",
+    "disabled_plugins",
+}
+
+
+def parse_config(
+    table: Mapping[str, Any],
+    *,
+    data_dir: Path | None = None,
+    socket_path: Path | None = None,
+    base: Path | None = None,
+) -> Config:
+    """Build a :class:`Config` from a parsed TOML table.
+
+    Args:
+        table: the TOML document as a mapping.
+        data_dir / socket_path: command-line values, which win over the file.
+        base: directory that relative paths in the file are relative to.
+
+    Raises:
+        InvalidArgument: on an unknown option or a value of the wrong type.
+    """
+    base = base or Path.cwd()
+    _check_keys(table, _TOP_LEVEL, "the top level")
+    raw_dir = data_dir or (base / str(table["data_dir"]) if "data_dir" in table else None)
+    if raw_dir is None:
+        raise InvalidArgument("config: a data directory is required (--data-dir or data_dir)")
+    resolved_dir = Path(raw_dir).absolute()
+    sock = socket_path or (base / str(table["socket"]) if "socket" in table else None)
+    audit_table = _take(table, "audit", dict, {})
+    _check_keys(audit_table, {"fail_open_reads"}, "[audit]")
+    principals = _take(table, "principals", dict, {})
+    if not all(isinstance(v, str) for v in principals.values()):
+        raise InvalidArgument("config: [principals] maps identities to names (strings)")
+    plugins = _take(table, "plugins", dict, {})
+    disabled = _take(table, "disabled_plugins", list, [])
+    passphrase_file = _take(table, "passphrase_file", str, None)
+    return Config(
+        data_dir=resolved_dir,
+        socket_path=Path(sock).absolute() if sock else resolved_dir / "keybroker.sock",
+        socket_mode=_take(table, "socket_mode", int, 0o660),
+        tls=_tls(table["tls"], base) if "tls" in table else None,
+        limits=_limits(_take(table, "limits", dict, {})),
+        audit=AuditConfig(fail_open_reads=bool(_take(audit_table, "fail_open_reads", bool, False))),
+        node=_take(table, "node", str, "") or os.uname().nodename,
+        store=_take(table, "store", str, "sqlite"),
+        root=_take(table, "root", str, "file"),
+        passphrase_file=base / passphrase_file if passphrase_file else None,
+        principals=dict(principals),
+        plugins={str(k): dict(v) for k, v in plugins.items()},
+        disabled_plugins=tuple(str(d) for d in disabled),
+    )
+
+
+def load_config(
+    path: Path | None, *, data_dir: Path | None = None, socket_path: Path | None = None
+) -> Config:
+    """Read a TOML config file (or none: embedded defaults) and parse it."""
+    if path is None:
+        return parse_config({}, data_dir=data_dir, socket_path=socket_path)
+    with path.open("rb") as fh:
+        table = tomllib.load(fh)
+    return parse_config(table, data_dir=data_dir, socket_path=socket_path, base=path.parent.absolute())

@@ -1,0 +1,124 @@
+"""The plugin manager: loads the ``keybroker`` entry-point group, typed hook calls.
+
+Built-in plugins are registered exactly like third-party ones, through the
+entry-point group, so every plugin sees the same surface. Names listed in
+``disabled_plugins`` are blocked before loading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, cast
+
+import pluggy
+
+from . import hookspecs
+from .errors import InvalidArgument
+from .policy import AuthzRequest, Decision, combine
+
+if TYPE_CHECKING:
+    from .audit import AuditSink
+    from .backend import Backend, RootKey
+    from .config import Config
+    from .events import KeyEvent
+    from .keys import Key
+    from .policy import RpcMethod
+    from .store import Store
+
+__all__ = ["Plugins", "StartupError"]
+
+
+class StartupError(Exception):
+    """The plugins do not add up to a working broker (missing store, clash...)."""
+
+
+class Plugins:
+    """Typed access to the hooks of every loaded plugin."""
+
+    def __init__(self, config: Config, *, extra: Sequence[object] = (), entry_points: bool = True) -> None:
+        """Load plugins.
+
+        Args:
+            config: the broker configuration, handed to provider hooks.
+            extra: plugin objects registered after the entry points (tests,
+                embedding applications).
+            entry_points: load the ``keybroker`` entry-point group.
+
+        Raises:
+            pluggy.PluginValidationError: a plugin implements an unknown hook
+                or a hook with parameters the spec does not have.
+        """
+        self.config = config
+        self.manager = pluggy.PluginManager(hookspecs.PROJECT)
+        self.manager.add_hookspecs(hookspecs)
+        for name in config.disabled_plugins:
+            self.manager.set_blocked(name)
+        if entry_points:
+            self.manager.load_setuptools_entrypoints(hookspecs.PROJECT)
+        for plugin in extra:
+            self.manager.register(plugin)
+        self.manager.check_pending()
+        self._hook = self.manager.hook
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the registered plugins."""
+        return sorted(name for name, _ in self.manager.list_name_plugin() if name)
+
+    def root_key(self) -> RootKey:
+        root = self._hook.kb_root_key(config=self.config)
+        if root is None:
+            raise StartupError(f"no plugin provides the root of trust {self.config.root!r}")
+        return cast("RootKey", root)
+
+    def store(self) -> Store:
+        store = self._hook.kb_store(config=self.config)
+        if store is None:
+            raise StartupError(f"no plugin provides the store {self.config.store!r}")
+        return cast("Store", store)
+
+    def backends(self, root: RootKey) -> dict[str, Backend]:
+        found: dict[str, Backend] = {}
+        for batch in self._hook.kb_backends(config=self.config, root=root):
+            for backend in batch:
+                if backend.protection in found:
+                    raise StartupError(f"two backends claim protection {backend.protection!r}")
+                found[backend.protection] = backend
+        return found
+
+    def audit_sinks(self) -> list[AuditSink]:
+        sinks = [sink for batch in self._hook.kb_audit_sinks(config=self.config) for sink in batch]
+        primaries = [sink for sink in sinks if sink.primary]
+        if len(primaries) != 1:
+            raise StartupError(f"exactly one primary audit sink is needed, found {len(primaries)}")
+        return sinks
+
+    def authorize(self, request: AuthzRequest) -> bool:
+        """Deny by default: allowed iff some plugin allows and none denies."""
+        decisions = cast("list[Decision | None]", self._hook.kb_authorize(request=request))
+        return combine(decisions)
+
+    def roles(self, principal: str) -> list[str]:
+        return sorted({role for batch in self._hook.kb_roles(principal=principal) for role in batch})
+
+    def validate(self, key: Key, action: str) -> None:
+        """Raise InvalidArgument naming every governance rule ``key`` breaks."""
+        rules = [rule for batch in self._hook.kb_validate_key_spec(spec=key, action=action) for rule in batch]
+        if rules:
+            raise InvalidArgument("; ".join(rules), {"rules": rules})
+
+    def required_approvals(self, key: Key, action: str) -> int:
+        found = self._hook.kb_required_approvals(spec=key, action=action)
+        return int(found or 0)
+
+    def key_event(self, event: KeyEvent) -> None:
+        self._hook.kb_key_event(event=event)
+
+    def rpc_methods(self) -> dict[str, RpcMethod]:
+        methods: dict[str, RpcMethod] = {}
+        for batch in cast("list[Mapping[str, RpcMethod]]", self._hook.kb_rpc_methods(config=self.config)):
+            for name, method in batch.items():
+                if name in methods:
+                    raise StartupError(f"two plugins define the RPC method {name!r}")
+                methods[name] = method
+        return methods
