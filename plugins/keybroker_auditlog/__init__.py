@@ -1,0 +1,318 @@
+"""Built-in primary audit sink: the hash chain as JSON lines in one file.
+
+Records are appended to ``<data_dir>/audit/audit.jsonl``, one canonical JSON
+object per line, and each batch is fsynced before :meth:`FileAuditSink.write`
+returns, so a record the broker has acknowledged survives a crash or power
+loss. ``keybroker audit verify`` reads the same file
+(:func:`broker.audit.verify_audit_dir`).
+
+Crash recovery: a crash in the middle of a write can leave a partial last
+line. On open the sink finds the last complete, self-consistent record,
+moves everything after it to ``audit/torn-<unix time>.bin`` (kept for
+inspection, never deleted) and truncates the log back to that record. The
+broker then writes an ``audit.recover`` record saying what was set aside, so
+the gap is itself on the chain.
+
+Write failures (disk full, I/O error) roll the file back to the end of the
+last durable record before the ``OSError`` propagates, so the chain on disk
+never holds a half-written batch that later records would follow.
+
+This package is also the template for a third-party sink: a module with one
+``@hookimpl`` function returning sink objects, registered through the
+``keybroker`` entry-point group::
+
+    [project.entry-points.keybroker]
+    auditlog = "keybroker_auditlog"
+
+It uses only the public plugin API: :mod:`broker.audit`,
+:data:`broker.hookspecs.hookimpl` and :class:`broker.config.Config`.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from broker.audit import (
+    AUDIT_FILE_NAME,
+    GENESIS,
+    MAX_LINE_BYTES,
+    TORN_FILE_PREFIX,
+    AuditRecord,
+    ChainHead,
+    parse_valid_line,
+)
+from broker.config import Config
+from broker.hookspecs import hookimpl
+
+__all__ = ["DIR_MODE", "FILE_MODE", "FileAuditSink", "kb_audit_sinks"]
+
+# The log names every key and principal: only the broker's user reads it.
+DIR_MODE: Final = 0o700
+FILE_MODE: Final = 0o600
+
+# Records are a few hundred bytes, so one read of this size from the end of
+# the file normally finds the last several lines at once.
+_SCAN_CHUNK: Final = 64 * 1024
+_COPY_CHUNK: Final = 1024 * 1024
+
+
+@hookimpl
+def kb_audit_sinks(config: Config) -> list[FileAuditSink]:
+    """Provide the primary file sink under ``config.audit_dir``."""
+    return [FileAuditSink(config.audit_dir)]
+
+
+class FileAuditSink:
+    """The primary audit sink: an append-only, fsynced JSON-lines file.
+
+    Args:
+        directory: the audit directory; created 0700 if missing (its parent,
+            the data directory, must exist).
+
+    Resource handling:
+        :meth:`open` takes an exclusive ``flock`` on the log, so a second
+        broker on the same data directory fails to start instead of forking
+        the chain; :meth:`aclose` releases it.
+
+    Blocking I/O runs in a worker thread, one batch per thread hop, through
+    the sink's own limiter so audit writes never wait behind unrelated work
+    in trio's default thread pool.
+    """
+
+    name = "file"
+    primary = True
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / AUDIT_FILE_NAME
+        self._fd: int | None = None
+        # End of the last durable record: where a failed write is rolled back to.
+        self._size = 0
+        # A failed write whose rollback also failed left bytes past _size;
+        # they must go before anything else is appended.
+        self._dirty = False
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def open(self) -> ChainHead:
+        """Create or reopen the log, set aside a torn tail, and report the head.
+
+        Returns:
+            The last good record's seq and hash (0 and GENESIS for a new
+            log), with what was set aside, if anything.
+
+        Raises:
+            OSError: the directory or file cannot be created or read, or
+                another process holds the log (``BlockingIOError``).
+        """
+        return await trio.to_thread.run_sync(self._open_sync, limiter=self._limiter)
+
+    async def write(self, records: Sequence[AuditRecord]) -> None:
+        """Append ``records`` and fsync; on failure roll back and raise.
+
+        Raises:
+            OSError: the write or fsync failed (the file is as before the
+                call), or the sink is closed.
+
+        Cancellation:
+            The write runs to completion in its thread; cancellation takes
+            effect once it is durable (or rolled back).
+        """
+        if not records:
+            return
+        await trio.to_thread.run_sync(self._write_sync, records, limiter=self._limiter)
+
+    async def aclose(self) -> None:
+        """Close the file, releasing the lock. Idempotent."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    # --- blocking halves, run in a worker thread -------------------------
+
+    def _open_sync(self) -> ChainHead:
+        if self._fd is not None:
+            raise OSError(errno.EBUSY, "audit log already open", str(self.path))
+        _make_private_dir(self.directory)
+        fd, created = _open_private(self.path, os.O_RDWR | os.O_APPEND)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BlockingIOError(
+                    errno.EWOULDBLOCK, "audit log is in use by another keybroker process", str(self.path)
+                ) from None
+            if created:
+                # The new name must survive a crash as well as its contents.
+                _fsync_dir(self.directory)
+            head = self._recover(fd)
+            self._size = os.fstat(fd).st_size
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return head
+
+    def _recover(self, fd: int) -> ChainHead:
+        size = os.fstat(fd).st_size
+        good_end, last = _find_last_record(fd, size)
+        seq, digest = (last.seq, last.hash) if last is not None else (0, GENESIS)
+        if good_end == size:
+            return ChainHead(seq=seq, hash=digest)
+        # Copy first, truncate second: a crash in between only means the
+        # tail is set aside twice on the next start, never lost.
+        torn_path, lines = _set_aside(fd, self.directory, good_end, size)
+        os.ftruncate(fd, good_end)
+        _sync(fd)
+        return ChainHead(
+            seq=seq, hash=digest, set_aside_bytes=size - good_end, set_aside_path=str(torn_path),
+            set_aside_lines=lines,
+        )
+
+    def _write_sync(self, records: Sequence[AuditRecord]) -> None:
+        fd = self._fd
+        if fd is None:
+            raise OSError(errno.EBADF, "audit log is closed", str(self.path))
+        if self._dirty:
+            os.ftruncate(fd, self._size)
+            _sync(fd)
+            self._dirty = False
+        data = b"".join(record.to_json_line() for record in records)
+        try:
+            # os.write on the raw descriptor: there is no user-space buffer
+            # to flush, so durability is exactly the sync below.
+            _write_all(fd, data)
+            _sync(fd)
+        except OSError:
+            self._dirty = True
+            try:
+                os.ftruncate(fd, self._size)
+                _sync(fd)
+                self._dirty = False
+            except OSError:
+                pass  # _dirty stays set: the next write retries the rollback first
+            raise
+        self._size += len(data)
+
+
+# --- helpers -----------------------------------------------------------------
+
+
+def _sync(fd: int) -> None:
+    # fdatasync also persists the new file size (needed to read the data
+    # back) but skips timestamps: one journal write less per batch.
+    if hasattr(os, "fdatasync"):
+        os.fdatasync(fd)
+    else:  # macOS
+        os.fsync(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_private_dir(path: Path) -> None:
+    try:
+        path.mkdir(mode=DIR_MODE)
+    except FileExistsError:
+        return  # an operator's choice of mode on an existing directory stands
+    # mkdir's mode is filtered by the umask; chmod is not.
+    os.chmod(path, DIR_MODE)
+    _fsync_dir(path.parent)
+
+
+def _open_private(path: Path, flags: int) -> tuple[int, bool]:
+    """Open ``path``, creating it 0600 (umask-proof) if needed; returns (fd, created)."""
+    flags |= os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        return os.open(path, flags), False
+    try:
+        os.fchmod(fd, FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, True
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _rfind_newline(fd: int, before: int) -> int:
+    """Offset of the last ``\\n`` in ``[0, before)``, or -1; reads backwards in chunks."""
+    pos = before
+    while pos > 0:
+        start = max(0, pos - _SCAN_CHUNK)
+        chunk = os.pread(fd, pos - start, start)
+        index = chunk.rfind(b"\n")
+        if index >= 0:
+            return start + index
+        pos = start
+    return -1
+
+
+def _find_last_record(fd: int, size: int) -> tuple[int, AuditRecord | None]:
+    """The end offset of the last complete, self-consistent record, and the record.
+
+    Walks backwards line by line from the end, so reopening a large log
+    reads only its tail. Returns ``(0, None)`` when no line is a record.
+    """
+    end = _rfind_newline(fd, size) + 1  # bytes after the last newline are torn
+    while end > 0:
+        start = _rfind_newline(fd, end - 1) + 1
+        if end - start <= MAX_LINE_BYTES:
+            record = parse_valid_line(os.pread(fd, end - start, start))
+            if record is not None:
+                return end, record
+        end = start
+    return 0, None
+
+
+def _set_aside(fd: int, directory: Path, start: int, end: int) -> tuple[Path, int]:
+    """Copy bytes ``[start, end)`` of the log to a new torn-*.bin file.
+
+    Returns:
+        The new file's path and how many complete lines the bytes held.
+    """
+    stamp = int(time.time())
+    for attempt in range(1000):
+        suffix = f"-{attempt}" if attempt else ""
+        path = directory / f"{TORN_FILE_PREFIX}{stamp}{suffix}.bin"
+        try:
+            out, _ = _open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            continue
+        break
+    else:
+        raise FileExistsError(errno.EEXIST, "no free name to set the torn audit tail aside", str(directory))
+    lines = 0
+    try:
+        pos = start
+        while pos < end:
+            chunk = os.pread(fd, min(_COPY_CHUNK, end - pos), pos)
+            if not chunk:
+                raise OSError(errno.EIO, "audit log shrank while setting its tail aside", str(path))
+            lines += chunk.count(b"\n")
+            _write_all(out, chunk)
+            pos += len(chunk)
+        os.fsync(out)
+    finally:
+        os.close(out)
+    _fsync_dir(directory)
+    return path, lines
