@@ -1,0 +1,767 @@
+/*
+ * keybroker native hot path. See kb.h for the contract.
+ *
+ * Rules kept throughout this file:
+ *  - every length is validated before any copy, and offset arithmetic is
+ *    checked against size_t overflow before it is done;
+ *  - every OpenSSL return value is checked;
+ *  - key bytes live only in locked memory (secure heap, or mlock'd and
+ *    MADV_DONTDUMP pages) and are cleansed when the slot is released;
+ *  - plaintext that passes through C in rewrap lives in a scratch buffer that
+ *    is cleansed before it is freed; a failed open cleanses its output.
+ */
+#define _GNU_SOURCE
+#include "kb.h"
+
+#include <limits.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/rand.h>
+
+/* Largest length handed to one EVP call (their lengths are int). */
+#define KB_EVP_CHUNK ((size_t)1 << 30)
+/* Caller aad up to this size is merged with the header into one AAD update. */
+#define KB_SMALL_AAD 220u
+/* Plaintext scratch used by rewrap, per batch. */
+#define KB_REWRAP_SCRATCH ((size_t)16384)
+
+#define KB_CLOSED_BIT ((uint64_t)1 << 63)
+
+enum { KB_WHERE_NONE = 0, KB_WHERE_SECURE_HEAP = 1, KB_WHERE_POOL = 2 };
+
+struct kb_slot {
+    _Atomic uint64_t state; /* KB_CLOSED_BIT | number of references (owner + running calls) */
+    _Atomic uint64_t uses;
+    unsigned char *key;     /* key_len bytes in locked memory */
+    size_t key_len;
+    int kind;
+    int where;
+    int locked;
+    uint32_t version;
+    unsigned char key_id[KB_KEY_ID_LEN];
+};
+
+/* ------------------------------------------------------------------------ */
+/* Locked key memory: a pool of mlock'd, MADV_DONTDUMP pages cut into cells. */
+
+#define KB_CELL 64u
+#define KB_ARENA_BYTES 4096u
+#define KB_ARENA_CELLS (KB_ARENA_BYTES / KB_CELL) /* 64: one bit each in `used` */
+
+struct kb_arena {
+    struct kb_arena *next;
+    unsigned char *mem;
+    size_t map_len;
+    uint64_t used;
+    int locked;
+};
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct kb_arena *pool_head = NULL;
+
+static struct kb_arena *arena_new(void)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    size_t map_len = KB_ARENA_BYTES;
+    if (page > 0 && (size_t)page > map_len)
+        map_len = (size_t)page;
+    struct kb_arena *a = calloc(1, sizeof(*a));
+    if (a == NULL)
+        return NULL;
+    void *mem = mmap(NULL, map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) {
+        free(a);
+        return NULL;
+    }
+#ifdef MADV_DONTDUMP
+    (void)madvise(mem, map_len, MADV_DONTDUMP); /* best effort: keep keys out of core dumps */
+#endif
+    a->mem = mem;
+    a->map_len = map_len;
+    a->locked = mlock(mem, map_len) == 0; /* may fail under RLIMIT_MEMLOCK; reported per slot */
+    a->used = 0;
+    return a;
+}
+
+static unsigned char *pool_alloc(int *locked)
+{
+    unsigned char *p = NULL;
+    if (pthread_mutex_lock(&pool_lock) != 0)
+        return NULL;
+    struct kb_arena *a = pool_head;
+    while (a != NULL && a->used == UINT64_MAX)
+        a = a->next;
+    if (a == NULL) {
+        a = arena_new();
+        if (a != NULL) {
+            a->next = pool_head;
+            pool_head = a;
+        }
+    }
+    if (a != NULL) {
+        unsigned bit = (unsigned)__builtin_ctzll(~a->used);
+        a->used |= (uint64_t)1 << bit;
+        p = a->mem + (size_t)bit * KB_CELL;
+        *locked = a->locked;
+    }
+    (void)pthread_mutex_unlock(&pool_lock);
+    return p;
+}
+
+static void pool_free(unsigned char *p)
+{
+    OPENSSL_cleanse(p, KB_CELL);
+    if (pthread_mutex_lock(&pool_lock) != 0)
+        return; /* cannot happen with a default mutex; the cell stays cleansed */
+    struct kb_arena **link = &pool_head;
+    while (*link != NULL) {
+        struct kb_arena *a = *link;
+        if (p >= a->mem && p < a->mem + KB_ARENA_BYTES) {
+            size_t bit = (size_t)(p - a->mem) / KB_CELL;
+            a->used &= ~((uint64_t)1 << bit);
+            if (a->used == 0) {
+                *link = a->next;
+                OPENSSL_cleanse(a->mem, a->map_len);
+                if (a->locked)
+                    (void)munlock(a->mem, a->map_len);
+                (void)munmap(a->mem, a->map_len);
+                free(a);
+            }
+            break;
+        }
+        link = &a->next;
+    }
+    (void)pthread_mutex_unlock(&pool_lock);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Algorithms, fetched once. */
+
+static pthread_once_t algs_once = PTHREAD_ONCE_INIT;
+static EVP_CIPHER *g_gcm = NULL;
+static EVP_MD *g_sha256 = NULL;
+
+static void algs_init(void)
+{
+    g_gcm = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
+    g_sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
+}
+
+static const EVP_CIPHER *gcm_cipher(void)
+{
+    if (pthread_once(&algs_once, algs_init) != 0)
+        return NULL;
+    return g_gcm;
+}
+
+static const EVP_MD *sha256_md(void)
+{
+    if (pthread_once(&algs_once, algs_init) != 0)
+        return NULL;
+    return g_sha256;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Slots. */
+
+static void slot_destroy_key(kb_slot *s)
+{
+    if (s->key == NULL)
+        return;
+    if (s->where == KB_WHERE_SECURE_HEAP)
+        OPENSSL_secure_clear_free(s->key, s->key_len);
+    else if (s->where == KB_WHERE_POOL)
+        pool_free(s->key);
+    s->key = NULL;
+    s->where = KB_WHERE_NONE;
+}
+
+static int slot_acquire(kb_slot *s)
+{
+    uint64_t v = atomic_load_explicit(&s->state, memory_order_acquire);
+    do {
+        if ((v & KB_CLOSED_BIT) != 0)
+            return 0;
+    } while (!atomic_compare_exchange_weak_explicit(&s->state, &v, v + 1, memory_order_acq_rel,
+                                                    memory_order_acquire));
+    return 1;
+}
+
+static void slot_release(kb_slot *s)
+{
+    uint64_t prev = atomic_fetch_sub_explicit(&s->state, 1, memory_order_acq_rel);
+    if ((prev & KB_CLOSED_BIT) != 0 && (prev & ~KB_CLOSED_BIT) == 1)
+        slot_destroy_key(s); /* last reference of a closed slot */
+}
+
+int kb_slot_new(int kind, const unsigned char *key, size_t key_len, const unsigned char *key_id,
+                size_t key_id_len, uint32_t version, kb_slot **out)
+{
+    if (out == NULL)
+        return KB_EARG;
+    *out = NULL;
+    if (key == NULL || key_id == NULL || key_id_len != KB_KEY_ID_LEN)
+        return KB_EARG;
+    if (kind == KB_KIND_AES256GCM) {
+        if (key_len != 32)
+            return KB_EARG;
+    } else if (kind == KB_KIND_HMAC_SHA256) {
+        if (key_len < KB_HMAC_KEY_MIN || key_len > KB_HMAC_KEY_MAX)
+            return KB_EARG;
+    } else {
+        return KB_EKIND;
+    }
+    if (key_len > KB_CELL)
+        return KB_EARG;
+
+    kb_slot *s = calloc(1, sizeof(*s));
+    if (s == NULL)
+        return KB_ENOMEM;
+    if (CRYPTO_secure_malloc_initialized()) {
+        s->key = OPENSSL_secure_malloc(key_len);
+        if (s->key != NULL) {
+            s->where = KB_WHERE_SECURE_HEAP;
+            s->locked = 1;
+        }
+    }
+    if (s->key == NULL) {
+        s->key = pool_alloc(&s->locked);
+        if (s->key == NULL) {
+            free(s);
+            return KB_ENOMEM;
+        }
+        s->where = KB_WHERE_POOL;
+    }
+    memcpy(s->key, key, key_len);
+    s->key_len = key_len;
+    s->kind = kind;
+    s->version = version;
+    memcpy(s->key_id, key_id, KB_KEY_ID_LEN);
+    atomic_init(&s->uses, 0);
+    atomic_init(&s->state, 1); /* the owner's reference */
+    *out = s;
+    return KB_OK;
+}
+
+void kb_slot_close(kb_slot *slot)
+{
+    if (slot == NULL)
+        return;
+    uint64_t prev = atomic_fetch_or_explicit(&slot->state, KB_CLOSED_BIT, memory_order_acq_rel);
+    if ((prev & KB_CLOSED_BIT) != 0)
+        return; /* already closed */
+    slot_release(slot); /* drop the owner's reference */
+}
+
+void kb_slot_free(kb_slot *slot)
+{
+    /* Precondition: no call on this slot is running (the Python wrapper holds
+     * the handle for the duration of every call, so its finaliser cannot run
+     * concurrently with one). */
+    if (slot == NULL)
+        return;
+    kb_slot_close(slot);
+    slot_destroy_key(slot); /* no-op unless a reference was leaked */
+    OPENSSL_cleanse(slot, sizeof(*slot));
+    free(slot);
+}
+
+uint64_t kb_slot_uses(const kb_slot *slot)
+{
+    if (slot == NULL)
+        return 0;
+    return atomic_load_explicit(&((kb_slot *)slot)->uses, memory_order_relaxed);
+}
+
+int kb_slot_locked(const kb_slot *slot)
+{
+    return slot != NULL && slot->locked;
+}
+
+int kb_slot_is_closed(const kb_slot *slot)
+{
+    if (slot == NULL)
+        return 1;
+    return (atomic_load_explicit(&((kb_slot *)slot)->state, memory_order_acquire) & KB_CLOSED_BIT) != 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Batch bookkeeping. */
+
+typedef struct {
+    size_t n;
+    const unsigned char *in;
+    size_t in_len;
+    const uint64_t *lens; /* NULL: uniform */
+    size_t uniform;
+    const unsigned char *aad;
+    size_t aad_len;
+    const uint64_t *aad_lens; /* NULL: the whole aad for every item */
+    /* cursors */
+    size_t in_off;
+    size_t aad_off;
+} kb_batch;
+
+/* Validates that `lens` (n entries) sums to exactly `total` without overflow. */
+static int lens_sum_ok(const uint64_t *lens, size_t n, size_t total)
+{
+    size_t acc = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (lens[i] > (uint64_t)(total - acc))
+            return 0;
+        acc += (size_t)lens[i];
+    }
+    return acc == total;
+}
+
+static int batch_init(kb_batch *b, size_t n, const unsigned char *in, size_t in_len, const uint64_t *lens,
+                      const unsigned char *aad, size_t aad_len, const uint64_t *aad_lens)
+{
+    memset(b, 0, sizeof(*b));
+    b->n = n;
+    b->in = in;
+    b->in_len = in_len;
+    b->lens = lens;
+    b->aad = aad;
+    b->aad_len = aad_len;
+    b->aad_lens = aad_lens;
+    if (in == NULL && in_len != 0)
+        return 0;
+    if (aad == NULL && aad_len != 0)
+        return 0;
+    if (n == 0)
+        return in_len == 0 && (aad_lens == NULL || aad_len == 0);
+    if (lens == NULL) {
+        if (in_len % n != 0)
+            return 0;
+        b->uniform = in_len / n;
+    } else if (!lens_sum_ok(lens, n, in_len)) {
+        return 0;
+    }
+    if (aad_lens != NULL && !lens_sum_ok(aad_lens, n, aad_len))
+        return 0;
+    return 1;
+}
+
+/* Next item: its input and aad (both validated by batch_init). */
+static void batch_next(kb_batch *b, size_t i, const unsigned char **item, size_t *item_len,
+                       const unsigned char **aad, size_t *aad_len)
+{
+    size_t len = b->lens != NULL ? (size_t)b->lens[i] : b->uniform;
+    *item = b->in + b->in_off;
+    *item_len = len;
+    b->in_off += len;
+    if (b->aad_lens != NULL) {
+        size_t alen = (size_t)b->aad_lens[i];
+        *aad = b->aad + b->aad_off;
+        *aad_len = alen;
+        b->aad_off += alen;
+    } else {
+        *aad = b->aad;
+        *aad_len = b->aad_len;
+    }
+}
+
+static size_t open_out_len(size_t env_len)
+{
+    return env_len >= KB_OVERHEAD ? env_len - KB_OVERHEAD : 0;
+}
+
+/* Draws n nonces with one RAND_bytes call (chunked only past INT_MAX bytes). */
+static unsigned char *draw_nonces(size_t n)
+{
+    if (n > SIZE_MAX / KB_NONCE_LEN)
+        return NULL;
+    size_t total = n * KB_NONCE_LEN;
+    unsigned char *buf = malloc(total);
+    if (buf == NULL)
+        return NULL;
+    size_t off = 0;
+    while (off < total) {
+        size_t chunk = total - off;
+        if (chunk > (size_t)INT_MAX)
+            chunk = (size_t)INT_MAX - ((size_t)INT_MAX % KB_NONCE_LEN);
+        if (RAND_bytes(buf + off, (int)chunk) != 1) {
+            free(buf);
+            return NULL;
+        }
+        off += chunk;
+    }
+    return buf;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Per-item GCM steps. `ctx` already holds the key; only the IV changes. */
+
+static void put_header(unsigned char *h, const kb_slot *s, const unsigned char *nonce)
+{
+    h[0] = 'K';
+    h[1] = 'B';
+    h[2] = 1; /* format */
+    h[3] = 1; /* AES-256-GCM */
+    memcpy(h + 4, s->key_id, KB_KEY_ID_LEN);
+    h[20] = (unsigned char)(s->version >> 24);
+    h[21] = (unsigned char)(s->version >> 16);
+    h[22] = (unsigned char)(s->version >> 8);
+    h[23] = (unsigned char)(s->version);
+    memcpy(h + 24, nonce, KB_NONCE_LEN);
+}
+
+/* 1 if the envelope header names format 1 / AES-256-GCM / this slot's key and version. */
+static int header_matches(const unsigned char *h, const kb_slot *s)
+{
+    uint32_t version = ((uint32_t)h[20] << 24) | ((uint32_t)h[21] << 16) | ((uint32_t)h[22] << 8) |
+                       (uint32_t)h[23];
+    return h[0] == 'K' && h[1] == 'B' && h[2] == 1 && h[3] == 1 &&
+           memcmp(h + 4, s->key_id, KB_KEY_ID_LEN) == 0 && version == s->version;
+}
+
+/* Feeds data through EVP_CipherUpdate in int-sized chunks; out NULL = AAD. */
+static int cipher_update(EVP_CIPHER_CTX *ctx, unsigned char *out, const unsigned char *in, size_t len)
+{
+    size_t off = 0;
+    while (off < len) {
+        size_t chunk = len - off;
+        if (chunk > KB_EVP_CHUNK)
+            chunk = KB_EVP_CHUNK;
+        int outl = 0;
+        if (EVP_CipherUpdate(ctx, out != NULL ? out + off : NULL, &outl, in + off, (int)chunk) != 1)
+            return 0;
+        if (out != NULL && (outl < 0 || (size_t)outl != chunk))
+            return 0;
+        off += chunk;
+    }
+    return 1;
+}
+
+/* AAD = header || caller aad, in one update when the caller's aad is small. */
+static int feed_aad(EVP_CIPHER_CTX *ctx, const unsigned char *header, const unsigned char *aad, size_t aad_len)
+{
+    if (aad_len == 0)
+        return cipher_update(ctx, NULL, header, KB_HEADER_LEN);
+    if (aad_len <= KB_SMALL_AAD) {
+        unsigned char buf[KB_HEADER_LEN + KB_SMALL_AAD];
+        memcpy(buf, header, KB_HEADER_LEN);
+        memcpy(buf + KB_HEADER_LEN, aad, aad_len);
+        return cipher_update(ctx, NULL, buf, KB_HEADER_LEN + aad_len);
+    }
+    return cipher_update(ctx, NULL, header, KB_HEADER_LEN) && cipher_update(ctx, NULL, aad, aad_len);
+}
+
+static int cipher_final(EVP_CIPHER_CTX *ctx)
+{
+    unsigned char sink[32];
+    int outl = 0;
+    /* GCM's final emits no bytes; anything else is an error. */
+    return EVP_CipherFinal_ex(ctx, sink, &outl) == 1 && outl == 0;
+}
+
+/* Writes the envelope for pt into out (pt_len + KB_OVERHEAD bytes). */
+static int seal_one(EVP_CIPHER_CTX *ctx, const kb_slot *s, const unsigned char *nonce, const unsigned char *pt,
+                    size_t pt_len, const unsigned char *aad, size_t aad_len, unsigned char *out)
+{
+    put_header(out, s, nonce);
+    return EVP_CipherInit_ex(ctx, NULL, NULL, NULL, nonce, 1) == 1 && feed_aad(ctx, out, aad, aad_len) &&
+           cipher_update(ctx, out + KB_HEADER_LEN, pt, pt_len) && cipher_final(ctx) &&
+           EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, KB_TAG_LEN, out + KB_HEADER_LEN + pt_len) == 1;
+}
+
+/* Opens env (env_len >= KB_OVERHEAD, checked by the caller) into out. */
+static int open_one(EVP_CIPHER_CTX *ctx, const kb_slot *s, const unsigned char *env, size_t env_len,
+                    const unsigned char *aad, size_t aad_len, unsigned char *out)
+{
+    size_t ct_len = env_len - KB_OVERHEAD;
+    unsigned char tag[KB_TAG_LEN];
+    if (!header_matches(env, s))
+        return 0;
+    memcpy(tag, env + KB_HEADER_LEN + ct_len, KB_TAG_LEN);
+    return EVP_CipherInit_ex(ctx, NULL, NULL, NULL, env + 24, 0) == 1 && feed_aad(ctx, env, aad, aad_len) &&
+           EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, KB_TAG_LEN, tag) == 1 &&
+           cipher_update(ctx, out, env + KB_HEADER_LEN, ct_len) && cipher_final(ctx);
+}
+
+static EVP_CIPHER_CTX *keyed_ctx(const kb_slot *s, int enc)
+{
+    const EVP_CIPHER *cipher = gcm_cipher();
+    if (cipher == NULL)
+        return NULL;
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    if (ctx == NULL)
+        return NULL;
+    if (EVP_CipherInit_ex(ctx, cipher, NULL, s->key, NULL, enc) != 1 ||
+        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_IVLEN, KB_NONCE_LEN, NULL) != 1) {
+        EVP_CIPHER_CTX_free(ctx);
+        return NULL;
+    }
+    return ctx;
+}
+
+static int slot_is_aes(const kb_slot *s)
+{
+    return s->kind == KB_KIND_AES256GCM;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Batches. */
+
+int64_t kb_seal_batch(kb_slot *slot, size_t n, const unsigned char *in, size_t in_len, const uint64_t *lens,
+                      const unsigned char *aad, size_t aad_len, const uint64_t *aad_lens, unsigned char *out,
+                      size_t out_len, unsigned char *status)
+{
+    kb_batch b;
+    if (slot == NULL || !batch_init(&b, n, in, in_len, lens, aad, aad_len, aad_lens))
+        return KB_EARG;
+    if (n > (SIZE_MAX - in_len) / KB_OVERHEAD || out_len != in_len + n * KB_OVERHEAD)
+        return KB_EARG;
+    if (n > (size_t)INT64_MAX || (n > 0 && (out == NULL || status == NULL)))
+        return KB_EARG;
+    if (!slot_is_aes(slot))
+        return KB_EKIND;
+    if (n == 0)
+        return 0;
+    if (!slot_acquire(slot))
+        return KB_ECLOSED;
+
+    int64_t rc = 0;
+    unsigned char *nonces = draw_nonces(n);
+    EVP_CIPHER_CTX *ctx = nonces != NULL ? keyed_ctx(slot, 1) : NULL;
+    if (nonces == NULL || ctx == NULL) {
+        rc = nonces == NULL ? KB_ECRYPTO : KB_ENOMEM;
+        goto done;
+    }
+    /* Count before sealing: every drawn nonce counts against the version's bound. */
+    atomic_fetch_add_explicit(&slot->uses, (uint64_t)n, memory_order_relaxed);
+
+    size_t out_off = 0;
+    for (size_t i = 0; i < n; i++) {
+        const unsigned char *pt, *item_aad;
+        size_t pt_len, item_aad_len;
+        batch_next(&b, i, &pt, &pt_len, &item_aad, &item_aad_len);
+        size_t env_len = pt_len + KB_OVERHEAD; /* cannot overflow: out_len was computed above */
+        unsigned char *env = out + out_off;
+        if (seal_one(ctx, slot, nonces + i * KB_NONCE_LEN, pt, pt_len, item_aad, item_aad_len, env)) {
+            status[i] = KB_ITEM_OK;
+        } else {
+            OPENSSL_cleanse(env, env_len);
+            status[i] = KB_ITEM_FAILED;
+            rc++;
+        }
+        out_off += env_len;
+    }
+
+done:
+    EVP_CIPHER_CTX_free(ctx);
+    free(nonces);
+    slot_release(slot);
+    return rc;
+}
+
+int64_t kb_open_batch(kb_slot *slot, size_t n, const unsigned char *in, size_t in_len, const uint64_t *lens,
+                      const unsigned char *aad, size_t aad_len, const uint64_t *aad_lens, unsigned char *out,
+                      size_t out_len, unsigned char *status)
+{
+    kb_batch b;
+    if (slot == NULL || !batch_init(&b, n, in, in_len, lens, aad, aad_len, aad_lens))
+        return KB_EARG;
+    if (n > (size_t)INT64_MAX || (n > 0 && status == NULL))
+        return KB_EARG;
+    /* The plaintexts total at most in_len, so this sum cannot overflow. */
+    size_t need = 0;
+    if (lens == NULL)
+        need = n * open_out_len(b.uniform);
+    else
+        for (size_t i = 0; i < n; i++)
+            need += open_out_len((size_t)lens[i]);
+    if (out_len != need || (need > 0 && out == NULL))
+        return KB_EARG;
+    if (!slot_is_aes(slot))
+        return KB_EKIND;
+    if (n == 0)
+        return 0;
+    if (!slot_acquire(slot))
+        return KB_ECLOSED;
+
+    int64_t rc = 0;
+    EVP_CIPHER_CTX *ctx = keyed_ctx(slot, 0);
+    if (ctx == NULL) {
+        rc = KB_ENOMEM;
+        goto done;
+    }
+    size_t out_off = 0;
+    for (size_t i = 0; i < n; i++) {
+        const unsigned char *env, *item_aad;
+        size_t env_len, item_aad_len;
+        batch_next(&b, i, &env, &env_len, &item_aad, &item_aad_len);
+        size_t pt_len = open_out_len(env_len);
+        unsigned char *pt = out + out_off;
+        if (env_len >= KB_OVERHEAD && open_one(ctx, slot, env, env_len, item_aad, item_aad_len, pt)) {
+            status[i] = KB_ITEM_OK;
+        } else {
+            if (pt_len > 0)
+                OPENSSL_cleanse(pt, pt_len); /* never hand out unauthenticated plaintext */
+            status[i] = KB_ITEM_FAILED;
+            rc++;
+        }
+        out_off += pt_len;
+    }
+
+done:
+    EVP_CIPHER_CTX_free(ctx);
+    slot_release(slot);
+    return rc;
+}
+
+/* Re-encrypts env under new_slot into out (same length), plaintext only in scratch. */
+static int rewrap_one(EVP_CIPHER_CTX *dctx, EVP_CIPHER_CTX *ectx, const kb_slot *old_slot,
+                      const kb_slot *new_slot, const unsigned char *nonce, const unsigned char *env,
+                      size_t env_len, const unsigned char *aad, size_t aad_len, unsigned char *out,
+                      unsigned char *scratch)
+{
+    if (env_len < KB_OVERHEAD || !header_matches(env, old_slot))
+        return 0;
+    size_t ct_len = env_len - KB_OVERHEAD;
+    unsigned char tag[KB_TAG_LEN];
+    memcpy(tag, env + KB_HEADER_LEN + ct_len, KB_TAG_LEN);
+    put_header(out, new_slot, nonce);
+    if (EVP_CipherInit_ex(dctx, NULL, NULL, NULL, env + 24, 0) != 1 || !feed_aad(dctx, env, aad, aad_len) ||
+        EVP_CIPHER_CTX_ctrl(dctx, EVP_CTRL_GCM_SET_TAG, KB_TAG_LEN, tag) != 1)
+        return 0;
+    if (EVP_CipherInit_ex(ectx, NULL, NULL, NULL, nonce, 1) != 1 || !feed_aad(ectx, out, aad, aad_len))
+        return 0;
+    size_t off = 0;
+    while (off < ct_len) {
+        size_t chunk = ct_len - off;
+        if (chunk > KB_REWRAP_SCRATCH)
+            chunk = KB_REWRAP_SCRATCH;
+        if (!cipher_update(dctx, scratch, env + KB_HEADER_LEN + off, chunk) ||
+            !cipher_update(ectx, out + KB_HEADER_LEN + off, scratch, chunk))
+            return 0;
+        off += chunk;
+    }
+    /* The old tag must verify before the new envelope counts as written. */
+    return cipher_final(dctx) && cipher_final(ectx) &&
+           EVP_CIPHER_CTX_ctrl(ectx, EVP_CTRL_GCM_GET_TAG, KB_TAG_LEN, out + KB_HEADER_LEN + ct_len) == 1;
+}
+
+int64_t kb_rewrap_batch(kb_slot *old_slot, kb_slot *new_slot, size_t n, const unsigned char *in, size_t in_len,
+                        const uint64_t *lens, const unsigned char *aad, size_t aad_len,
+                        const uint64_t *aad_lens, unsigned char *out, size_t out_len, unsigned char *status)
+{
+    kb_batch b;
+    if (old_slot == NULL || new_slot == NULL || !batch_init(&b, n, in, in_len, lens, aad, aad_len, aad_lens))
+        return KB_EARG;
+    if (out_len != in_len || n > (size_t)INT64_MAX || (n > 0 && (out == NULL || status == NULL)))
+        return KB_EARG;
+    if (!slot_is_aes(old_slot) || !slot_is_aes(new_slot))
+        return KB_EKIND;
+    if (n == 0)
+        return 0;
+    if (!slot_acquire(old_slot))
+        return KB_ECLOSED;
+    if (!slot_acquire(new_slot)) {
+        slot_release(old_slot);
+        return KB_ECLOSED;
+    }
+
+    int64_t rc = 0;
+    EVP_CIPHER_CTX *dctx = NULL, *ectx = NULL;
+    unsigned char *scratch = NULL;
+    unsigned char *nonces = draw_nonces(n);
+    if (nonces == NULL) {
+        rc = KB_ECRYPTO;
+        goto done;
+    }
+    dctx = keyed_ctx(old_slot, 0);
+    ectx = keyed_ctx(new_slot, 1);
+    scratch = OPENSSL_malloc(KB_REWRAP_SCRATCH);
+    if (dctx == NULL || ectx == NULL || scratch == NULL) {
+        rc = KB_ENOMEM;
+        goto done;
+    }
+    atomic_fetch_add_explicit(&new_slot->uses, (uint64_t)n, memory_order_relaxed);
+
+    size_t off = 0;
+    for (size_t i = 0; i < n; i++) {
+        const unsigned char *env, *item_aad;
+        size_t env_len, item_aad_len;
+        batch_next(&b, i, &env, &env_len, &item_aad, &item_aad_len);
+        unsigned char *dst = out + off;
+        if (rewrap_one(dctx, ectx, old_slot, new_slot, nonces + i * KB_NONCE_LEN, env, env_len, item_aad,
+                       item_aad_len, dst, scratch)) {
+            status[i] = KB_ITEM_OK;
+        } else {
+            if (env_len > 0)
+                OPENSSL_cleanse(dst, env_len);
+            status[i] = KB_ITEM_FAILED;
+            rc++;
+        }
+        off += env_len;
+    }
+
+done:
+    if (scratch != NULL)
+        OPENSSL_clear_free(scratch, KB_REWRAP_SCRATCH);
+    EVP_CIPHER_CTX_free(dctx);
+    EVP_CIPHER_CTX_free(ectx);
+    free(nonces);
+    slot_release(new_slot);
+    slot_release(old_slot);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* HMAC-SHA256. */
+
+static int hmac_compute(kb_slot *s, const unsigned char *msg, size_t msg_len, unsigned char *mac)
+{
+    static const unsigned char empty[1] = {0};
+    const EVP_MD *md = sha256_md();
+    unsigned int mac_len = 0;
+    if (md == NULL)
+        return KB_ECRYPTO;
+    if (HMAC(md, s->key, (int)s->key_len, msg != NULL ? msg : empty, msg_len, mac, &mac_len) == NULL ||
+        mac_len != KB_MAC_LEN)
+        return KB_ECRYPTO;
+    return KB_OK;
+}
+
+int kb_hmac(kb_slot *slot, const unsigned char *msg, size_t msg_len, unsigned char *out, size_t out_len)
+{
+    if (slot == NULL || out == NULL || out_len < KB_MAC_LEN || (msg == NULL && msg_len != 0))
+        return KB_EARG;
+    if (slot->kind != KB_KIND_HMAC_SHA256)
+        return KB_EKIND;
+    if (!slot_acquire(slot))
+        return KB_ECLOSED;
+    int rc = hmac_compute(slot, msg, msg_len, out);
+    slot_release(slot);
+    if (rc != KB_OK)
+        OPENSSL_cleanse(out, KB_MAC_LEN);
+    return rc;
+}
+
+int kb_hmac_verify(kb_slot *slot, const unsigned char *msg, size_t msg_len, const unsigned char *tag,
+                   size_t tag_len)
+{
+    if (slot == NULL || (tag == NULL && tag_len != 0) || (msg == NULL && msg_len != 0))
+        return KB_EARG;
+    if (slot->kind != KB_KIND_HMAC_SHA256)
+        return KB_EKIND;
+    if (!slot_acquire(slot))
+        return KB_ECLOSED;
+    unsigned char mac[KB_MAC_LEN];
+    int rc = hmac_compute(slot, msg, msg_len, mac);
+    slot_release(slot);
+    if (rc == KB_OK)
+        rc = tag_len == KB_MAC_LEN && CRYPTO_memcmp(mac, tag, KB_MAC_LEN) == 0;
+    OPENSSL_cleanse(mac, sizeof(mac));
+    return rc;
+}
