@@ -47,6 +47,9 @@ class Backend(Protocol):
 
     protection: str
 
+    async def open(self) -> None:
+        """Connect to the custody medium (token sessions, ...). Called once before use."""
+
     def check_type(self, key_type: KeyType) -> None:
         """Raise InvalidArgument naming what is missing if ``key_type`` is unsupported."""
 

@@ -28,8 +28,7 @@ if TYPE_CHECKING:
     from .backend import Backend, RootKey
     from .config import Config
     from .events import KeyEvent
-    from .keys import KeySpec
-    from .policy import AuthzRequest, Decision, RpcMethod
+    from .policy import Policy, RpcMethod
     from .store import Store
 
 PROJECT = "keybroker"
@@ -78,35 +77,14 @@ def kb_store(config: Config) -> Store | None:
 
 
 @hookspec
-def kb_authorize(request: AuthzRequest) -> Decision | None:
-    """Decide whether a principal may perform an operation on a key.
+def kb_policies(config: Config) -> Sequence[Policy]:
+    """Provide policies: authorization and governance over keys.
 
-    Return ``Decision.ALLOW``, ``Decision.DENY`` or None (no opinion). The
-    request is allowed only when at least one plugin allows and none denies:
-    deny by default. Called on every request; must not block.
-    """
-
-
-@hookspec
-def kb_roles(principal: str) -> Sequence[str]:
-    """Name the roles a principal holds (reported by ``whoami``)."""
-
-
-@hookspec
-def kb_validate_key_spec(spec: KeySpec, action: str) -> Sequence[str]:
-    """Check a key's settings against governance rules.
-
-    ``action`` is one of "create", "update", "rotate", "destroy". Return the
-    violated rules as short human sentences naming the rule (empty when
-    compliant); any violation makes the request fail with invalid_argument.
-    """
-
-
-@hookspec(firstresult=True)
-def kb_required_approvals(spec: KeySpec, action: str) -> int | None:
-    """How many distinct approvals ``action`` on this key needs (0 = none).
-
-    Stops at first non-None result.
+    Each policy answers ``authorize`` (allow, deny or no opinion), names a
+    principal's roles, checks key settings against governance rules and says
+    how many approvals an action needs (see :class:`broker.policy.Policy`).
+    A request is allowed only when at least one policy allows and none
+    denies: deny by default. Called once at start-up.
     """
 
 

@@ -14,7 +14,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import InvalidArgument
-from .policy import AuthzRequest, Decision, combine
+from .policy import AuthzRequest, Policy, combine
 
 if TYPE_CHECKING:
     from .audit import AuditSink
@@ -59,6 +59,9 @@ class Plugins:
             self.manager.register(plugin)
         self.manager.check_pending()
         self._hook = self.manager.hook
+        self.policies: list[Policy] = [
+            policy for batch in self._hook.kb_policies(config=config) for policy in batch
+        ]
 
     @property
     def names(self) -> list[str]:
@@ -94,22 +97,22 @@ class Plugins:
         return sinks
 
     def authorize(self, request: AuthzRequest) -> bool:
-        """Deny by default: allowed iff some plugin allows and none denies."""
-        decisions = cast("list[Decision | None]", self._hook.kb_authorize(request=request))
-        return combine(decisions)
+        """Deny by default: allowed iff some policy allows and none denies."""
+        return combine(policy.authorize(request) for policy in self.policies)
 
     def roles(self, principal: str) -> list[str]:
-        return sorted({role for batch in self._hook.kb_roles(principal=principal) for role in batch})
+        return sorted({role for policy in self.policies for role in policy.roles(principal)})
 
     def validate(self, key: Key, action: str) -> None:
         """Raise InvalidArgument naming every governance rule ``key`` breaks."""
-        rules = [rule for batch in self._hook.kb_validate_key_spec(spec=key, action=action) for rule in batch]
+        rules = [rule for policy in self.policies for rule in policy.validate(key, action)]
         if rules:
             raise InvalidArgument("; ".join(rules), {"rules": rules})
 
     def required_approvals(self, key: Key, action: str) -> int:
-        found = self._hook.kb_required_approvals(spec=key, action=action)
-        return int(found or 0)
+        """The most approvals any policy asks for (0 when none does)."""
+        counts = [policy.required_approvals(key, action) for policy in self.policies]
+        return max((c for c in counts if c is not None), default=0)
 
     def key_event(self, event: KeyEvent) -> None:
         self._hook.kb_key_event(event=event)

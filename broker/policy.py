@@ -6,15 +6,16 @@ implementation allows it and none denies it.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .connection import RequestContext
+    from .keys import Key
 
-__all__ = ["AuthzRequest", "Decision", "RpcMethod", "combine"]
+__all__ = ["AuthzRequest", "Decision", "Policy", "RpcMethod", "combine"]
 
 
 class Decision(StrEnum):
@@ -46,6 +47,31 @@ def combine(decisions: Iterable[Decision | None]) -> bool:
         if decision is Decision.ALLOW:
             allowed = True
     return allowed
+
+
+class Policy:
+    """A policy provider. Subclass it and override what your policy decides.
+
+    Every method's default is "no opinion", so a policy that only checks
+    governance rules need not say anything about authorization.
+    """
+
+    def authorize(self, request: AuthzRequest) -> Decision | None:
+        """ALLOW, DENY or None (no opinion). Called on every request; must not block."""
+        return None
+
+    def roles(self, principal: str) -> Sequence[str]:
+        """The roles ``principal`` holds (reported by ``whoami``)."""
+        return ()
+
+    def validate(self, key: Key, action: str) -> Sequence[str]:
+        """Governance rules ``key`` breaks for ``action`` ("create", "update",
+        "rotate", "destroy"), each a sentence naming the rule; empty when compliant."""
+        return ()
+
+    def required_approvals(self, key: Key, action: str) -> int | None:
+        """How many distinct approvals ``action`` on ``key`` needs; None for no opinion."""
+        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,88 @@
+"""The ``keybroker`` command line: serve, audit verify, and the client verbs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from . import __version__
+from .app import serve_broker
+from .audit import audit_verify_main
+from .config import load_config
+from .errors import BrokerError
+
+__all__ = ["main"]
+
+# Exit codes scripts rely on.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config, data_dir=args.data_dir, socket_path=args.socket)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    log = logging.getLogger("keybroker")
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            info = await nursery.start(
+                lambda task_status: serve_broker(config, handle_signals=True, task_status=task_status)
+            )
+            log.info(
+                "keybroker %s serving on %s%s",
+                __version__,
+                info.socket_path,
+                f" and TLS port {info.tls_port}" if info.tls_port else "",
+            )
+
+    trio.run(run)
+    return EXIT_OK
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    return audit_verify_main(args.data_dir, sys.stdout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keybroker", description="Key lifecycle management broker.")
+    parser.add_argument("--version", action="version", version=f"keybroker {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the broker")
+    serve.add_argument("--data-dir", type=Path, required=True, help="directory for keys, audit, socket")
+    serve.add_argument("--socket", type=Path, help="Unix socket path (default DATA_DIR/keybroker.sock)")
+    serve.add_argument("--config", type=Path, help="TOML configuration file")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=_serve)
+
+    audit = commands.add_parser("audit", help="audit log tools")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser("verify", help="prove the audit chain unbroken (exit 0 when intact)")
+    verify.add_argument("--data-dir", type=Path, required=True)
+    verify.set_defaults(func=_audit_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except BrokerError as exc:
+        print(f"keybroker: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

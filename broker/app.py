@@ -1,0 +1,91 @@
+"""Assembling a broker: plugins, root of trust, store, backends, audit, service.
+
+:func:`open_broker` gives an in-process broker (what the server, the tests
+and embedding applications use); :func:`serve_broker` puts it on the wire.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from .audit import AuditLog, open_audit_log
+from .backend import Backend
+from .config import Config
+from .plugins import Plugins
+from .rpc import Dispatcher
+from .server import ServerInfo, serve
+from .service import KeyService
+from .store import Store
+
+__all__ = ["Broker", "open_broker", "serve_broker"]
+
+
+@dataclass(frozen=True, slots=True)
+class Broker:
+    config: Config
+    plugins: Plugins
+    store: Store
+    backends: dict[str, Backend]
+    audit: AuditLog
+    service: KeyService
+    dispatcher: Dispatcher
+
+
+def prepare_data_dir(config: Config) -> None:
+    """Create the data directory 0700 (and tighten it if it exists)."""
+    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(config.data_dir, 0o700)
+
+
+@asynccontextmanager
+async def open_broker(
+    config: Config,
+    *,
+    extra_plugins: Sequence[object] = (),
+    entry_points: bool = True,
+    clock: Callable[[], float] = time.time,
+) -> AsyncIterator[Broker]:
+    """Start every part of a broker except the listeners; close them all on exit.
+
+    Raises:
+        StartupError: plugins missing or clashing.
+        OSError: the data directory cannot be used.
+    """
+    prepare_data_dir(config)
+    plugins = Plugins(config, extra=extra_plugins, entry_points=entry_points)
+    async with AsyncExitStack() as stack:
+        root = plugins.root_key()
+        await root.open()
+        stack.push_async_callback(root.aclose)
+        store = plugins.store()
+        await store.open()
+        stack.push_async_callback(store.aclose)
+        backends = plugins.backends(root)
+        for backend in backends.values():
+            await backend.open()
+            stack.push_async_callback(backend.aclose)
+        audit = await stack.enter_async_context(
+            open_audit_log(plugins.audit_sinks(), node=config.node, clock=clock)
+        )
+        service = KeyService(store=store, backends=backends, plugins=plugins, clock=clock)
+        dispatcher = Dispatcher(config=config, service=service, plugins=plugins, audit=audit)
+        yield Broker(config, plugins, store, backends, audit, service, dispatcher)
+
+
+async def serve_broker(
+    config: Config,
+    *,
+    handle_signals: bool = False,
+    extra_plugins: Sequence[object] = (),
+    clock: Callable[[], float] = time.time,
+    task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a broker on its listeners until shut down (see broker.server.serve)."""
+    async with open_broker(config, extra_plugins=extra_plugins, clock=clock) as broker:
+        await serve(config, broker.dispatcher, handle_signals=handle_signals, task_status=task_status)

@@ -1,0 +1,167 @@
+"""Role-based access control: deny by default, grants from the TOML config.
+
+Configuration (``[plugins.rbac]``; everything optional)::
+
+    # The uid running the broker is admin on every key unless this is false.
+    owner_admin = true
+
+    # Extra roles, or built-in ones redefined: role -> operation globs.
+    [plugins.rbac.roles]
+    rotator = ["key.get", "key.rotate"]
+
+    # Each grant gives principals roles on keys whose names match a glob.
+    [[plugins.rbac.grants]]
+    principals = ["uid:1000", "spiffe://example.org/billing"]
+    roles = ["app"]
+    keys = ["billing/*"]
+
+    # Each deny rule refuses operations outright, whatever the grants say.
+    [[plugins.rbac.deny]]
+    principals = ["*"]
+    operations = ["key.schedule_destroy"]
+    keys = ["root/*"]
+
+Principals are the names the broker gives callers: ``uid:N`` on the Unix
+socket, the URI SAN (SPIFFE ID) or CN over mutual TLS, or the name they map
+to under ``[principals]``. Operations are RPC method names. An operation on
+no key (``key.list``) matches a grant's role whatever its key globs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+from broker.config import Config
+from broker.errors import InvalidArgument
+from broker.hookspecs import hookimpl
+from broker.policy import AuthzRequest, Decision, Policy
+
+__all__ = ["BUILTIN_ROLES", "Grant", "RbacPolicy", "kb_policies"]
+
+_USE = [
+    "encrypt",
+    "decrypt",
+    "encrypt_batch",
+    "decrypt_batch",
+    "rewrap_batch",
+    "datakey",
+    "sign",
+    "verify",
+    "mac",
+    "verify_mac",
+]
+_READ = ["key.get", "key.list", "key.public", "subscribe"]
+
+BUILTIN_ROLES: Mapping[str, tuple[str, ...]] = {
+    # Every operation on every key it is granted.
+    "admin": ("*",),
+    # An application: use keys and read their metadata, no lifecycle changes.
+    "app": (*_USE, *_READ),
+    # Read-only: inventory and public keys.
+    "auditor": tuple(_READ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    principals: tuple[str, ...]
+    operations: tuple[str, ...]
+    keys: tuple[str, ...]
+    roles: tuple[str, ...] = ()
+
+    def matches(self, request: AuthzRequest) -> bool:
+        if not any(fnmatchcase(request.principal, p) for p in self.principals):
+            return False
+        if not any(fnmatchcase(request.operation, o) for o in self.operations):
+            return False
+        return request.key is None or any(fnmatchcase(request.key, k) for k in self.keys)
+
+
+def _strings(table: Mapping[str, Any], name: str, where: str) -> tuple[str, ...]:
+    value = table.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(f"config: {where}.{name} must be a list of strings")
+    return tuple(value)
+
+
+class RbacPolicy(Policy):
+    """Grants and deny rules evaluated in memory on every request."""
+
+    def __init__(self, grants: Sequence[Grant], denies: Sequence[Grant]) -> None:
+        self.grants = tuple(grants)
+        self.denies = tuple(denies)
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any], *, owner: str) -> RbacPolicy:
+        """Build the policy from ``[plugins.rbac]``.
+
+        Raises:
+            InvalidArgument: a malformed table or an unknown role.
+        """
+        roles: dict[str, tuple[str, ...]] = dict(BUILTIN_ROLES)
+        extra_roles = section.get("roles", {})
+        if not isinstance(extra_roles, dict):
+            raise InvalidArgument("config: [plugins.rbac.roles] must be a table")
+        for name in extra_roles:
+            roles[name] = _strings(extra_roles, name, "plugins.rbac.roles")
+        grants: list[Grant] = []
+        if section.get("owner_admin", True):
+            grants.append(Grant((owner,), ("*",), ("*",), ("admin",)))
+        for index, table in enumerate(section.get("grants", [])):
+            where = f"plugins.rbac.grants[{index}]"
+            role_names = _strings(table, "roles", where)
+            unknown = [r for r in role_names if r not in roles]
+            if unknown:
+                raise InvalidArgument(f"config: {where} names unknown role(s) {', '.join(unknown)}")
+            operations = tuple(op for r in role_names for op in roles[r]) + _strings(
+                table, "operations", where
+            )
+            grants.append(
+                Grant(
+                    _strings(table, "principals", where),
+                    operations,
+                    _strings(table, "keys", where) or ("*",),
+                    role_names,
+                )
+            )
+        denies = [
+            Grant(
+                _strings(t, "principals", f"plugins.rbac.deny[{i}]"),
+                _strings(t, "operations", f"plugins.rbac.deny[{i}]") or ("*",),
+                _strings(t, "keys", f"plugins.rbac.deny[{i}]") or ("*",),
+            )
+            for i, t in enumerate(section.get("deny", []))
+        ]
+        return cls(grants, denies)
+
+    def authorize(self, request: AuthzRequest) -> Decision | None:
+        if any(rule.matches(request) for rule in self.denies):
+            return Decision.DENY
+        if any(grant.matches(request) for grant in self.grants):
+            return Decision.ALLOW
+        return None
+
+    def roles(self, principal: str) -> Sequence[str]:
+        return sorted(
+            {
+                role
+                for grant in self.grants
+                if any(fnmatchcase(principal, p) for p in grant.principals)
+                for role in grant.roles
+            }
+        )
+
+
+def owner_principal(config: Config) -> str:
+    """The name of the uid running the broker, after ``[principals]`` mapping."""
+    identity = f"uid:{os.getuid()}"
+    return config.principals.get(identity, identity)
+
+
+@hookimpl
+def kb_policies(config: Config) -> Sequence[Policy]:
+    return [RbacPolicy.from_config(config.section("rbac"), owner=owner_principal(config))]
