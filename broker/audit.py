@@ -578,6 +578,7 @@ class _Fanout:
         self._wakeup.set()
 
     async def run(self) -> None:
+        inflight: list[AuditRecord] = []
         try:
             try:
                 await self.sink.open()
@@ -590,19 +591,22 @@ class _Fanout:
                     await self._wakeup.wait()
                     self._wakeup = trio.Event()
                     continue
-                records = list(self.queue)
+                inflight = list(self.queue)
                 self.queue.clear()
                 try:
-                    await self.sink.write(records)
+                    await self.sink.write(inflight)
                 except Exception as exc:
-                    self.gaps += len(records)
+                    self.gaps += len(inflight)
                     logger.warning("audit sink %s lost records %d-%d: %r",
-                                   self.sink.name, records[0].seq, records[-1].seq, exc)
+                                   self.sink.name, inflight[0].seq, inflight[-1].seq, exc)
+                inflight = []
         finally:
-            if self.queue:
-                self.gaps += len(self.queue)
-                logger.warning("audit sink %s closed with %d records undelivered", self.sink.name,
-                               len(self.queue))
+            # Cancelled at shutdown: what was in the write or still queued is lost.
+            undelivered = len(inflight) + len(self.queue)
+            if undelivered:
+                self.gaps += undelivered
+                logger.warning("audit sink %s closed with %d records undelivered",
+                               self.sink.name, undelivered)
                 self.queue.clear()
             self.finished.set()
 
