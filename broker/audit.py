@@ -128,8 +128,8 @@ def _check_int(name: str, value: object, *, optional: bool = False) -> None:
         raise TypeError(f"audit {name} must be an int, not {type(value).__name__}")
 
 
-def _frozen_details(details: Mapping[str, object] | None) -> Mapping[str, DetailValue]:
-    """Validate ``details`` and return a read-only copy.
+def _checked_details(details: Mapping[str, object] | None) -> dict[str, DetailValue]:
+    """Validate ``details`` and return a copy (the caller's mapping may change later).
 
     Raises:
         TypeError: a key is not a str, or a value is not str/int/bool/None
@@ -137,7 +137,7 @@ def _frozen_details(details: Mapping[str, object] | None) -> Mapping[str, Detail
         ValueError: too many entries, a string too long, or a lone surrogate.
     """
     if not details:
-        return MappingProxyType({})
+        return {}
     if not isinstance(details, Mapping):
         raise TypeError("audit details must be a mapping")
     if len(details) > MAX_DETAILS:
@@ -158,7 +158,7 @@ def _frozen_details(details: Mapping[str, object] | None) -> Mapping[str, Detail
                 f"audit details[{name!r}] must be str, int, bool or None, not {type(value).__name__}"
             )
         copy[name] = value
-    return MappingProxyType(copy)
+    return copy
 
 
 def _rfc3339(t: float) -> str:
@@ -231,7 +231,7 @@ class AuditRecord:
             if not isinstance(value, str) or not _HEX64.fullmatch(value):
                 raise ValueError(f"audit {name} must be 64 lowercase hex digits")
         # Frozen, so a record handed to several sinks cannot be changed by one.
-        object.__setattr__(self, "details", _frozen_details(self.details))
+        object.__setattr__(self, "details", MappingProxyType(_checked_details(self.details)))
 
     @classmethod
     def seal(
@@ -265,6 +265,20 @@ class AuditRecord:
         except (TypeError, ValueError):
             digest = GENESIS  # let the constructor name the bad field
         return cls(hash=digest, **fields)
+
+    @classmethod
+    def _trusted(cls, fields: dict[str, Any]) -> AuditRecord:
+        """Build from values this module has already checked, skipping ``__post_init__``.
+
+        The writer's hot path: every field of a queued entry was checked when
+        :meth:`AuditLog.record` accepted it, and seq, prev and hash are the
+        writer's own. ``fields["details"]`` must be a private dict.
+        """
+        record = object.__new__(cls)
+        for name, value in fields.items():
+            object.__setattr__(record, name, value)
+        object.__setattr__(record, "details", MappingProxyType(fields["details"]))
+        return record
 
     def to_dict(self) -> dict[str, Any]:
         """The record as plain JSON-compatible values (all thirteen fields)."""
@@ -531,7 +545,7 @@ class _Entry:
     version: int | None
     code: str | None
     alarm: bool
-    details: Mapping[str, DetailValue]
+    details: dict[str, DetailValue]  # already checked, private copy
 
 
 class _Batch:
@@ -685,7 +699,7 @@ class AuditLog:
         if not isinstance(alarm, bool):
             raise TypeError("audit alarm must be a bool")
         return _Entry(_rfc3339(self._clock()), principal, op, outcome, key, version, code, alarm,
-                      _frozen_details(details))
+                      _checked_details(details))
 
     async def record(
         self,
@@ -752,13 +766,13 @@ class AuditLog:
             records: list[AuditRecord] = []
             for e in entries:
                 seq += 1
-                record = AuditRecord.seal(
-                    seq=seq, prev=prev, ts=e.ts, node=self._node, principal=e.principal, op=e.op,
-                    outcome=e.outcome, key=e.key, version=e.version, code=e.code, alarm=e.alarm,
-                    details=e.details,
-                )
-                prev = record.hash
-                records.append(record)
+                fields: dict[str, Any] = {
+                    "seq": seq, "ts": e.ts, "node": self._node, "principal": e.principal, "op": e.op,
+                    "key": e.key, "version": e.version, "outcome": e.outcome, "code": e.code,
+                    "alarm": e.alarm, "details": e.details, "prev": prev,
+                }
+                prev = fields["hash"] = hashlib.sha256(_canonical(fields)).hexdigest()
+                records.append(AuditRecord._trusted(fields))
             try:
                 await self._primary.write(records)
             except Exception as exc:

@@ -175,7 +175,7 @@ async def test_failed_rollback_is_repaired_before_next_write(
         def no_truncate(fd: int, length: int) -> None:
             raise OSError(errno.EIO, "Input/output error")
 
-        monkeypatch.setattr(keybroker_auditlog.os, "ftruncate", no_truncate)
+        monkeypatch.setattr(os, "ftruncate", no_truncate)
         with pytest.raises(Unavailable):
             await log.record(principal="p", op="lost", outcome="allowed")
         monkeypatch.undo()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -180,7 +180,9 @@ def test_intact_chain_verifies() -> None:
         (lambda ls: [*ls[:2], ls[2].replace(b'"seq":3', b'"seq": 3'), *ls[3:]], 3, "canonical"),
     ],
 )
-def test_broken_chains_name_the_first_bad_line(mutate, first_bad: int, reason: str) -> None:
+def test_broken_chains_name_the_first_bad_line(
+    mutate: Callable[[list[bytes]], list[bytes]], first_bad: int, reason: str
+) -> None:
     result = verify_chain(mutate(lines_of(make_chain(5))))
     assert not result.ok
     assert result.first_bad == first_bad
@@ -229,6 +231,12 @@ async def test_record_returns_durable_chained_records() -> None:
                                   code="permission_denied", details={"rule": "deny-default"})
         assert sink.lines == [first.to_json_line(), second.to_json_line()]
         assert log.head == (2, second.hash)
+    # The writer's fast path builds exactly what the checked constructor would.
+    for record in (first, second):
+        assert AuditRecord.from_json(json.loads(record.to_json_line())) == record
+        assert record.expected_hash() == record.hash
+        with pytest.raises(TypeError):
+            record.details["x"] = 1  # type: ignore[index]
     assert (first.seq, first.prev, first.ts, first.node) == (1, GENESIS, TS, "n1")
     assert (second.seq, second.prev, second.code) == (2, first.hash, "permission_denied")
     assert verify_chain(sink.lines).ok
@@ -373,7 +381,7 @@ async def test_record_argument_checks_and_closed_log() -> None:
     sink = MemorySink()
     async with open_audit_log([sink], node="n1") as log:
         with pytest.raises(TypeError):
-            await log.record(principal="p", op="x", outcome="allowed", details={"ct": b"\x00"})
+            await log.record(principal="p", op="x", outcome="allowed", details={"ct": b"\x00"})  # type: ignore[dict-item]
         with pytest.raises(TypeError):
             await log.record(principal="p", op="x", outcome="allowed", version="2")  # type: ignore[arg-type]
         with pytest.raises(TypeError):
