@@ -1,0 +1,700 @@
+"""keybroker clients: a blocking :class:`Client` and a trio :class:`AsyncClient`.
+
+Both have one method per protocol method (``key.create`` is
+``key_create``) plus a generic :meth:`call`. Optional parameters left as
+None are omitted from the request. Errors come back as the
+:mod:`broker.errors` class of their wire code, with the broker's message and
+details untouched.
+
+Reconnection: a client reconnects once when its connection turns out to be
+broken, but never silently resends a request that may already have changed
+state:
+
+* a request that was not (completely) sent -- the connection was found
+  closed before sending, or sending failed -- is sent again on a new
+  connection; the broker only acts on complete messages;
+* a request whose reply was lost after it was sent is resent only if the
+  method is a read (:data:`IDEMPOTENT_METHODS`); otherwise
+  :class:`ConnectionLost` is raised, and the caller must find out whether it
+  took effect (``key.get``, audit log).
+"""
+
+from __future__ import annotations
+
+import builtins
+import collections
+import math
+import select
+import socket
+import ssl
+import threading
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Generic, Self, TypeVar
+
+import trio
+
+from .errors import BrokerError, error_for_code
+from .protocol import (
+    MAX_MSGID,
+    Notification,
+    ProtocolError,
+    Response,
+    ResponseDecoder,
+    encode_request,
+    new_packer,
+)
+
+__all__ = ["IDEMPOTENT_METHODS", "AsyncClient", "Client", "ConnectionLost", "client_ssl_context"]
+
+# Methods that change no state (decrypt and verify count no uses), so a
+# request whose reply was lost may be sent again.
+IDEMPOTENT_METHODS: Final = frozenset(
+    {"ping", "whoami", "key.get", "key.list", "key.public"}
+    | {"decrypt", "decrypt_batch", "verify", "verify_mac"}
+)
+# Replies can be larger than requests (a batch's ciphertexts grow per item).
+DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+_RECEIVE_SIZE: Final = 256 * 1024
+DEFAULT_TIMEOUT_S: Final = 60.0
+
+R = TypeVar("R")
+
+
+class ConnectionLost(ConnectionError):
+    """The connection broke after a state-changing request was sent.
+
+    The broker may or may not have carried the request out.
+    """
+
+
+def client_ssl_context(
+    ca_file: str | Path, cert_file: str | Path | None = None, key_file: str | Path | None = None
+) -> ssl.SSLContext:
+    """A TLS 1.3 client context trusting ``ca_file`` and presenting a client cert.
+
+    Raises:
+        OSError / ssl.SSLError: a file is unreadable or invalid.
+    """
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    if cert_file is not None:
+        ctx.load_cert_chain(str(cert_file), str(key_file) if key_file is not None else None)
+    return ctx
+
+
+def _error_from_wire(error: Any) -> BrokerError:
+    """The typed exception for a wire error map, message and details as sent."""
+    if isinstance(error, dict):
+        code, message, details = error.get("code"), error.get("message"), error.get("details")
+    else:
+        code, message, details = None, None, None
+    code = code if isinstance(code, str) else "internal"
+    cls = error_for_code(code)
+    # Bypass subclass __init__s: Internal's would append a new correlation id
+    # to the broker's message, which already carries the one in its log.
+    exc = cls.__new__(cls)
+    BrokerError.__init__(
+        exc, message if isinstance(message, str) else code, details if isinstance(details, dict) else None
+    )
+    if cls is BrokerError:
+        exc.code = code  # type: ignore[misc]  # an unknown code: keep it visible
+    return exc
+
+
+def _unwrap(response: Response) -> Any:
+    if response.error is not None:
+        raise _error_from_wire(response.error)
+    return response.result
+
+
+def _params(**fields: Any) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+class _NotSent(Exception):
+    """The request never fully left: safe to send again."""
+
+
+class _Lost(Exception):
+    """The request was sent, the reply never came."""
+
+
+class _Api(Generic[R]):
+    """One method per protocol method; ``R`` is the result or an awaitable of it."""
+
+    def call(self, method: str, params: dict[str, Any]) -> R:
+        raise NotImplementedError
+
+    def ping(self) -> R:
+        """``{version, protocol, node}``."""
+        return self.call("ping", {})
+
+    def whoami(self) -> R:
+        """``{principal, roles}``."""
+        return self.call("whoami", {})
+
+    def key_create(self, name: str, type: str, **opts: Any) -> R:
+        """Create a key; ``opts`` are key.create's optional fields. Returns metadata."""
+        return self.call("key.create", _params(name=name, type=type, **opts))
+
+    def key_get(self, name: str) -> R:
+        return self.call("key.get", {"name": name})
+
+    def key_list(
+        self,
+        prefix: str | None = None,
+        state: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> R:
+        """``{keys: [metadata], cursor}``; pass the cursor back for the next page."""
+        return self.call("key.list", _params(prefix=prefix, state=state, limit=limit, cursor=cursor))
+
+    def key_rotate(self, name: str) -> R:
+        return self.call("key.rotate", {"name": name})
+
+    def key_update(
+        self,
+        name: str,
+        *,
+        rotation_period_s: int | None = None,
+        max_uses_per_version: int | None = None,
+        min_decrypt_version: int | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> R:
+        return self.call(
+            "key.update",
+            _params(
+                name=name,
+                rotation_period_s=rotation_period_s,
+                max_uses_per_version=max_uses_per_version,
+                min_decrypt_version=min_decrypt_version,
+                labels=labels,
+            ),
+        )
+
+    def key_activate(self, name: str) -> R:
+        return self.call("key.activate", {"name": name})
+
+    def key_deactivate(self, name: str) -> R:
+        return self.call("key.deactivate", {"name": name})
+
+    def key_disable(self, name: str) -> R:
+        return self.call("key.disable", {"name": name})
+
+    def key_enable(self, name: str) -> R:
+        return self.call("key.enable", {"name": name})
+
+    def key_compromise(self, name: str, version: int | None = None) -> R:
+        return self.call("key.compromise", _params(name=name, version=version))
+
+    def key_schedule_destroy(self, name: str, pending_days: int | None = None) -> R:
+        return self.call("key.schedule_destroy", _params(name=name, pending_days=pending_days))
+
+    def key_cancel_destroy(self, name: str) -> R:
+        return self.call("key.cancel_destroy", {"name": name})
+
+    def key_public(self, name: str, version: int | None = None) -> R:
+        """``{pem, version}``."""
+        return self.call("key.public", _params(name=name, version=version))
+
+    def encrypt(self, key: str, plaintext: bytes, aad: bytes | None = None) -> R:
+        """``{ciphertext, version}``."""
+        return self.call("encrypt", _params(key=key, plaintext=plaintext, aad=aad))
+
+    def decrypt(
+        self, ciphertext: bytes, aad: bytes | None = None, allow_compromised: bool | None = None
+    ) -> R:
+        """``{plaintext, key, version}``."""
+        return self.call(
+            "decrypt", _params(ciphertext=ciphertext, aad=aad, allow_compromised=allow_compromised)
+        )
+
+    def encrypt_batch(self, key: str, items: list[bytes], aad: bytes | list[bytes] | None = None) -> R:
+        """``{ciphertexts, version}``."""
+        return self.call("encrypt_batch", _params(key=key, items=items, aad=aad))
+
+    def decrypt_batch(
+        self,
+        ciphertexts: list[bytes],
+        aad: bytes | list[bytes] | None = None,
+        allow_compromised: bool | None = None,
+    ) -> R:
+        """``{plaintexts, errors}``: per item, a plaintext or an error map."""
+        return self.call(
+            "decrypt_batch",
+            _params(ciphertexts=ciphertexts, aad=aad, allow_compromised=allow_compromised),
+        )
+
+    def rewrap_batch(
+        self,
+        ciphertexts: list[bytes],
+        aad: bytes | list[bytes] | None = None,
+        allow_compromised: bool | None = None,
+    ) -> R:
+        """``{ciphertexts, errors}`` re-encrypted under each key's primary version."""
+        return self.call(
+            "rewrap_batch",
+            _params(ciphertexts=ciphertexts, aad=aad, allow_compromised=allow_compromised),
+        )
+
+    def datakey(
+        self,
+        key: str,
+        *,
+        count: int | None = None,
+        bytes: int | None = None,
+        plaintext: bool | None = None,
+        aad: builtins.bytes | None = None,
+    ) -> R:
+        """``{keys: [{plaintext?, wrapped}], version}``."""
+        return self.call("datakey", _params(key=key, count=count, bytes=bytes, plaintext=plaintext, aad=aad))
+
+    def sign(self, key: str, message: bytes | None = None, digest: bytes | None = None) -> R:
+        """``{signature, version}``."""
+        return self.call("sign", _params(key=key, message=message, digest=digest))
+
+    def verify(
+        self,
+        key: str,
+        signature: bytes,
+        message: bytes | None = None,
+        *,
+        digest: bytes | None = None,
+        version: int | None = None,
+        allow_compromised: bool | None = None,
+    ) -> R:
+        """``{valid}``."""
+        return self.call(
+            "verify",
+            _params(
+                key=key,
+                signature=signature,
+                message=message,
+                digest=digest,
+                version=version,
+                allow_compromised=allow_compromised,
+            ),
+        )
+
+    def mac(self, key: str, message: bytes) -> R:
+        """``{mac, version}``."""
+        return self.call("mac", {"key": key, "message": message})
+
+    def verify_mac(
+        self,
+        key: str,
+        message: bytes,
+        mac: bytes,
+        version: int | None = None,
+        allow_compromised: bool | None = None,
+    ) -> R:
+        """``{valid}``."""
+        return self.call(
+            "verify_mac",
+            _params(key=key, message=message, mac=mac, version=version, allow_compromised=allow_compromised),
+        )
+
+    def approve(self, request_id: str) -> R:
+        """``{approvals, required, done}``."""
+        return self.call("approve", {"request_id": request_id})
+
+
+def _key_events(note: Notification) -> list[dict[str, Any]]:
+    if note.method != "key.event":
+        return []
+    return [event for event in note.params if isinstance(event, dict)]
+
+
+# -- blocking client -----------------------------------------------------------
+
+
+class Client(_Api[Any]):
+    """A blocking client; one request at a time (calls from threads queue up).
+
+    Args:
+        socket_path: the broker's Unix socket; or else
+        host, port, ssl_context: a TLS endpoint and a context from
+            :func:`client_ssl_context`; ``server_hostname`` defaults to host.
+        timeout: seconds to wait for connecting, sending or a reply
+            (``TimeoutError``); None waits forever.
+        max_message_bytes: largest reply accepted.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | Path | None = None,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        if (socket_path is None) == (host is None):
+            raise ValueError("give either socket_path or host/port/ssl_context")
+        if host is not None and (port is None or ssl_context is None):
+            raise ValueError("a TCP connection needs port and ssl_context (TLS is mandatory)")
+        self._socket_path = None if socket_path is None else str(socket_path)
+        self._host, self._port, self._ssl = host, port, ssl_context
+        self._server_hostname = server_hostname or host
+        self._timeout = timeout
+        self._max = max_message_bytes
+        self._lock = threading.RLock()
+        self._packer = new_packer()
+        self._sock: socket.socket | None = None
+        self._decoder = ResponseDecoder(max_message_bytes)
+        self._msgid = 0
+        self._notes: collections.deque[Notification] = collections.deque()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection (a later call reconnects). Idempotent."""
+        with self._lock:
+            self._drop()
+
+    def call(self, method: str, params: dict[str, Any]) -> Any:
+        """Send one request and wait for its reply.
+
+        Returns:
+            The method's result.
+
+        Raises:
+            BrokerError: the broker's error, as its typed subclass.
+            ConnectionLost: the reply to a state-changing request was lost.
+            TimeoutError: no reply within ``timeout``.
+            OSError: the broker cannot be reached.
+        """
+        with self._lock:
+            for attempt in (0, 1):
+                sock = self._ensure()
+                self._msgid = (self._msgid + 1) & MAX_MSGID
+                msgid = self._msgid
+                try:
+                    sock.sendall(encode_request(msgid, method, params, self._packer))
+                except OSError as exc:
+                    # The broker cannot have read the whole request (it only
+                    # acts on complete messages): safe to send it again.
+                    self._drop()
+                    if attempt:
+                        raise ConnectionLost(f"connection lost sending {method}") from exc
+                    continue
+                try:
+                    return _unwrap(self._wait(msgid))
+                except _Lost:
+                    self._drop()
+                    if attempt or method not in IDEMPOTENT_METHODS:
+                        raise ConnectionLost(f"connection lost waiting for the reply to {method}") from None
+            raise AssertionError("unreachable")
+
+    def subscribe(self, prefix: str | None = None) -> Iterator[dict[str, Any]]:
+        """Subscribe to key events and yield them (blocking, no timeout).
+
+        Raises:
+            ConnectionLost: the connection broke; subscribe again.
+        """
+        with self._lock:
+            self.call("subscribe", _params(prefix=prefix))
+            sock = self._sock
+            assert sock is not None
+            sock.settimeout(None)
+            try:
+                while True:
+                    while self._notes:
+                        yield from _key_events(self._notes.popleft())
+                    try:
+                        self._read_some(sock)
+                    except _Lost:
+                        self._drop()
+                        raise ConnectionLost("subscription connection lost") from None
+            finally:
+                if self._sock is sock:
+                    sock.settimeout(self._timeout)
+
+    # -- internals -----------------------------------------------------------
+
+    def _ensure(self) -> socket.socket:
+        if self._sock is not None and not self._alive(self._sock):
+            self._drop()
+        if self._sock is None:
+            self._sock = self._connect()
+            self._decoder = ResponseDecoder(self._max)
+        return self._sock
+
+    def _connect(self) -> socket.socket:
+        if self._socket_path is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self._timeout)
+                sock.connect(self._socket_path)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        assert self._host is not None and self._port is not None and self._ssl is not None
+        raw = socket.create_connection((self._host, self._port), timeout=self._timeout)
+        try:
+            return self._ssl.wrap_socket(raw, server_hostname=self._server_hostname)
+        except BaseException:
+            raw.close()
+            raise
+
+    def _alive(self, sock: socket.socket) -> bool:
+        """False when the broker already closed this (idle) connection.
+
+        Checked before sending, so a request is never sent into a connection
+        the broker has closed -- that would leave its fate unknown.
+        """
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if readable:
+                self._read_some(sock)
+        except (_Lost, OSError, ValueError):
+            return False
+        return True
+
+    def _read_some(self, sock: socket.socket) -> list[Response]:
+        try:
+            data = sock.recv(_RECEIVE_SIZE)
+        except TimeoutError:
+            raise
+        except OSError:
+            raise _Lost from None
+        if not data:
+            raise _Lost
+        try:
+            events = self._decoder.feed(data)
+        except ProtocolError:
+            raise _Lost from None
+        responses: list[Response] = []
+        for event in events:
+            if isinstance(event, Notification):
+                self._notes.append(event)
+            else:
+                responses.append(event)
+        return responses
+
+    def _wait(self, msgid: int) -> Response:
+        sock = self._sock
+        assert sock is not None
+        while True:
+            for response in self._read_some(sock):
+                # Replies to calls that timed out earlier are dropped here.
+                if response.msgid == msgid:
+                    return response
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+# -- trio client ---------------------------------------------------------------
+
+
+class _Waiter:
+    __slots__ = ("event", "response")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.response: Response | None = None
+
+
+class _AsyncConnection:
+    """One stream: callers send under a lock, a reader task routes replies."""
+
+    def __init__(self, stream: trio.abc.Stream, max_message_bytes: int) -> None:
+        self.stream = stream
+        self.decoder = ResponseDecoder(max_message_bytes)
+        self.packer = new_packer()
+        self.send_lock = trio.StrictFIFOLock()
+        self.waiters: dict[int, _Waiter] = {}
+        self.subscribers: set[trio.MemorySendChannel[Notification]] = set()
+        self.broken = False
+        self.msgid = 0
+
+    async def read_loop(self) -> None:
+        try:
+            while True:
+                data = await self.stream.receive_some(_RECEIVE_SIZE)
+                if not data:
+                    return
+                for event in self.decoder.feed(data):
+                    if isinstance(event, Notification):
+                        for channel in list(self.subscribers):
+                            channel.send_nowait(event)
+                    elif (waiter := self.waiters.get(event.msgid)) is not None:
+                        waiter.response = event
+                        waiter.event.set()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError):
+            return
+        finally:
+            self.fail()
+
+    def fail(self) -> None:
+        """Mark broken; wake every caller still waiting and end subscriptions."""
+        self.broken = True
+        for waiter in self.waiters.values():
+            waiter.event.set()
+        for channel in self.subscribers:
+            channel.close()
+        self.subscribers.clear()
+
+    async def request(self, method: str, params: dict[str, Any]) -> Response:
+        if self.broken:
+            raise _NotSent
+        self.msgid = (self.msgid + 1) & MAX_MSGID
+        msgid = self.msgid
+        payload = encode_request(msgid, method, params, self.packer)
+        waiter = self.waiters[msgid] = _Waiter()
+        try:
+            async with self.send_lock:
+                if self.broken:
+                    raise _NotSent
+                try:
+                    await self.stream.send_all(payload)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    # The broker cannot have read all of it: not acted on.
+                    self.fail()
+                    raise _NotSent from None
+            await waiter.event.wait()
+        finally:
+            del self.waiters[msgid]
+        if waiter.response is None:
+            raise _Lost
+        return waiter.response
+
+
+class AsyncClient(_Api[Awaitable[Any]]):
+    """A trio client; concurrent calls from many tasks are pipelined.
+
+    Use as ``async with AsyncClient(socket_path) as client:`` -- the context
+    runs the task that reads replies.
+
+    Args: as :class:`Client`, without ``timeout`` (wrap calls in
+        ``trio.fail_after``).
+    """
+
+    def __init__(
+        self,
+        socket_path: str | Path | None = None,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        if (socket_path is None) == (host is None):
+            raise ValueError("give either socket_path or host/port/ssl_context")
+        if host is not None and (port is None or ssl_context is None):
+            raise ValueError("a TCP connection needs port and ssl_context (TLS is mandatory)")
+        self._socket_path = None if socket_path is None else str(socket_path)
+        self._host, self._port, self._ssl = host, port, ssl_context
+        self._server_hostname = server_hostname or host
+        self._max = max_message_bytes
+        self._conn: _AsyncConnection | None = None
+        self._connect_lock = trio.Lock()
+        self._stack: AsyncExitStack | None = None
+        self._nursery: trio.Nursery | None = None
+
+    async def __aenter__(self) -> Self:
+        stack = AsyncExitStack()
+        self._nursery = await stack.enter_async_context(trio.open_nursery())
+        self._stack = stack
+        try:
+            await self._ensure()
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        await self.aclose()
+        stack, self._stack, self._nursery = self._stack, None, None
+        if stack is None:
+            return None
+        return await stack.__aexit__(exc_type, exc, tb)
+
+    async def aclose(self) -> None:
+        """Close the connection; the client is unusable after its context exits."""
+        if self._conn is not None:
+            self._conn.fail()
+            await trio.aclose_forcefully(self._conn.stream)
+            self._conn = None
+
+    async def call(self, method: str, params: dict[str, Any]) -> Any:
+        """Send one request and wait for its reply; see :meth:`Client.call`.
+
+        Cancellation: abandons the wait; a reply arriving later is dropped.
+        """
+        for attempt in (0, 1):
+            conn = await self._ensure()
+            try:
+                return _unwrap(await conn.request(method, params))
+            except _NotSent:
+                if attempt:
+                    raise ConnectionLost(f"connection lost sending {method}") from None
+            except _Lost:
+                if attempt or method not in IDEMPOTENT_METHODS:
+                    raise ConnectionLost(f"connection lost waiting for the reply to {method}") from None
+        raise AssertionError("unreachable")
+
+    async def subscribe(self, prefix: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Subscribe to key events and yield them as they come.
+
+        Raises:
+            ConnectionLost: the connection broke; subscribe again.
+        """
+        conn = await self._ensure()
+        send, receive = trio.open_memory_channel[Notification](math.inf)
+        conn.subscribers.add(send)
+        try:
+            await self.call("subscribe", _params(prefix=prefix))
+            if self._conn is not conn:
+                raise ConnectionLost("connection lost while subscribing")
+            async with receive:
+                async for note in receive:
+                    for event in _key_events(note):
+                        yield event
+            raise ConnectionLost("subscription connection lost")
+        finally:
+            conn.subscribers.discard(send)
+
+    async def _ensure(self) -> _AsyncConnection:
+        if self._nursery is None:
+            raise RuntimeError("use AsyncClient as 'async with AsyncClient(...) as client'")
+        async with self._connect_lock:
+            if self._conn is None or self._conn.broken:
+                if self._conn is not None:
+                    await trio.aclose_forcefully(self._conn.stream)
+                    self._conn = None
+                stream = await self._open_stream()
+                conn = _AsyncConnection(stream, self._max)
+                self._nursery.start_soon(conn.read_loop)
+                self._conn = conn
+            return self._conn
+
+    async def _open_stream(self) -> trio.abc.Stream:
+        if self._socket_path is not None:
+            return await trio.open_unix_socket(self._socket_path)
+        assert self._host is not None and self._port is not None and self._ssl is not None
+        tcp = await trio.open_tcp_stream(self._host, self._port)
+        tls = trio.SSLStream(tcp, self._ssl, server_hostname=self._server_hostname)
+        try:
+            await tls.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(tls)
+            raise
+        return tls
