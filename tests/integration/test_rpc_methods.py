@@ -1,0 +1,326 @@
+"""Every method of PROTOCOL.md through the method table of a real in-process
+broker (SQLite store, software keys, audit file), happy paths and error codes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
+from broker.app import Broker, open_broker
+from broker.audit import verify_audit_dir
+from broker.envelope import parse_header
+from broker.errors import BrokerError
+from tests.conftest import Caller, ConfigFactory
+
+
+async def fails(call: Any, code: str) -> BrokerError:
+    with pytest.raises(BrokerError) as info:
+        await call
+    assert info.value.code == code, info.value.message
+    return info.value
+
+
+def audit_records(broker: Broker) -> list[dict[str, Any]]:
+    path = broker.config.audit_dir / "audit.jsonl"
+    return [json.loads(line) for line in path.read_bytes().splitlines()]
+
+
+async def test_ping_and_whoami(admin: Caller, owner: str) -> None:
+    ping = await admin("ping")
+    assert ping["protocol"] == 1 and ping["version"] and ping["node"]
+    assert await admin("whoami") == {"principal": owner, "roles": ["admin"]}
+
+
+@pytest.mark.parametrize("key_type", ["aes256-gcm", "hmac-sha256", "ed25519", "ecdsa-p256", "rsa-3072"])
+async def test_create_every_type(admin: Caller, key_type: str) -> None:
+    meta = await admin("key.create", name="t/k1", type=key_type, labels={"team": "x"})
+    assert meta["name"] == "t/k1" and meta["type"] == key_type
+    assert meta["state"] == "active" and meta["primary_version"] == 1
+    assert meta["protection"] == "software" and meta["classification"] == "internal"
+    assert len(meta["id"]) == 16 and meta["labels"] == {"team": "x"}
+    assert meta["versions"][0]["version"] == 1
+    assert await admin("key.get", name="t/k1") == meta
+
+
+async def test_create_errors(admin: Caller) -> None:
+    await admin("key.create", name="dup", type="aes256-gcm")
+    await fails(admin("key.create", name="dup", type="aes256-gcm"), "already_exists")
+    for bad in ("", "Upper", "-lead", "x" * 129, "sp ace"):
+        await fails(admin("key.create", name=bad, type="aes256-gcm"), "invalid_argument")
+    await fails(admin("key.create", name="k", type="des"), "invalid_argument")
+    await fails(admin("key.create", name="k", type="aes256-gcm", colour="red"), "invalid_argument")
+    await fails(admin("key.create", name="k", type="aes256-gcm", exportable="yes"), "invalid_argument")
+    await fails(admin("key.create", name="k", type="aes256-gcm", max_uses_per_version=0), "invalid_argument")
+    err = await fails(admin("key.create", name="k", type="aes256-gcm", protection="hsm"), "invalid_argument")
+    assert "hsm" in err.message.lower()
+    await fails(admin("key.create", type="aes256-gcm"), "invalid_argument")
+    # A nil optional field counts as absent.
+    meta = await admin("key.create", name="k", type="aes256-gcm", labels=None, protection=None)
+    assert meta["labels"] == {}
+
+
+async def test_get_list_and_pagination(admin: Caller) -> None:
+    await fails(admin("key.get", name="nope"), "not_found")
+    for i in range(5):
+        await admin("key.create", name=f"p/{i}", type="aes256-gcm")
+    await admin("key.create", name="q/0", type="aes256-gcm")
+    await admin("key.disable", name="p/3")
+    page = await admin("key.list", prefix="p/", limit=2)
+    names = [k["name"] for k in page["keys"]]
+    assert names == ["p/0", "p/1"] and page["cursor"] == "p/1"
+    while page["cursor"] is not None:
+        page = await admin("key.list", prefix="p/", limit=2, cursor=page["cursor"])
+        names += [k["name"] for k in page["keys"]]
+    assert names == [f"p/{i}" for i in range(5)]
+    disabled = await admin("key.list", state="disabled")
+    assert [k["name"] for k in disabled["keys"]] == ["p/3"]
+    await fails(admin("key.list", state="sleepy"), "invalid_argument")
+
+
+async def test_encrypt_decrypt(admin: Caller) -> None:
+    meta = await admin("key.create", name="e", type="aes256-gcm")
+    out = await admin("encrypt", key="e", plaintext=b"secret", aad=b"ctx")
+    assert out["version"] == 1
+    header = parse_header(out["ciphertext"])
+    assert header.key_id == meta["id"] and header.version == 1
+    assert await admin("decrypt", ciphertext=out["ciphertext"], aad=b"ctx") == {
+        "plaintext": b"secret", "key": "e", "version": 1}
+    await fails(admin("decrypt", ciphertext=out["ciphertext"], aad=b"other"), "decryption_failed")
+    await fails(admin("decrypt", ciphertext=out["ciphertext"]), "decryption_failed")
+    await fails(admin("decrypt", ciphertext=b"garbage"), "decryption_failed")
+    await fails(admin("decrypt", ciphertext=out["ciphertext"][:40]), "decryption_failed")
+    forged = out["ciphertext"][:4] + b"\x00" * 16 + out["ciphertext"][20:]
+    await fails(admin("decrypt", ciphertext=forged), "not_found")
+    await fails(admin("encrypt", key="e", plaintext="text"), "invalid_argument")
+    await fails(admin("encrypt", key="missing", plaintext=b"x"), "not_found")
+    await admin("key.create", name="s", type="ed25519")
+    await fails(admin("encrypt", key="s", plaintext=b"x"), "invalid_argument")
+
+
+async def test_envelope_layout(admin: Caller) -> None:
+    meta = await admin("key.create", name="e", type="aes256-gcm")
+    await admin("key.rotate", name="e")
+    ct = (await admin("encrypt", key="e", plaintext=b"p" * 10))["ciphertext"]
+    assert ct[:4] == b"KB\x01\x01" and len(ct) == 36 + 10 + 16
+    assert ct[4:20] == meta["id"] and int.from_bytes(ct[20:24], "big") == 2
+
+
+async def test_batches(admin: Caller, make_config: ConfigFactory) -> None:
+    await admin("key.create", name="b", type="aes256-gcm")
+    items = [bytes([i]) * i for i in range(20)]
+    out = await admin("encrypt_batch", key="b", items=items, aad=[b"%d" % i for i in range(20)])
+    cts = out["ciphertexts"]
+    assert len(cts) == 20 and out["version"] == 1
+    assert (await admin("encrypt_batch", key="b", items=[]))["ciphertexts"] == []
+    await fails(admin("encrypt_batch", key="b", items=items, aad=[b"1"]), "invalid_argument")
+    await fails(admin("encrypt_batch", key="b", items=[b"ok", "str"]), "invalid_argument")
+    mixed = [cts[0], cts[1][:-1] + bytes([cts[1][-1] ^ 1]), b"junk", cts[3]]
+    res = await admin("decrypt_batch", ciphertexts=mixed, aad=[b"0", b"1", b"2", b"3"])
+    assert res["plaintexts"] == [items[0], None, None, items[3]]
+    assert [e and e["code"] for e in res["errors"]] == [None, "decryption_failed", "decryption_failed", None]
+    assert await admin("decrypt_batch", ciphertexts=[]) == {"plaintexts": [], "errors": []}
+
+
+async def test_batch_limit(make_config: ConfigFactory, owner: str) -> None:
+    async with open_broker(make_config({"limits": {"max_batch_items": 3}})) as broker:
+        admin = Caller(broker, owner)
+        await admin("key.create", name="b", type="aes256-gcm")
+        await admin("encrypt_batch", key="b", items=[b"1"] * 3)
+        await fails(admin("encrypt_batch", key="b", items=[b"1"] * 4), "limit_exceeded")
+        await fails(admin("decrypt_batch", ciphertexts=[b"1"] * 4), "limit_exceeded")
+        await fails(admin("datakey", key="b", count=4), "limit_exceeded")
+
+
+async def test_rewrap_moves_items_to_the_primary(admin: Caller) -> None:
+    await admin("key.create", name="r", type="aes256-gcm")
+    old = (await admin("encrypt_batch", key="r", items=[b"a", b"b"], aad=b"x"))["ciphertexts"]
+    await admin("key.rotate", name="r")
+    res = await admin("rewrap_batch", ciphertexts=[*old, b"bad"], aad=b"x")
+    assert [parse_header(c).version for c in res["ciphertexts"][:2]] == [2, 2]
+    assert res["ciphertexts"][2] is None and res["errors"][2]["code"] == "decryption_failed"
+    opened = await admin("decrypt_batch", ciphertexts=res["ciphertexts"][:2], aad=b"x")
+    assert opened["plaintexts"] == [b"a", b"b"]
+
+
+async def test_datakey(admin: Caller) -> None:
+    await admin("key.create", name="d", type="aes256-gcm")
+    out = await admin("datakey", key="d", count=3, bytes=16, aad=b"f")
+    assert len(out["keys"]) == 3 and out["version"] == 1
+    for item in out["keys"]:
+        assert len(item["plaintext"]) == 16
+        opened = await admin("decrypt", ciphertext=item["wrapped"], aad=b"f")
+        assert opened["plaintext"] == item["plaintext"]
+    bare = await admin("datakey", key="d", plaintext=False)
+    assert set(bare["keys"][0]) == {"wrapped"}
+    await fails(admin("datakey", key="d", bytes=0), "invalid_argument")
+    await fails(admin("datakey", key="d", bytes=1025), "invalid_argument")
+
+
+def public_key(pem: str) -> Any:
+    return serialization.load_pem_public_key(pem.encode())
+
+
+async def test_sign_verify_independently(admin: Caller) -> None:
+    message = b"release 1.2.3"
+    digest = hashlib.sha256(message).digest()
+    for key_type in ("ed25519", "ecdsa-p256", "rsa-3072"):
+        name = f"sig/{key_type}"
+        await admin("key.create", name=name, type=key_type)
+        signed = await admin("sign", key=name, message=message)
+        pem = (await admin("key.public", name=name))["pem"]
+        pub = public_key(pem)
+        sig = signed["signature"]
+        if key_type == "ed25519":
+            assert isinstance(pub, ed25519.Ed25519PublicKey)
+            pub.verify(sig, message)
+            await fails(admin("sign", key=name, digest=digest), "invalid_argument")
+        elif key_type == "ecdsa-p256":
+            assert isinstance(pub, ec.EllipticCurvePublicKey)
+            pub.verify(sig, message, ec.ECDSA(hashes.SHA256()))
+            by_digest = (await admin("sign", key=name, digest=digest))["signature"]
+            pub.verify(by_digest, message, ec.ECDSA(hashes.SHA256()))
+        else:
+            assert isinstance(pub, rsa.RSAPublicKey)
+            pub.verify(sig, message, padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
+            with pytest.raises(InvalidSignature):
+                pub.verify(sig, b"other", padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
+        assert (await admin("verify", key=name, message=message, signature=sig))["valid"] is True
+        assert (await admin("verify", key=name, message=b"x", signature=sig))["valid"] is False
+        await admin("key.rotate", name=name)
+        # Without a version, every version from min_decrypt_version up is tried.
+        assert (await admin("verify", key=name, message=message, signature=sig))["valid"] is True
+        assert (await admin("verify", key=name, message=message, signature=sig, version=2))["valid"] is False
+        await fails(admin("sign", key=name), "invalid_argument")
+        await fails(admin("sign", key=name, message=message, digest=digest), "invalid_argument")
+    await admin("key.create", name="aes", type="aes256-gcm")
+    await fails(admin("sign", key="aes", message=b"m"), "invalid_argument")
+    await fails(admin("key.public", name="aes"), "invalid_argument")
+
+
+async def test_mac(admin: Caller) -> None:
+    await admin("key.create", name="m", type="hmac-sha256")
+    tag = await admin("mac", key="m", message=b"msg")
+    assert len(tag["mac"]) == 32 and tag["version"] == 1
+    assert (await admin("verify_mac", key="m", message=b"msg", mac=tag["mac"]))["valid"]
+    assert not (await admin("verify_mac", key="m", message=b"msh", mac=tag["mac"]))["valid"]
+    await admin("key.rotate", name="m")
+    assert (await admin("verify_mac", key="m", message=b"msg", mac=tag["mac"]))["valid"]
+    assert not (await admin("verify_mac", key="m", message=b"msg", mac=tag["mac"], version=2))["valid"]
+    await admin("key.update", name="m", min_decrypt_version=2)
+    assert not (await admin("verify_mac", key="m", message=b"msg", mac=tag["mac"]))["valid"]
+    await fails(admin("mac", key="nope", message=b"m"), "not_found")
+
+
+async def test_lifecycle_calls(admin: Caller) -> None:
+    await admin("key.create", name="l", type="aes256-gcm", activate=False)
+    await fails(admin("encrypt", key="l", plaintext=b"x"), "invalid_state")
+    assert (await admin("key.activate", name="l"))["state"] == "active"
+    await fails(admin("key.activate", name="l"), "invalid_state")
+    ct = (await admin("encrypt", key="l", plaintext=b"x"))["ciphertext"]
+    assert (await admin("key.deactivate", name="l"))["state"] == "deactivated"
+    await fails(admin("encrypt", key="l", plaintext=b"x"), "invalid_state")
+    assert (await admin("decrypt", ciphertext=ct))["plaintext"] == b"x"
+    meta = await admin("key.schedule_destroy", name="l", pending_days=7)
+    assert meta["state"] == "destroy_pending"
+    assert meta["destroy_at"] - meta["updated_at"] == 7 * 86_400
+    await fails(admin("decrypt", ciphertext=ct), "invalid_state")
+    await fails(admin("key.schedule_destroy", name="l"), "invalid_state")
+    assert (await admin("key.cancel_destroy", name="l"))["state"] == "deactivated"
+    await fails(admin("key.schedule_destroy", name="l", pending_days=6), "invalid_argument")
+
+
+async def test_compromise_and_alarm(admin: Caller, broker: Broker) -> None:
+    await admin("key.create", name="c", type="aes256-gcm")
+    ct = (await admin("encrypt", key="c", plaintext=b"x"))["ciphertext"]
+    await admin("key.compromise", name="c", version=1)
+    await fails(admin("encrypt", key="c", plaintext=b"x"), "invalid_state")
+    await fails(admin("decrypt", ciphertext=ct), "invalid_state")
+    assert (await admin("decrypt", ciphertext=ct, allow_compromised=True))["plaintext"] == b"x"
+    await admin("key.rotate", name="c")
+    moved = await admin("rewrap_batch", ciphertexts=[ct], allow_compromised=True)
+    assert parse_header(moved["ciphertexts"][0]).version == 2
+    assert (await admin("key.compromise", name="c"))["state"] == "compromised"
+    alarms = [r for r in audit_records(broker) if r["alarm"]]
+    assert {r["op"] for r in alarms} >= {"decrypt", "rewrap_batch", "key.compromise"}
+
+
+async def test_update(admin: Caller) -> None:
+    await admin("key.create", name="u", type="aes256-gcm", labels={"a": "1"})
+    meta = await admin("key.update", name="u", labels={"b": "2"}, rotation_period_s=3600)
+    assert meta["labels"] == {"b": "2"}
+    assert meta["next_rotation_at"] == meta["versions"][0]["created_at"] + 3600
+    await fails(admin("key.update", name="u", min_decrypt_version=2), "invalid_argument")
+    await fails(admin("key.update", name="u", labels={"a": 1}), "invalid_argument")
+
+
+async def test_usage_limit_rotates_before_crossing(admin: Caller) -> None:
+    await admin("key.create", name="n", type="aes256-gcm", max_uses_per_version=10)
+    versions = [(await admin("encrypt", key="n", plaintext=b"x"))["version"] for _ in range(25)]
+    assert versions == [1] * 10 + [2] * 10 + [3] * 5
+    meta = await admin("key.get", name="n")
+    assert [v["uses"] for v in meta["versions"]][:2] == [10, 10]
+    await fails(admin("encrypt_batch", key="n", items=[b"x"] * 11), "limit_exceeded")
+    out = await admin("encrypt_batch", key="n", items=[b"x"] * 10)
+    assert out["version"] == 4
+
+
+async def test_strangers_are_denied_and_learn_nothing(broker: Broker, admin: Caller) -> None:
+    await admin("key.create", name="mine", type="aes256-gcm")
+    ct = (await admin("encrypt", key="mine", plaintext=b"x"))["ciphertext"]
+    stranger = Caller(broker, "uid:424242")
+    for method, params in [
+        ("key.get", {"name": "mine"}),
+        ("key.get", {"name": "absent"}),
+        ("encrypt", {"key": "mine", "plaintext": b"x"}),
+        ("decrypt", {"ciphertext": ct}),
+        ("key.create", {"name": "theirs", "type": "aes256-gcm"}),
+        ("key.rotate", {"name": "mine"}),
+        ("key.list", {}),
+    ]:
+        await fails(stranger(method, **params), "permission_denied")
+    res = await stranger("decrypt_batch", ciphertexts=[ct])
+    assert res["errors"][0]["code"] == "permission_denied" and res["plaintexts"] == [None]
+    assert (await stranger("whoami"))["roles"] == []
+    denied = [r for r in audit_records(broker) if r["outcome"] == "denied"]
+    assert len(denied) == 7 and all(r["principal"] == "uid:424242" for r in denied)
+
+
+async def test_audit_has_every_decision_and_no_secrets(admin: Caller, broker: Broker) -> None:
+    await admin("key.create", name="a", type="aes256-gcm")
+    secret = b"SUPER-SECRET-PLAINTEXT"
+    ct = (await admin("encrypt", key="a", plaintext=secret))["ciphertext"]
+    await admin("decrypt", ciphertext=ct)
+    await fails(admin("key.get", name="zzz"), "not_found")
+    raw = (broker.config.audit_dir / "audit.jsonl").read_bytes()
+    assert secret not in raw and ct not in raw and ct.hex().encode() not in raw
+    ops = [(r["op"], r["outcome"], r["key"]) for r in audit_records(broker)]
+    assert ops == [("key.create", "allowed", "a"), ("encrypt", "allowed", "a"),
+                   ("decrypt", "allowed", "a"), ("key.get", "error", "zzz")]
+    assert verify_audit_dir(broker.config.audit_dir).ok
+
+
+async def test_unknown_method(admin: Caller) -> None:
+    await fails(admin("key.explode"), "unknown_method")
+
+
+async def test_keys_survive_restart(make_config: ConfigFactory, owner: str) -> None:
+    config = make_config()
+    async with open_broker(config) as broker:
+        admin = Caller(broker, owner)
+        await admin("key.create", name="keep", type="aes256-gcm")
+        await admin("key.rotate", name="keep")
+        ct = (await admin("encrypt", key="keep", plaintext=b"persist"))["ciphertext"]
+        sig_key = await admin("key.create", name="sig", type="ecdsa-p256")
+        sig = (await admin("sign", key="sig", message=b"m"))["signature"]
+    async with open_broker(config) as broker:
+        admin = Caller(broker, owner)
+        assert (await admin("decrypt", ciphertext=ct))["plaintext"] == b"persist"
+        assert (await admin("key.get", name="keep"))["primary_version"] == 2
+        assert (await admin("verify", key="sig", message=b"m", signature=sig))["valid"]
+        assert (await admin("key.get", name="sig"))["id"] == sig_key["id"]
