@@ -1,0 +1,601 @@
+"""SQLiteStore: keybroker's embedded key store, one SQLite file in WAL mode.
+
+Resource handling: the store owns two connections. Every write goes through
+the *writer*, one at a time (a ``trio.Lock``), each state change in one
+``BEGIN IMMEDIATE ... COMMIT`` transaction; reads go through a second,
+read-only connection, each in its own read transaction so a key and its
+versions always come from the same snapshot. SQLite calls block, so each
+runs in a worker thread (``trio.to_thread.run_sync``); a connection is only
+ever used by one thread at a time because its lock is held across the call.
+
+Cancellation: a worker thread cannot be interrupted, so a cancelled call
+still lets its statement finish (a change commits or rolls back whole)
+before the cancellation is delivered.
+
+Error handling: SQLite failures of the medium (I/O error, disk full, locked
+past the busy timeout, corruption) become :class:`broker.errors.Unavailable`
+naming the SQLite error code, never the statement or its values.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Final, TypeVar, final
+
+import trio
+
+from broker.errors import AlreadyExists, NotFound, StaleRevision, Unavailable
+from broker.keys import Classification, Key, KeyState, KeyType, Version, VersionState
+
+from .schema import SCHEMA_VERSION, migrate
+
+__all__ = ["DB_FILE_NAME", "DIR_MODE", "FILE_MODE", "SQLiteStore"]
+
+DB_FILE_NAME: Final = "keys.db"
+# The database holds every key's wrapped material: only the broker's user
+# may read it, or even list the directory it lives in.
+DIR_MODE: Final = 0o700
+FILE_MODE: Final = 0o600
+# How long a write waits for another process holding the database's write
+# lock (an operator's sqlite3 shell, a backup) before giving up as unavailable.
+DEFAULT_BUSY_TIMEOUT_S: Final = 5.0
+
+# Primary SQLite result codes that mean "the medium cannot serve now".
+_UNAVAILABLE_CODES: Final[Mapping[int, str]] = {
+    5: "the database is locked by another process",  # SQLITE_BUSY
+    6: "a table is locked",  # SQLITE_LOCKED
+    7: "out of memory",  # SQLITE_NOMEM
+    8: "the database is read-only",  # SQLITE_READONLY
+    10: "disk I/O error",  # SQLITE_IOERR
+    11: "the database file is corrupt",  # SQLITE_CORRUPT
+    13: "the disk is full",  # SQLITE_FULL
+    14: "the database file cannot be opened",  # SQLITE_CANTOPEN
+    15: "locking protocol error",  # SQLITE_PROTOCOL
+    26: "the file is not a database",  # SQLITE_NOTADB
+}
+
+# Spelled out rather than generated so each statement reads as what it is.
+_SELECT_KEY_BY_NAME: Final = """
+    SELECT id, name, type, protection, classification, state, prior_state, primary_version,
+           min_decrypt_version, rotation_period_s, max_uses_per_version, exportable, labels,
+           created_at, updated_at, destroy_at, activate_at, deactivate_at, origin, revision
+    FROM keys WHERE name = ?
+"""
+_SELECT_KEY_BY_ID: Final = """
+    SELECT id, name, type, protection, classification, state, prior_state, primary_version,
+           min_decrypt_version, rotation_period_s, max_uses_per_version, exportable, labels,
+           created_at, updated_at, destroy_at, activate_at, deactivate_at, origin, revision
+    FROM keys WHERE id = ?
+"""
+_SELECT_VERSIONS: Final = """
+    SELECT key_id, number, state, created_at, uses, material
+    FROM versions WHERE key_id = ? ORDER BY number
+"""
+# A range plus an exact substr() test instead of LIKE: "_" is legal in key
+# names and would be a LIKE wildcard. The range lets SQLite walk the name
+# index from the first candidate.
+_SELECT_PAGE: Final = """
+    SELECT id, name, type, protection, classification, state, prior_state, primary_version,
+           min_decrypt_version, rotation_period_s, max_uses_per_version, exportable, labels,
+           created_at, updated_at, destroy_at, activate_at, deactivate_at, origin, revision
+    FROM keys
+    WHERE name >= :prefix AND substr(name, 1, :prefix_len) = :prefix
+      AND (:after IS NULL OR name > :after) AND (:state IS NULL OR state = :state)
+    ORDER BY name LIMIT :limit
+"""
+# The same page's versions, read in the same transaction (so the same snapshot).
+_SELECT_PAGE_VERSIONS: Final = """
+    SELECT key_id, number, state, created_at, uses, material FROM versions
+    WHERE key_id IN (
+        SELECT id FROM keys
+        WHERE name >= :prefix AND substr(name, 1, :prefix_len) = :prefix
+          AND (:after IS NULL OR name > :after) AND (:state IS NULL OR state = :state)
+        ORDER BY name LIMIT :limit
+    )
+    ORDER BY key_id, number
+"""
+_INSERT_KEY: Final = """
+    INSERT INTO keys (
+        id, name, type, protection, classification, state, prior_state, primary_version,
+        min_decrypt_version, rotation_period_s, max_uses_per_version, exportable, labels,
+        created_at, updated_at, destroy_at, activate_at, deactivate_at, origin, revision
+    ) VALUES (
+        :id, :name, :type, :protection, :classification, :state, :prior_state, :primary_version,
+        :min_decrypt_version, :rotation_period_s, :max_uses_per_version, :exportable, :labels,
+        :created_at, :updated_at, :destroy_at, :activate_at, :deactivate_at, :origin, :revision
+    )
+"""
+# The compare-and-swap: no row changes unless the stored revision is the
+# one the new key value was derived from.
+_UPDATE_KEY: Final = """
+    UPDATE keys SET
+        name = :name, type = :type, protection = :protection, classification = :classification,
+        state = :state, prior_state = :prior_state, primary_version = :primary_version,
+        min_decrypt_version = :min_decrypt_version, rotation_period_s = :rotation_period_s,
+        max_uses_per_version = :max_uses_per_version, exportable = :exportable, labels = :labels,
+        created_at = :created_at, updated_at = :updated_at, destroy_at = :destroy_at,
+        activate_at = :activate_at, deactivate_at = :deactivate_at, origin = :origin,
+        revision = :revision
+    WHERE id = :id AND revision = :expected_revision
+"""
+# Reserved uses only grow: a key value written back from a cache may carry
+# fewer uses than reserve_uses has granted since, and lowering the stored
+# count would let the usage limit be crossed after a restart.
+_UPSERT_VERSION: Final = """
+    INSERT INTO versions (key_id, number, state, created_at, uses, material)
+    VALUES (:key_id, :number, :state, :created_at, :uses, :material)
+    ON CONFLICT (key_id, number) DO UPDATE SET
+        state = excluded.state,
+        created_at = excluded.created_at,
+        uses = max(versions.uses, excluded.uses),
+        material = excluded.material
+"""
+# Overwrite in place before the row changes, so that the old blob's bytes are
+# replaced rather than merely unlinked; secure_delete then zeroes whatever
+# SQLite frees, and a checkpoint afterwards pushes the zeroed pages into the
+# main file and truncates the log that still held the old ones.
+_ZERO_MATERIAL: Final = (
+    "UPDATE versions SET material = zeroblob(length(material)) WHERE key_id = ? AND number = ?"
+)
+
+_T = TypeVar("_T")
+
+
+def _unavailable(exc: sqlite3.Error) -> Unavailable | None:
+    """The Unavailable error for a failure of the medium, None for anything else (a bug)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        # The sqlite3 module raises OperationalError without a code for some
+        # failures it detects itself; only the wording tells them apart.
+        text = str(exc).lower()
+        if any(m in text for m in ("disk i/o error", "database or disk is full", "database is locked")):
+            return Unavailable(f"the key store is unavailable: {text}")
+        return None
+    reason = _UNAVAILABLE_CODES.get(code & 0xFF)
+    if reason is None:
+        return None
+    return Unavailable(f"the key store is unavailable: {reason} ({exc.sqlite_errorname})")
+
+
+def _key_params(key: Key) -> dict[str, object]:
+    return {
+        "id": key.id,
+        "name": key.name,
+        "type": key.type.value,
+        "protection": key.protection,
+        "classification": key.classification.value,
+        "state": key.state.value,
+        "prior_state": None if key.prior_state is None else key.prior_state.value,
+        "primary_version": key.primary_version,
+        "min_decrypt_version": key.min_decrypt_version,
+        "rotation_period_s": key.rotation_period_s,
+        "max_uses_per_version": key.max_uses_per_version,
+        "exportable": int(key.exportable),
+        # Sorted keys: equal label maps are stored as equal text.
+        "labels": json.dumps(dict(key.labels), sort_keys=True, separators=(",", ":")),
+        "created_at": key.created_at,
+        "updated_at": key.updated_at,
+        "destroy_at": key.destroy_at,
+        "activate_at": key.activate_at,
+        "deactivate_at": key.deactivate_at,
+        "origin": key.origin,
+        "revision": key.revision,
+    }
+
+
+def _version_params(key_id: bytes, version: Version) -> dict[str, object]:
+    return {
+        "key_id": key_id,
+        "number": version.number,
+        "state": version.state.value,
+        "created_at": version.created_at,
+        "uses": version.uses,
+        "material": version.material,
+    }
+
+
+def _key_from_row(row: sqlite3.Row, versions: Iterable[sqlite3.Row]) -> Key:
+    labels = json.loads(row["labels"])
+    return Key(
+        id=bytes(row["id"]),
+        name=row["name"],
+        type=KeyType(row["type"]),
+        protection=row["protection"],
+        classification=Classification(row["classification"]),
+        state=KeyState(row["state"]),
+        versions=tuple(
+            Version(
+                number=v["number"],
+                state=VersionState(v["state"]),
+                created_at=v["created_at"],
+                uses=v["uses"],
+                material=bytes(v["material"]),
+            )
+            for v in versions
+        ),
+        primary_version=row["primary_version"],
+        min_decrypt_version=row["min_decrypt_version"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        rotation_period_s=row["rotation_period_s"],
+        max_uses_per_version=row["max_uses_per_version"],
+        exportable=bool(row["exportable"]),
+        labels={str(k): str(v) for k, v in labels.items()},
+        destroy_at=row["destroy_at"],
+        prior_state=None if row["prior_state"] is None else KeyState(row["prior_state"]),
+        activate_at=row["activate_at"],
+        deactivate_at=row["deactivate_at"],
+        origin=row["origin"],
+        revision=row["revision"],
+    )
+
+
+def _load(keys: Sequence[sqlite3.Row], versions: Iterable[sqlite3.Row]) -> list[Key]:
+    """Keys from rows of the keys table and all their rows of the versions table."""
+    by_id: dict[bytes, list[sqlite3.Row]] = {bytes(r["id"]): [] for r in keys}
+    for v in versions:
+        by_id[bytes(v["key_id"])].append(v)
+    return [_key_from_row(r, by_id[bytes(r["id"])]) for r in keys]
+
+
+# --- transactions (run in a worker thread, on a connection held under its lock)
+
+
+def _in_transaction(conn: sqlite3.Connection, begin: str, body: Callable[[sqlite3.Connection], _T]) -> _T:
+    """Run ``body`` inside one transaction: all of it commits, or none of it."""
+    conn.execute(begin)
+    try:
+        result = body(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        # Some errors (disk full, I/O) make SQLite roll back on its own.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _insert(conn: sqlite3.Connection, key: Key) -> None:
+    if conn.execute("SELECT 1 FROM keys WHERE name = ?", (key.name,)).fetchone() is not None:
+        raise AlreadyExists(f"a key named {key.name!r} exists")
+    if conn.execute("SELECT 1 FROM keys WHERE id = ?", (key.id,)).fetchone() is not None:
+        raise AlreadyExists(f"a key with the id of {key.name!r} exists")
+    conn.execute(_INSERT_KEY, _key_params(key))
+    conn.executemany(_UPSERT_VERSION, [_version_params(key.id, v) for v in key.versions])
+
+
+def _replace(conn: sqlite3.Connection, key: Key, expected_revision: int) -> bool:
+    """Write ``key`` over revision ``expected_revision``; True when material was erased."""
+    params = _key_params(key)
+    params["expected_revision"] = expected_revision
+    if conn.execute(_UPDATE_KEY, params).rowcount == 0:
+        row = conn.execute("SELECT revision FROM keys WHERE id = ?", (key.id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no key named {key.name!r}")
+        raise StaleRevision(
+            f"key {key.name!r} is at revision {row['revision']}, not {expected_revision}: changed meanwhile"
+        )
+    stored = {
+        r["number"]: r["size"]
+        for r in conn.execute(
+            "SELECT number, length(material) AS size FROM versions WHERE key_id = ?", (key.id,)
+        )
+    }
+    keep = {v.number for v in key.versions}
+    erased = False
+    for number, size in stored.items():
+        if number not in keep:
+            # Not something the lifecycle does, but "write all versions" means
+            # the stored key must equal the written one.
+            if size:
+                conn.execute(_ZERO_MATERIAL, (key.id, number))
+                erased = True
+            conn.execute("DELETE FROM versions WHERE key_id = ? AND number = ?", (key.id, number))
+    for version in key.versions:
+        if not version.material and stored.get(version.number):
+            conn.execute(_ZERO_MATERIAL, (key.id, version.number))
+            erased = True
+    conn.executemany(_UPSERT_VERSION, [_version_params(key.id, v) for v in key.versions])
+    return erased
+
+
+def _reserve(conn: sqlite3.Connection, key_id: bytes, version: int, count: int, limit: int | None) -> int:
+    # Inside BEGIN IMMEDIATE the database's write lock is held from this read
+    # on, so no other connection or process can move `uses` before the UPDATE:
+    # the read and the update are one atomic step.
+    row = conn.execute(
+        "SELECT uses FROM versions WHERE key_id = ? AND number = ?", (key_id, version)
+    ).fetchone()
+    if row is None:
+        if conn.execute("SELECT 1 FROM keys WHERE id = ?", (key_id,)).fetchone() is None:
+            raise NotFound("no key with that id")
+        raise NotFound(f"the key has no version {version}")
+    granted = count if limit is None else max(0, min(count, limit - row["uses"]))
+    if granted:
+        conn.execute(
+            "UPDATE versions SET uses = uses + ? WHERE key_id = ? AND number = ?", (granted, key_id, version)
+        )
+    return granted
+
+
+def _select_one(conn: sqlite3.Connection, query: str, value: object) -> Key | None:
+    row = conn.execute(query, (value,)).fetchone()
+    if row is None:
+        return None
+    return _load([row], conn.execute(_SELECT_VERSIONS, (row["id"],)))[0]
+
+
+def _select_page(
+    conn: sqlite3.Connection, prefix: str, state: KeyState | None, after: str | None, limit: int
+) -> list[Key]:
+    params = {
+        "prefix": prefix,
+        "prefix_len": len(prefix),
+        "after": after,
+        "state": None if state is None else state.value,
+        "limit": limit,
+    }
+    return _load(conn.execute(_SELECT_PAGE, params).fetchall(), conn.execute(_SELECT_PAGE_VERSIONS, params))
+
+
+# --- opening -------------------------------------------------------------------
+
+
+def _prepare_files(path: Path) -> None:
+    """Create the directory (0700) and the database file (0600) if missing; tighten the file."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        # mkdir's mode is filtered by the umask; say exactly what we mean.
+        os.chmod(path.parent, DIR_MODE)
+    # Created here rather than by SQLite so it is never readable by others,
+    # whatever the umask; SQLite gives its -wal and -shm files the same mode.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            os.chmod(side, FILE_MODE)
+
+
+def _connect(path: Path, busy_timeout_s: float, *, read_only: bool) -> sqlite3.Connection:
+    # mode=rw: never let SQLite create the file itself (with umask-derived mode).
+    conn = sqlite3.connect(
+        f"{path.absolute().as_uri()}?mode=rw",
+        uri=True,
+        timeout=busy_timeout_s,
+        isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+        check_same_thread=False,  # used from worker threads, one at a time under a lock
+    )
+    try:
+        conn.row_factory = sqlite3.Row
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise Unavailable(f"the key store cannot use write-ahead logging (journal mode {mode})")
+        # FULL: a commit is on disk (WAL fsynced) before the call returns.
+        conn.execute("PRAGMA synchronous = FULL")
+        # Freed and overwritten content is zeroed, so erased material does not
+        # linger in free pages.
+        conn.execute("PRAGMA secure_delete = ON")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if read_only:
+            conn.execute("PRAGMA query_only = ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class _Connection:
+    """One sqlite3 connection, used by one worker thread at a time."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn: sqlite3.Connection | None = conn
+        self.lock = trio.Lock()
+
+    async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        async with self.lock:
+            conn = self.conn
+            if conn is None:
+                raise Unavailable("the key store is closed")
+            return await trio.to_thread.run_sync(_translated, functools.partial(fn, conn))
+
+    async def close(self) -> None:
+        async with self.lock:
+            conn, self.conn = self.conn, None
+            if conn is not None:
+                await trio.to_thread.run_sync(conn.close)
+
+
+def _translated(fn: Callable[[], _T]) -> _T:
+    """Call ``fn``, turning SQLite failures of the medium into Unavailable."""
+    try:
+        return fn()
+    except sqlite3.Error as exc:
+        error = _unavailable(exc)
+        if error is None:
+            raise
+        raise error from None
+
+
+@final
+class SQLiteStore:
+    """keybroker's :class:`~broker.store.Store` over one SQLite database file.
+
+    Args:
+        path: the database file; its directory is created 0700 if missing.
+        busy_timeout_s: how long a write waits for another process's lock
+            before the call fails with ``Unavailable``.
+    """
+
+    def __init__(self, path: Path, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
+        if busy_timeout_s < 0:
+            raise ValueError("busy_timeout_s must not be negative")
+        self.name: str = "sqlite"
+        self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
+        self._writer: _Connection | None = None
+        self._reader: _Connection | None = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({str(self.path)!r})"
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the files if missing, apply pragmas and migrate the schema.
+
+        Raises:
+            SchemaError: the database is newer than this keybroker, or not a key store.
+            Unavailable: the file cannot be opened or written.
+            OSError: the directory or file cannot be created.
+        """
+        if self._writer is not None:
+            raise RuntimeError("the store is already open")
+
+        def connect() -> tuple[sqlite3.Connection, sqlite3.Connection]:
+            _prepare_files(self.path)
+            writer = _connect(self.path, self.busy_timeout_s, read_only=False)
+            try:
+                migrate(writer, where=str(self.path))
+                reader = _connect(self.path, self.busy_timeout_s, read_only=True)
+            except BaseException:
+                writer.close()
+                raise
+            return writer, reader
+
+        writer, reader = await trio.to_thread.run_sync(_translated, connect)
+        self._writer, self._reader = _Connection(writer), _Connection(reader)
+
+    async def aclose(self) -> None:
+        """Close both connections, waiting for a call in progress. Idempotent."""
+        writer, reader = self._writer, self._reader
+        if writer is not None:
+            await writer.close()
+        if reader is not None:
+            await reader.close()
+
+    def _write_conn(self) -> _Connection:
+        if self._writer is None:
+            raise Unavailable("the key store is not open")
+        return self._writer
+
+    def _read_conn(self) -> _Connection:
+        if self._reader is None:
+            raise Unavailable("the key store is not open")
+        return self._reader
+
+    # --- writes ----------------------------------------------------------------
+
+    async def insert_key(self, key: Key) -> None:
+        """Add ``key`` and all its versions in one transaction.
+
+        Raises:
+            AlreadyExists: the name (or the id) is taken.
+            Unavailable: the database cannot be written.
+        """
+        await self._write_conn().run(
+            lambda c: _in_transaction(c, "BEGIN IMMEDIATE", lambda t: _insert(t, key))
+        )
+
+    async def replace_key(self, key: Key, *, expected_revision: int) -> None:
+        """Write ``key`` (all fields and versions) if the stored revision is ``expected_revision``.
+
+        One transaction: the compare-and-swap on the revision, the key row,
+        and every version. A version's stored ``uses`` never goes down (see
+        :meth:`reserve_uses`). A version whose material became empty is
+        overwritten with zeros before it is emptied; after such a change the
+        log is checkpointed so the old pages leave the write-ahead log too.
+
+        Raises:
+            StaleRevision: the stored revision is not ``expected_revision``.
+            NotFound: no key has ``key.id``.
+            Unavailable: the database cannot be written.
+        """
+        writer = self._write_conn()
+        erased = await writer.run(
+            lambda c: _in_transaction(c, "BEGIN IMMEDIATE", lambda t: _replace(t, key, expected_revision))
+        )
+        if erased:
+            # Outside the change's transaction, so a crash here cannot undo
+            # the erasure; a reader holding an old snapshot only delays it
+            # until the next checkpoint.
+            await writer.run(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+
+    async def reserve_uses(self, key_id: bytes, version: int, count: int, limit: int | None) -> int:
+        """Atomically add up to ``count`` to the version's uses, never past ``limit``.
+
+        Does not change the key's revision: reservations are counted apart
+        from the key's lifecycle, so a cached key stays current.
+
+        Returns:
+            The number granted: ``count``, or what is left below ``limit``
+            (0 once it is reached). ``limit`` None means unlimited.
+
+        Raises:
+            NotFound: no such key or version.
+            ValueError: ``count`` is negative.
+        """
+        if count < 0:
+            raise ValueError("count must not be negative")
+        return await self._write_conn().run(
+            lambda c: _in_transaction(
+                c, "BEGIN IMMEDIATE", lambda t: _reserve(t, key_id, version, count, limit)
+            )
+        )
+
+    # --- reads -----------------------------------------------------------------
+
+    async def get_key(self, name: str) -> Key | None:
+        """The key named ``name``, or None."""
+        return await self._read_conn().run(
+            lambda c: _in_transaction(c, "BEGIN", lambda t: _select_one(t, _SELECT_KEY_BY_NAME, name))
+        )
+
+    async def get_key_by_id(self, key_id: bytes) -> Key | None:
+        """The key whose 16-byte id is ``key_id``, or None."""
+        return await self._read_conn().run(
+            lambda c: _in_transaction(c, "BEGIN", lambda t: _select_one(t, _SELECT_KEY_BY_ID, bytes(key_id)))
+        )
+
+    async def list_keys(
+        self, *, prefix: str = "", state: KeyState | None = None, after: str | None = None, limit: int = 100
+    ) -> list[Key]:
+        """Up to ``limit`` keys ordered by name, with names > ``after``, starting with ``prefix``.
+
+        Args:
+            prefix: only names starting with it.
+            state: only keys in this state.
+            after: the last name of the previous page (a cursor).
+            limit: page size.
+        """
+        if limit < 0:
+            raise ValueError("limit must not be negative")
+        return await self._read_conn().run(
+            lambda c: _in_transaction(c, "BEGIN", lambda t: _select_page(t, prefix, state, after, limit))
+        )
+
+    # --- diagnostics -------------------------------------------------------------
+
+    async def pragmas(self) -> dict[str, object]:
+        """The settings the writer connection runs with, for operators and tests.
+
+        Keys: ``journal_mode``, ``synchronous`` (2 = FULL), ``secure_delete``,
+        ``foreign_keys``, ``user_version`` (the schema version) and
+        ``schema_version_known`` (the newest this code can migrate to).
+        """
+
+        def read(conn: sqlite3.Connection) -> dict[str, object]:
+            names = ("journal_mode", "synchronous", "secure_delete", "foreign_keys", "user_version")
+            found: dict[str, object] = {n: conn.execute(f"PRAGMA {n}").fetchone()[0] for n in names}
+            found["schema_version_known"] = SCHEMA_VERSION
+            return found
+
+        return await self._write_conn().run(read)
