@@ -96,6 +96,10 @@ FANOUT_CLOSE_GRACE_S: Final = 2.0
 # close, even when the surrounding scope is already cancelled.
 CLOSE_TIMEOUT_S: Final = 10.0
 
+
+# --- reading the file sink's log (keybroker audit verify) ------------------
+
+
 def verify_audit_dir(path: Path) -> VerifyResult:
     """Verify the primary file sink's log in an audit directory.
 
@@ -161,7 +165,7 @@ class AuditSink(Protocol):
     records in the background and can never block or fail a request.
 
     The log calls ``open`` once, then ``write`` one call at a time (never
-    concurrently), then ``aclose`` once.
+    concurrently), then ``aclose``.
     """
 
     #: Short name used in log messages and gap counters.
@@ -192,7 +196,11 @@ class AuditSink(Protocol):
         ...
 
     async def aclose(self) -> None:
-        """Release the sink's resources. Idempotent."""
+        """Release the sink's resources.
+
+        Idempotent, and called even when ``open`` failed, was cancelled or
+        (for a non-primary sink) never ran.
+        """
         ...
 
 
@@ -234,6 +242,9 @@ class _Fanout:
         self.gaps = 0
         self.closing = False
         self.finished = trio.Event()
+        # Shielded like the writer, so the close grace applies even when the
+        # surrounding scope is cancelled; open_audit_log cancels it after that.
+        self.scope = trio.CancelScope(shield=True)
         self._wakeup = trio.Event()
         self._overflowing = False
 
@@ -260,26 +271,28 @@ class _Fanout:
     async def run(self) -> None:
         inflight: list[AuditRecord] = []
         try:
-            try:
-                await self.sink.open()
-            except Exception:
-                logger.exception("audit sink %s failed to open; writes will still be tried", self.sink.name)
-            while True:
-                if not self.queue:
-                    if self.closing:
-                        return
-                    await self._wakeup.wait()
-                    self._wakeup = trio.Event()
-                    continue
-                inflight = list(self.queue)
-                self.queue.clear()
+            with self.scope:
                 try:
-                    await self.sink.write(inflight)
-                except Exception as exc:
-                    self.gaps += len(inflight)
-                    logger.warning("audit sink %s lost records %d-%d: %r",
-                                   self.sink.name, inflight[0].seq, inflight[-1].seq, exc)
-                inflight = []
+                    await self.sink.open()
+                except Exception:
+                    logger.exception("audit sink %s failed to open; writes will still be tried",
+                                     self.sink.name)
+                while True:
+                    if not self.queue:
+                        if self.closing:
+                            return
+                        await self._wakeup.wait()
+                        self._wakeup = trio.Event()
+                        continue
+                    inflight = list(self.queue)
+                    self.queue.clear()
+                    try:
+                        await self.sink.write(inflight)
+                    except Exception as exc:
+                        self.gaps += len(inflight)
+                        logger.warning("audit sink %s lost records %d-%d: %r",
+                                       self.sink.name, inflight[0].seq, inflight[-1].seq, exc)
+                    inflight = []
         finally:
             # Cancelled at shutdown: what was in the write or still queued is lost.
             undelivered = len(inflight) + len(self.queue)
@@ -323,6 +336,7 @@ class AuditLog:
         self._healthy = True
         self._closing = False
         self._writes = 0
+        self._writer_scope = trio.CancelScope(shield=True)
         self._writer_finished = trio.Event()
 
     @property
@@ -400,14 +414,16 @@ class AuditLog:
                 another non-scalar value.
             ValueError: ``details`` too large, or a lone surrogate in a string.
             Unavailable: the primary sink failed to write this batch, or the
-                log is closed. The record was not written and the chain was
-                not advanced past it; later calls try again.
+                log is closed. The record was not acknowledged and the chain
+                was not advanced past it; later calls try again.
 
         Cancellation:
             Safe at any point. The record is queued before the first
-            checkpoint; a caller cancelled while waiting does not learn the
-            outcome, but the record may still be written, in its place in
-            the chain, and the chain stays consistent either way.
+            checkpoint, and commits are shielded from callers'
+            cancellation: a caller cancelled while waiting does not learn
+            the outcome, but its record is still written in its place in
+            the chain (unless the log is forced shut first; see
+            :func:`open_audit_log`). The chain stays consistent either way.
         """
         if self._closing:
             raise Unavailable("audit log unavailable (closed)")
@@ -464,15 +480,20 @@ class AuditLog:
 
     async def _run_writer(self) -> None:
         try:
-            while True:
-                if not self._batch.entries:
-                    if self._closing:
-                        return
-                    await self._wakeup.wait()
-                    self._wakeup = trio.Event()
-                    continue
-                batch, self._batch = self._batch, _Batch()
-                await self._commit(batch)
+            # Shielded: cancelling the surrounding scope (server shutdown)
+            # must neither interrupt a commit half-way nor abandon what is
+            # queued. open_audit_log stops the writer itself, once it has
+            # drained or the close timeout has passed.
+            with self._writer_scope:
+                while True:
+                    if not self._batch.entries:
+                        if self._closing:
+                            return
+                        await self._wakeup.wait()
+                        self._wakeup = trio.Event()
+                        continue
+                    batch, self._batch = self._batch, _Batch()
+                    await self._commit(batch)
         finally:
             # Cancelled with records queued (shutdown timed out): release
             # their callers with an error rather than leave them waiting.
@@ -524,16 +545,25 @@ async def open_audit_log(
         OSError: the primary sink could not be opened.
 
     Resource handling:
-        On exit everything already queued is written to the primary (even
-        when the surrounding scope is cancelled, up to a timeout), other
-        sinks get a short grace to catch up, and every sink is closed.
+        On exit, even when the surrounding scope is cancelled, everything
+        already queued is written to the primary (for up to
+        ``CLOSE_TIMEOUT_S``; past that the writer is cancelled, and callers
+        still waiting get ``Unavailable`` although their batch may have
+        reached the disk), other sinks get ``FANOUT_CLOSE_GRACE_S`` to catch
+        up, and every sink is closed.
     """
     primary, others = _split_sinks(sinks)
     _check_str("node", node)
-    head = await primary.open()
-    if not isinstance(head, ChainHead):
-        await _close_sink(primary)
-        raise ValueError(f"primary audit sink {primary.name} returned no ChainHead from open()")
+    try:
+        head = await primary.open()
+        if not isinstance(head, ChainHead):
+            raise ValueError(f"primary audit sink {primary.name} returned no ChainHead from open()")
+    except BaseException:
+        # Also on cancellation: open() may have finished its blocking half
+        # (file open, lock taken) before the cancel was delivered.
+        with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+            await _close_sink(primary)
+        raise
     fanouts = [_Fanout(s) for s in others]
     log = AuditLog(primary, fanouts, head, node=node, clock=clock)
     body_error: BaseException | None = None
@@ -548,7 +578,10 @@ async def open_audit_log(
                     details={"set_aside_bytes": head.set_aside_bytes, "set_aside_to": head.set_aside_path,
                              "set_aside_lines": head.set_aside_lines, "after_seq": head.seq},
                 ))
-                await log._commit(_Batch())
+                # Bounded but not cancellable by the caller, like any commit;
+                # if it fails or times out the note is retried with the next batch.
+                with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+                    await log._commit(_Batch())
             nursery.start_soon(log._run_writer)
             try:
                 yield log
@@ -559,18 +592,19 @@ async def open_audit_log(
             finally:
                 log._closing = True
                 log._wakeup.set()
-                with trio.CancelScope(shield=True) as scope:
-                    scope.deadline = trio.current_time() + CLOSE_TIMEOUT_S
+                with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
                     await log._writer_finished.wait()
+                log._writer_scope.cancel()
+                for fanout in fanouts:
+                    fanout.close()
+                with trio.move_on_after(FANOUT_CLOSE_GRACE_S, shield=True):
                     for fanout in fanouts:
-                        fanout.close()
-                    with trio.move_on_after(FANOUT_CLOSE_GRACE_S):
-                        for fanout in fanouts:
-                            await fanout.finished.wait()
+                        await fanout.finished.wait()
+                for fanout in fanouts:
+                    fanout.scope.cancel()
                 nursery.cancel_scope.cancel()
     finally:
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + CLOSE_TIMEOUT_S
+        with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await _close_sink(primary)
             for sink in others:
                 await _close_sink(sink)

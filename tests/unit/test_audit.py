@@ -6,6 +6,7 @@ import errno
 import io
 import json
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -398,3 +399,51 @@ async def test_body_exception_is_not_wrapped() -> None:
             await log.record(principal="p", op="x", outcome="allowed")
             raise KeyError("boom")
     assert sink.closed and len(sink.lines) == 1
+
+
+async def test_cancelled_body_drains_queue_and_closes(autojump_clock: trio.testing.MockClock) -> None:
+    sink = MemorySink()
+    with trio.move_on_after(5) as scope:
+        async with open_audit_log([sink], node="n1") as log, trio.open_nursery() as nursery:
+            for i in range(5):
+                nursery.start_soon(partial(log.record, principal="p", op=f"op{i}", outcome="allowed"))
+            await trio.sleep_forever()
+    assert scope.cancelled_caught  # plain Cancelled reached its scope: no ExceptionGroup
+    assert sink.closed
+    assert len(sink.lines) == 5
+    assert verify_chain(sink.lines).ok
+
+
+class OpenCancelledSink(MemorySink):
+    async def open(self) -> ChainHead | None:
+        await trio.lowlevel.cancel_shielded_checkpoint()  # the blocking half ran...
+        await trio.sleep_forever()  # ...and the cancel arrives afterwards
+        raise AssertionError
+
+
+async def test_sink_closed_when_open_is_cancelled() -> None:
+    sink = OpenCancelledSink()
+    with trio.move_on_after(0.01):
+        async with open_audit_log([sink], node="n1"):
+            raise AssertionError("not reached")
+    assert sink.closed
+
+
+class SlowSink(MemorySink):
+    async def write(self, records: Sequence[AuditRecord]) -> None:
+        await trio.sleep(1)
+        await super().write(records)
+
+
+async def test_queued_records_are_written_on_cancellation(autojump_clock: trio.testing.MockClock) -> None:
+    sink = SlowSink()
+    with trio.move_on_after(0.5):
+        async with open_audit_log([sink], node="n1") as log, trio.open_nursery() as nursery:
+            for i in range(5):
+                nursery.start_soon(partial(log.record, principal="p", op=f"op{i}", outcome="allowed"))
+                await trio.sleep(0.01)  # the first write is in progress, the rest queue behind it
+            await trio.sleep_forever()
+    # The callers were cancelled, but what they queued was drained on close.
+    assert [json.loads(line)["op"] for line in sink.lines] == [f"op{i}" for i in range(5)]
+    assert sink.batches == [1, 4]
+    assert verify_chain(sink.lines).ok
