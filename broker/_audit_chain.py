@@ -197,6 +197,11 @@ class AuditRecord:
             digest = GENESIS  # let the constructor name the bad field
         return cls(hash=digest, **fields)
 
+    def __hash__(self) -> int:
+        # The chain hash already identifies the record; the default would
+        # try to hash the details mapping and fail.
+        return hash(self.hash)
+
     @classmethod
     def _trusted(cls, fields: dict[str, Any]) -> AuditRecord:
         """Build from values this module has already checked, skipping ``__post_init__``.

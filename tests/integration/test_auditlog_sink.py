@@ -20,6 +20,7 @@ import broker.hookspecs
 from broker.audit import (
     AUDIT_FILE_NAME,
     AuditRecord,
+    AuditSink,
     audit_verify_main,
     open_audit_log,
     verify_audit_dir,
@@ -214,5 +215,7 @@ def test_plugin_provides_the_primary_file_sink(tmp_path: Path) -> None:
     (sinks,) = pm.hook.kb_audit_sinks(config=config)
     (sink,) = sinks
     assert isinstance(sink, FileAuditSink)
+    as_protocol: AuditSink = sink  # checked by mypy: the sink satisfies the protocol
+    assert as_protocol.name == "file"
     assert sink.primary
     assert sink.path == tmp_path / "audit" / AUDIT_FILE_NAME

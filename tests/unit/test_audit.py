@@ -95,6 +95,11 @@ def test_canonical_line() -> None:
     assert AuditRecord.from_json(obj) == record
 
 
+def test_records_are_hashable_by_chain_hash() -> None:
+    a, b = make_chain(2)
+    assert len({a, b, AuditRecord.from_json(a.to_dict())}) == 2
+
+
 def test_chain_hash_covers_every_field_but_hash() -> None:
     (record,) = make_chain(1)
     fields = record.to_dict()
