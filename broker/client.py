@@ -625,7 +625,15 @@ class AsyncClient(_Api[Awaitable[Any]]):
         stack, self._stack, self._nursery = self._stack, None, None
         if stack is None:
             return None
-        return await stack.__aexit__(exc_type, exc, tb)
+        try:
+            return await stack.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            # The reader task never raises, so a group holding only the
+            # body's own exception is the nursery's wrapping: undo it, so
+            # callers can catch BrokerError / ConnectionLost directly.
+            if exc is not None and len(group.exceptions) == 1 and group.exceptions[0] is exc:
+                raise exc from exc.__cause__
+            raise
 
     async def aclose(self) -> None:
         """Close the connection; the client is unusable after its context exits."""

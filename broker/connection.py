@@ -172,11 +172,13 @@ class Connection:
                 self._wakeup.set()
         finally:
             self._mark_closed()
-            await trio.aclose_forcefully(self._stream)
+            # The hook runs before the (checkpointing) close, so a
+            # cancellation arriving meanwhile cannot skip it.
             try:
                 self._handler.connection_closed(self.context)
             except Exception:
                 log.exception("connection %d: connection_closed hook failed", self.connection_id)
+            await trio.aclose_forcefully(self._stream)
 
     def begin_drain(self) -> None:
         """Stop reading requests; finish those in flight, flush, then close.

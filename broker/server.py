@@ -224,6 +224,11 @@ class _Server:
             conn.begin_drain()
 
 
+def _close_listeners(listeners: list[tuple[trio.SocketListener, _StreamHandler]]) -> None:
+    for listener, _ in listeners:
+        listener.socket.close()
+
+
 async def _shutdown_on_signals(info: ServerInfo, task_status: trio.TaskStatus[None]) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         task_status.started()
@@ -288,15 +293,15 @@ async def serve(
                     task_status.started(info)
                     await info.shutdown.wait()
                     acceptors.cancel_scope.cancel()
-                for listener, _ in listeners:
-                    await listener.aclose()
+                _close_listeners(listeners)
                 _unlink_if_ours(config.socket_path, inode)
                 server.begin_drain()
                 # Connections finish on their own; past the deadline, cancel.
                 connections.cancel_scope.deadline = trio.current_time() + config.limits.drain_timeout_s
         finally:
-            for listener, _ in listeners:
-                await trio.aclose_forcefully(listener)
+            # No awaits here: under cancellation they would raise at once and
+            # skip the rest of the cleanup.
+            _close_listeners(listeners)
             info._done.set()
     finally:
         sock.close()

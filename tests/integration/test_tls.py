@@ -1,0 +1,207 @@
+"""The TLS listener: client certificates required, principals from SAN or CN."""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import msgpack
+import pytest
+import trio
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from broker.auth import principal_for_cert, principal_for_unix
+from broker.client import AsyncClient, Client, ConnectionLost, client_ssl_context
+from broker.config import Config, TLSConfig
+from broker.server import ServerInfo
+from tests._transport_helpers import EchoHandler, make_config, running_server, short_tmpdir
+
+SPIFFE_ID = "spiffe://example.org/ns/prod/sa/billing"
+
+
+def issue_uri_cert(ca: trustme.CA, uri: str, common_name: str | None = None) -> tuple[bytes, bytes]:
+    """A client certificate with a URI SAN (trustme issues DNS/IP/email only)."""
+    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    subject = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)] if common_name else []
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(subject))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def tmpdir_short() -> Iterator[Path]:
+    with short_tmpdir() as path:
+        yield path
+
+
+@pytest.fixture
+def tls_config(tmpdir_short: Path, ca: trustme.CA) -> Config:
+    server_cert = ca.issue_cert("localhost", "127.0.0.1")
+    server_cert.private_key_and_cert_chain_pem.write_to_path(str(tmpdir_short / "server.pem"))
+    ca.cert_pem.write_to_path(str(tmpdir_short / "ca.pem"))
+    tls = TLSConfig(
+        cert_file=tmpdir_short / "server.pem",
+        key_file=tmpdir_short / "server.pem",
+        client_ca_file=tmpdir_short / "ca.pem",
+        host="127.0.0.1",
+        port=0,
+    )
+    return make_config(tmpdir_short, tls=tls)
+
+
+@pytest.fixture
+def handler() -> EchoHandler:
+    return EchoHandler()
+
+
+@pytest.fixture
+async def server(tls_config: Config, handler: EchoHandler) -> AsyncIterator[ServerInfo]:
+    async with running_server(tls_config, handler) as info:
+        yield info
+
+
+def client_context(directory: Path, cert_pem: bytes | None, key_pem: bytes | None) -> ssl.SSLContext:
+    if cert_pem is None or key_pem is None:
+        return client_ssl_context(directory / "ca.pem")
+    (directory / "client.pem").write_bytes(cert_pem + key_pem)
+    return client_ssl_context(directory / "ca.pem", directory / "client.pem")
+
+
+async def test_principal_from_uri_san(server: ServerInfo, ca: trustme.CA, tmpdir_short: Path) -> None:
+    assert server.tls_port
+    cert, key = issue_uri_cert(ca, SPIFFE_ID, common_name="ignored-cn")
+    ctx = client_context(tmpdir_short, cert, key)
+    async with AsyncClient(host="127.0.0.1", port=server.tls_port, ssl_context=ctx) as client:
+        who = await client.call("whoami", {})
+    assert who == {"name": SPIFFE_ID, "transport": "tls", "uid": None, "gid": None, "pid": None}
+
+
+async def test_principal_from_cn_with_sync_client(
+    server: ServerInfo, ca: trustme.CA, tmpdir_short: Path
+) -> None:
+    assert server.tls_port
+    leaf = ca.issue_cert("app@example.org", common_name="billing-service")
+    ctx = client_context(tmpdir_short, leaf.cert_chain_pems[0].bytes(), leaf.private_key_pem.bytes())
+    port = server.tls_port
+
+    def work() -> dict[str, object]:
+        with Client(host="127.0.0.1", port=port, ssl_context=ctx, timeout=5) as client:
+            result: dict[str, object] = client.call("whoami", {})
+            return result
+
+    who = await trio.to_thread.run_sync(work)
+    assert who["name"] == "billing-service"
+    assert who["transport"] == "tls"
+
+
+async def test_mapped_principal(tls_config: Config, ca: trustme.CA, tmpdir_short: Path) -> None:
+    config = replace(tls_config, principals={SPIFFE_ID: "billing"})
+    async with running_server(config, EchoHandler()) as info:
+        assert info.tls_port
+        cert, key = issue_uri_cert(ca, SPIFFE_ID)
+        ctx = client_context(tmpdir_short, cert, key)
+        async with AsyncClient(host="127.0.0.1", port=info.tls_port, ssl_context=ctx) as client:
+            assert (await client.call("whoami", {}))["name"] == "billing"
+
+
+async def _raw_tls_attempt(port: int, ctx: ssl.SSLContext) -> bytes:
+    """Handshake and send a ping; returns what the server answers (b"" or raises if refused)."""
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = trio.SSLStream(tcp, ctx, server_hostname="127.0.0.1")
+    try:
+        await stream.do_handshake()
+        await stream.send_all(msgpack.packb([0, 1, "echo", [{}]]))
+        return await stream.receive_some(4096)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def test_no_client_cert_refused(server: ServerInfo, ca: trustme.CA, tmpdir_short: Path) -> None:
+    assert server.tls_port
+    ctx = client_context(tmpdir_short, None, None)
+    with trio.fail_after(5):
+        try:
+            reply = await _raw_tls_attempt(server.tls_port, ctx)
+        except trio.BrokenResourceError:
+            reply = b""
+    assert reply == b""
+    with trio.fail_after(5), pytest.raises((ConnectionLost, trio.BrokenResourceError)):
+        async with AsyncClient(host="127.0.0.1", port=server.tls_port, ssl_context=ctx) as client:
+            await client.call("echo", {})
+
+
+async def test_cert_from_another_ca_refused(server: ServerInfo, tmpdir_short: Path, ca: trustme.CA) -> None:
+    assert server.tls_port
+    other = trustme.CA()
+    leaf = other.issue_cert("x@example.org", common_name="intruder")
+    ctx = client_context(tmpdir_short, leaf.cert_chain_pems[0].bytes(), leaf.private_key_pem.bytes())
+    with trio.fail_after(5):
+        try:
+            reply = await _raw_tls_attempt(server.tls_port, ctx)
+        except trio.BrokenResourceError:
+            reply = b""
+    assert reply == b""
+
+
+async def test_tls12_refused(server: ServerInfo, ca: trustme.CA, tmpdir_short: Path) -> None:
+    assert server.tls_port
+    leaf = ca.issue_cert("x@example.org", common_name="old-client")
+    ctx = client_context(tmpdir_short, leaf.cert_chain_pems[0].bytes(), leaf.private_key_pem.bytes())
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
+        await _raw_tls_attempt(server.tls_port, ctx)
+
+
+# -- auth unit checks (pure) -----------------------------------------------------
+
+
+def test_principal_for_cert_prefers_spiffe_uri(ca: trustme.CA) -> None:
+    cert_pem, _ = issue_uri_cert(ca, SPIFFE_ID, common_name="cn")
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    der = cert.public_bytes(serialization.Encoding.DER)
+    assert principal_for_cert(der, {}).name == SPIFFE_ID
+    assert principal_for_cert(cert, {SPIFFE_ID: "svc"}).name == "svc"
+
+
+def test_principal_for_cert_without_identity(ca: trustme.CA) -> None:
+    leaf = ca.issue_cert("x@example.org")  # email SAN only, no CN
+    cert = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
+    with pytest.raises(ValueError, match="neither"):
+        principal_for_cert(cert, {})
+    with pytest.raises(ValueError):
+        principal_for_cert(b"not a certificate", {})
+
+
+def test_principal_for_unix_mapping() -> None:
+    p = principal_for_unix(1000, 100, 42, {"uid:1000": "alice"})
+    assert (p.name, p.transport, p.uid, p.gid, p.pid) == ("alice", "unix", 1000, 100, 42)
+    assert principal_for_unix(7, 7, 7, {}).name == "uid:7"
