@@ -94,7 +94,14 @@ def _sanitize() -> bool:
     return os.environ.get("KEYBROKER_SANITIZE", "") not in ("", "0")
 
 
-def make_ffibuilder() -> FFI:
+def _src(path: Path, absolute: bool) -> str:
+    """setuptools wants paths relative to setup.py; cffi's compile() chdirs, so it wants absolute ones."""
+    if not absolute and Path.cwd().resolve() == ROOT:
+        return str(path.relative_to(ROOT))
+    return str(path)
+
+
+def make_ffibuilder(absolute: bool = False) -> FFI:
     check_toolchain()
     compile_args = ["-std=gnu11", "-Wall", "-Wextra", "-Wconversion", "-fvisibility=hidden"]
     link_args: list[str] = []
@@ -109,8 +116,8 @@ def make_ffibuilder() -> FFI:
     builder.set_source(
         "broker._native",
         '#include "kb.h"',
-        sources=[str(HERE / "kb.c")],
-        include_dirs=[str(HERE)],
+        sources=[_src(HERE / "kb.c", absolute)],
+        include_dirs=[_src(HERE, absolute)],
         libraries=["crypto"],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
@@ -128,7 +135,7 @@ def main() -> None:
     dest = Path(args.tmpdir).resolve() / "broker"
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kb-build-") as work:
-        built = Path(ffibuilder.compile(tmpdir=work, verbose=False))
+        built = Path(make_ffibuilder(absolute=True).compile(tmpdir=work, verbose=False))
         target = dest / built.name
         shutil.copy2(built, target)
     print(target)

@@ -34,6 +34,11 @@
 #define KB_REWRAP_SCRATCH ((size_t)16384)
 
 #define KB_CLOSED_BIT ((uint64_t)1 << 63)
+/* Keyed contexts cached per slot and direction. */
+#define KB_CTX_POOL 4
+/* Batches of up to this many items take their nonces from the per-thread cache. */
+#define KB_NONCE_CACHE_ITEMS 256u
+#define KB_SMALL_BATCH 64u
 
 enum { KB_WHERE_NONE = 0, KB_WHERE_SECURE_HEAP = 1, KB_WHERE_POOL = 2 };
 
@@ -47,6 +52,12 @@ struct kb_slot {
     int locked;
     uint32_t version;
     unsigned char key_id[KB_KEY_ID_LEN];
+    /* Keyed GCM contexts kept between calls ([0] decrypt, [1] encrypt), so a
+     * call does not pay for context setup and key expansion. A call borrows
+     * one exclusively; they are freed (OpenSSL cleanses them) with the key. */
+    pthread_mutex_t ctx_lock;
+    EVP_CIPHER_CTX *ctx_pool[2][KB_CTX_POOL];
+    int ctx_count[2];
 };
 
 /* ------------------------------------------------------------------------ */
@@ -176,6 +187,16 @@ static void slot_destroy_key(kb_slot *s)
 {
     if (s->key == NULL)
         return;
+    if (pthread_mutex_lock(&s->ctx_lock) == 0) {
+        for (int d = 0; d < 2; d++) {
+            for (int i = 0; i < s->ctx_count[d]; i++) {
+                EVP_CIPHER_CTX_free(s->ctx_pool[d][i]); /* cleanses the key schedule */
+                s->ctx_pool[d][i] = NULL;
+            }
+            s->ctx_count[d] = 0;
+        }
+        (void)pthread_mutex_unlock(&s->ctx_lock);
+    }
     if (s->where == KB_WHERE_SECURE_HEAP)
         OPENSSL_secure_clear_free(s->key, s->key_len);
     else if (s->where == KB_WHERE_POOL)
@@ -225,6 +246,10 @@ int kb_slot_new(int kind, const unsigned char *key, size_t key_len, const unsign
     kb_slot *s = calloc(1, sizeof(*s));
     if (s == NULL)
         return KB_ENOMEM;
+    if (pthread_mutex_init(&s->ctx_lock, NULL) != 0) {
+        free(s);
+        return KB_ENOMEM;
+    }
     if (CRYPTO_secure_malloc_initialized()) {
         s->key = OPENSSL_secure_malloc(key_len);
         if (s->key != NULL) {
@@ -235,6 +260,7 @@ int kb_slot_new(int kind, const unsigned char *key, size_t key_len, const unsign
     if (s->key == NULL) {
         s->key = pool_alloc(&s->locked);
         if (s->key == NULL) {
+            (void)pthread_mutex_destroy(&s->ctx_lock);
             free(s);
             return KB_ENOMEM;
         }
@@ -270,6 +296,7 @@ void kb_slot_free(kb_slot *slot)
         return;
     kb_slot_close(slot);
     slot_destroy_key(slot); /* no-op unless a reference was leaked */
+    (void)pthread_mutex_destroy(&slot->ctx_lock);
     OPENSSL_cleanse(slot, sizeof(*slot));
     free(slot);
 }
@@ -375,27 +402,96 @@ static size_t open_out_len(size_t env_len)
     return env_len >= KB_OVERHEAD ? env_len - KB_OVERHEAD : 0;
 }
 
-/* Draws n nonces with one RAND_bytes call (chunked only past INT_MAX bytes). */
-static unsigned char *draw_nonces(size_t n)
+/* Fills buf with len random bytes: one RAND_bytes call (chunked only past INT_MAX). */
+static int random_bytes(unsigned char *buf, size_t len)
 {
-    if (n > SIZE_MAX / KB_NONCE_LEN)
-        return NULL;
-    size_t total = n * KB_NONCE_LEN;
-    unsigned char *buf = malloc(total);
-    if (buf == NULL)
-        return NULL;
     size_t off = 0;
-    while (off < total) {
-        size_t chunk = total - off;
+    while (off < len) {
+        size_t chunk = len - off;
         if (chunk > (size_t)INT_MAX)
             chunk = (size_t)INT_MAX - ((size_t)INT_MAX % KB_NONCE_LEN);
-        if (RAND_bytes(buf + off, (int)chunk) != 1) {
-            free(buf);
-            return NULL;
-        }
+        if (RAND_bytes(buf + off, (int)chunk) != 1)
+            return 0;
         off += chunk;
     }
+    return 1;
+}
+
+/*
+ * Nonces for small batches come from a per-thread cache filled by one
+ * RAND_bytes call per KB_NONCE_CACHE_ITEMS nonces: a RAND_bytes call costs
+ * more than sealing a small item. Every cached nonce is handed out at most
+ * once (`avail` only shrinks until the next refill). A fork bumps
+ * fork_generation in the child, which makes the child discard the copy of
+ * the parent's cache it inherited, so parent and child never share a nonce.
+ */
+static _Atomic uint64_t fork_generation = 0;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+static int atfork_ok = 0;
+
+static void on_fork_child(void)
+{
+    atomic_fetch_add_explicit(&fork_generation, 1, memory_order_relaxed);
+}
+
+static void atfork_init(void)
+{
+    atfork_ok = pthread_atfork(NULL, NULL, on_fork_child) == 0;
+}
+
+static _Thread_local struct {
+    unsigned char buf[KB_NONCE_CACHE_ITEMS * KB_NONCE_LEN];
+    size_t avail; /* unused nonces at the end of buf */
+    uint64_t generation;
+} tl_nonces;
+
+static int cached_nonces(unsigned char *dst, size_t n)
+{
+    if (pthread_once(&atfork_once, atfork_init) != 0 || !atfork_ok)
+        return random_bytes(dst, n * KB_NONCE_LEN); /* no fork protection: no cache */
+    uint64_t gen = atomic_load_explicit(&fork_generation, memory_order_relaxed);
+    if (tl_nonces.generation != gen) {
+        tl_nonces.avail = 0;
+        tl_nonces.generation = gen;
+    }
+    if (tl_nonces.avail < n) {
+        if (!random_bytes(tl_nonces.buf, sizeof(tl_nonces.buf)))
+            return 0;
+        tl_nonces.avail = KB_NONCE_CACHE_ITEMS;
+    }
+    size_t start = (KB_NONCE_CACHE_ITEMS - tl_nonces.avail) * KB_NONCE_LEN;
+    memcpy(dst, tl_nonces.buf + start, n * KB_NONCE_LEN);
+    OPENSSL_cleanse(tl_nonces.buf + start, n * KB_NONCE_LEN);
+    tl_nonces.avail -= n;
+    return 1;
+}
+
+/*
+ * Nonces for an n-item batch: small batches use `small` (KB_SMALL_BATCH
+ * nonces) filled from the per-thread cache; larger ones get a heap buffer
+ * filled by ONE RAND_bytes call. Returns NULL on failure; free with
+ * release_nonces().
+ */
+static unsigned char *draw_nonces(size_t n, unsigned char *small)
+{
+    if (n <= KB_SMALL_BATCH)
+        return cached_nonces(small, n) ? small : NULL;
+    if (n > SIZE_MAX / KB_NONCE_LEN)
+        return NULL;
+    unsigned char *buf = malloc(n * KB_NONCE_LEN);
+    if (buf == NULL)
+        return NULL;
+    if (!random_bytes(buf, n * KB_NONCE_LEN)) {
+        free(buf);
+        return NULL;
+    }
     return buf;
+}
+
+static void release_nonces(unsigned char *nonces, const unsigned char *small)
+{
+    if (nonces != small)
+        free(nonces);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -504,6 +600,36 @@ static EVP_CIPHER_CTX *keyed_ctx(const kb_slot *s, int enc)
     return ctx;
 }
 
+/* A keyed context for direction enc (1 encrypt, 0 decrypt), from the slot's pool or new. */
+static EVP_CIPHER_CTX *ctx_borrow(kb_slot *s, int enc)
+{
+    EVP_CIPHER_CTX *ctx = NULL;
+    if (pthread_mutex_lock(&s->ctx_lock) == 0) {
+        if (s->ctx_count[enc] > 0)
+            ctx = s->ctx_pool[enc][--s->ctx_count[enc]];
+        (void)pthread_mutex_unlock(&s->ctx_lock);
+    }
+    return ctx != NULL ? ctx : keyed_ctx(s, enc);
+}
+
+/* Gives ctx back to the pool; `clean` is 0 if any item failed, then it is freed instead. */
+static void ctx_return(kb_slot *s, int enc, EVP_CIPHER_CTX *ctx, int clean)
+{
+    if (ctx == NULL)
+        return;
+    if (clean && pthread_mutex_lock(&s->ctx_lock) == 0) {
+        int kept = 0;
+        if (s->key != NULL && s->ctx_count[enc] < KB_CTX_POOL) {
+            s->ctx_pool[enc][s->ctx_count[enc]++] = ctx;
+            kept = 1;
+        }
+        (void)pthread_mutex_unlock(&s->ctx_lock);
+        if (kept)
+            return;
+    }
+    EVP_CIPHER_CTX_free(ctx);
+}
+
 static int slot_is_aes(const kb_slot *s)
 {
     return s->kind == KB_KIND_AES256GCM;
@@ -531,8 +657,9 @@ int64_t kb_seal_batch(kb_slot *slot, size_t n, const unsigned char *in, size_t i
         return KB_ECLOSED;
 
     int64_t rc = 0;
-    unsigned char *nonces = draw_nonces(n);
-    EVP_CIPHER_CTX *ctx = nonces != NULL ? keyed_ctx(slot, 1) : NULL;
+    unsigned char small[KB_SMALL_BATCH * KB_NONCE_LEN];
+    unsigned char *nonces = draw_nonces(n, small);
+    EVP_CIPHER_CTX *ctx = nonces != NULL ? ctx_borrow(slot, 1) : NULL;
     if (nonces == NULL || ctx == NULL) {
         rc = nonces == NULL ? KB_ECRYPTO : KB_ENOMEM;
         goto done;
@@ -558,8 +685,9 @@ int64_t kb_seal_batch(kb_slot *slot, size_t n, const unsigned char *in, size_t i
     }
 
 done:
-    EVP_CIPHER_CTX_free(ctx);
-    free(nonces);
+    ctx_return(slot, 1, ctx, rc == 0);
+    if (nonces != NULL)
+        release_nonces(nonces, small);
     slot_release(slot);
     return rc;
 }
@@ -590,7 +718,7 @@ int64_t kb_open_batch(kb_slot *slot, size_t n, const unsigned char *in, size_t i
         return KB_ECLOSED;
 
     int64_t rc = 0;
-    EVP_CIPHER_CTX *ctx = keyed_ctx(slot, 0);
+    EVP_CIPHER_CTX *ctx = ctx_borrow(slot, 0);
     if (ctx == NULL) {
         rc = KB_ENOMEM;
         goto done;
@@ -614,7 +742,7 @@ int64_t kb_open_batch(kb_slot *slot, size_t n, const unsigned char *in, size_t i
     }
 
 done:
-    EVP_CIPHER_CTX_free(ctx);
+    ctx_return(slot, 0, ctx, rc == 0);
     slot_release(slot);
     return rc;
 }
@@ -674,13 +802,14 @@ int64_t kb_rewrap_batch(kb_slot *old_slot, kb_slot *new_slot, size_t n, const un
     int64_t rc = 0;
     EVP_CIPHER_CTX *dctx = NULL, *ectx = NULL;
     unsigned char *scratch = NULL;
-    unsigned char *nonces = draw_nonces(n);
+    unsigned char small[KB_SMALL_BATCH * KB_NONCE_LEN];
+    unsigned char *nonces = draw_nonces(n, small);
     if (nonces == NULL) {
         rc = KB_ECRYPTO;
         goto done;
     }
-    dctx = keyed_ctx(old_slot, 0);
-    ectx = keyed_ctx(new_slot, 1);
+    dctx = ctx_borrow(old_slot, 0);
+    ectx = ctx_borrow(new_slot, 1);
     scratch = OPENSSL_malloc(KB_REWRAP_SCRATCH);
     if (dctx == NULL || ectx == NULL || scratch == NULL) {
         rc = KB_ENOMEM;
@@ -709,12 +838,29 @@ int64_t kb_rewrap_batch(kb_slot *old_slot, kb_slot *new_slot, size_t n, const un
 done:
     if (scratch != NULL)
         OPENSSL_clear_free(scratch, KB_REWRAP_SCRATCH);
-    EVP_CIPHER_CTX_free(dctx);
-    EVP_CIPHER_CTX_free(ectx);
-    free(nonces);
+    ctx_return(old_slot, 0, dctx, rc == 0);
+    ctx_return(new_slot, 1, ectx, rc == 0);
+    if (nonces != NULL)
+        release_nonces(nonces, small);
     slot_release(new_slot);
     slot_release(old_slot);
     return rc;
+}
+
+int kb_seal(kb_slot *slot, const unsigned char *pt, size_t pt_len, const unsigned char *aad, size_t aad_len,
+            unsigned char *out, size_t out_len)
+{
+    unsigned char status = KB_ITEM_FAILED;
+    int64_t rc = kb_seal_batch(slot, 1, pt, pt_len, NULL, aad, aad_len, NULL, out, out_len, &status);
+    return rc < 0 ? (int)rc : (rc == 0 ? KB_OK : KB_ITEM_FAILED);
+}
+
+int kb_open(kb_slot *slot, const unsigned char *env, size_t env_len, const unsigned char *aad, size_t aad_len,
+            unsigned char *out, size_t out_len)
+{
+    unsigned char status = KB_ITEM_FAILED;
+    int64_t rc = kb_open_batch(slot, 1, env, env_len, NULL, aad, aad_len, NULL, out, out_len, &status);
+    return rc < 0 ? (int)rc : (rc == 0 ? KB_OK : KB_ITEM_FAILED);
 }
 
 /* ------------------------------------------------------------------------ */

@@ -91,6 +91,13 @@ int64_t kb_rewrap_batch(kb_slot *old_slot, kb_slot *new_slot, size_t n,
                         const unsigned char *aad, size_t aad_len, const uint64_t *aad_lens,
                         unsigned char *out, size_t out_len, unsigned char *status);
 
+/* Single items (the batch functions with n = 1, fewer arguments to convert).
+ * Return KB_OK, KB_ITEM_FAILED (1: the envelope did not open), or KB_E*. */
+int kb_seal(kb_slot *slot, const unsigned char *pt, size_t pt_len, const unsigned char *aad, size_t aad_len,
+            unsigned char *out, size_t out_len);
+int kb_open(kb_slot *slot, const unsigned char *env, size_t env_len, const unsigned char *aad, size_t aad_len,
+            unsigned char *out, size_t out_len);
+
 /* HMAC-SHA256 of msg under an HMAC slot; writes KB_MAC_LEN bytes. */
 int kb_hmac(kb_slot *slot, const unsigned char *msg, size_t msg_len,
             unsigned char *out, size_t out_len);

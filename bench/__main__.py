@@ -1,0 +1,40 @@
+"""``python -m bench NAME [--quick]``: run one benchmark, print its table,
+write bench/results/NAME.json."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+import sys
+
+from bench import RESULTS_DIR, format_table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("name", help="benchmark module under bench/, e.g. envelope")
+    parser.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
+    args = parser.parse_args(argv)
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", args.name):
+        parser.error("benchmark names are lowercase identifiers")
+    try:
+        module = importlib.import_module(f"bench.{args.name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"bench.{args.name}":
+            parser.error(f"no benchmark named {args.name!r}")
+        raise
+    result = module.run(quick=args.quick)
+    result.setdefault("name", args.name)
+    result.setdefault("command", "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]))
+    print(format_table(result["columns"], result["rows"]))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{args.name}.json"
+    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
