@@ -43,7 +43,8 @@ from ._secret import random_bytearray, zero
 __all__ = [
     "INLINE_MAX_BYTES",
     "INLINE_MAX_ITEMS",
-    "MIN_CHUNK_BYTES",
+    "ITEM_COST_BYTES",
+    "MIN_CHUNK_WORK",
     "SoftwareBackend",
     "wrap_context",
 ]
@@ -52,10 +53,14 @@ __all__ = [
 # less time than handing it to a worker thread would.
 INLINE_MAX_ITEMS = 64
 INLINE_MAX_BYTES = 64 * 1024
-# A batch is split across threads only into chunks at least this big; below
-# that, per-chunk costs (thread hop, join and split of the buffers under the
-# GIL) eat the gain.
-MIN_CHUNK_BYTES = 1024 * 1024
+# Joining a batch's items into one buffer and splitting the results run in
+# Python under the GIL, at roughly the cost of sealing this many bytes.
+ITEM_COST_BYTES = 1024
+# A batch is split across threads only into chunks of at least this much
+# work (bytes + ITEM_COST_BYTES per item). Measured with AES-NI: a 1 MiB
+# batch seals in ~0.3 ms and splitting it loses; from ~4 MiB or ~20,000
+# items, two threads finish 1.3-1.8x sooner.
+MIN_CHUNK_WORK = 2 * 1024 * 1024
 # Messages this long are hashed (sign, verify, mac) off the trio thread.
 INLINE_MAX_MESSAGE = 64 * 1024
 
@@ -118,6 +123,9 @@ class SoftwareBackend:
         return f"<{type(self).__name__} protection={self.protection!r} cached_versions={len(self._cache)}>"
 
     # --- Backend protocol ------------------------------------------------------
+
+    async def open(self) -> None:
+        """Nothing to connect: material is unwrapped lazily on first use."""
 
     def check_type(self, key_type: KeyType) -> None:
         """Every key type is supported; only an unknown type is refused."""
@@ -341,16 +349,16 @@ class SoftwareBackend:
     ) -> list[_T]:
         """Run a batch function inline, in one worker thread, or in parallel chunks."""
         n = len(items)
-        sizes = list(accumulate(map(len, items), initial=0))
-        total = sizes[-1]
-        if n < INLINE_MAX_ITEMS and total < INLINE_MAX_BYTES:
+        if n < INLINE_MAX_ITEMS and sum(map(len, items)) < INLINE_MAX_BYTES:
             return fn(items, aad)
-        chunks = max(1, min(int(self._limiter.total_tokens), total // MIN_CHUNK_BYTES, n))
+        work = list(accumulate((len(item) + ITEM_COST_BYTES for item in items), initial=0))
+        total = work[-1]
+        chunks = max(1, min(int(self._limiter.total_tokens), total // MIN_CHUNK_WORK, n))
         if chunks == 1:
             return await trio.to_thread.run_sync(fn, items, aad, limiter=self._limiter)
-        # Cut where the running byte count crosses each 1/chunks of the total,
-        # so that threads get similar amounts of work.
-        cuts = [0] + [bisect.bisect_left(sizes, total * i // chunks) for i in range(1, chunks)] + [n]
+        # Cut where the running work crosses each 1/chunks of the total, so
+        # that the threads finish at about the same time.
+        cuts = [0] + [bisect.bisect_left(work, total * i // chunks) for i in range(1, chunks)] + [n]
         per_item_aad = not isinstance(aad, bytes | bytearray | memoryview)
         outcomes: list[list[_T] | BaseException] = []
 
@@ -386,10 +394,12 @@ def _generate_rsa() -> rsa.RSAPrivateKey:
 
 
 def _key_type(key_type: object) -> KeyType:
-    try:
-        return KeyType(key_type)
-    except ValueError:
-        raise InvalidArgument(f"unknown key type {key_type!r}") from None
+    if isinstance(key_type, str):
+        try:
+            return KeyType(key_type)
+        except ValueError:
+            pass
+    raise InvalidArgument(f"unknown key type {key_type!r}")
 
 
 def _check_ids(key_id: object, version: object) -> None:

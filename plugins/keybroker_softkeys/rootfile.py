@@ -42,6 +42,7 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import trio
 
@@ -101,7 +102,7 @@ class ScryptParams:
     def maxmem(self) -> int:
         # OpenSSL's default cap (32 MiB) is exactly N=2**15, r=8 and fails it;
         # give the documented 128*N*r*p working set plus slack.
-        return 128 * (2**self.log2_n) * self.r * (self.p + 1) + (1 << 20)
+        return 128 * (1 << self.log2_n) * self.r * (self.p + 1) + (1 << 20)
 
 
 class RootKeyError(Unavailable):
@@ -188,7 +189,8 @@ class FileRootKey:
 
     async def wrap(self, material: bytes | bytearray, context: bytes) -> bytes:
         """Seal ``material`` under the root key; ``context`` is bound as aad."""
-        return self._require().seal(material, aad=context)
+        # KeySlot reads any bytes-like object; a bytearray avoids an immutable copy.
+        return self._require().seal(cast("bytes", material), aad=context)
 
     async def unwrap(self, blob: bytes, context: bytes) -> bytearray:
         """Open a wrapped blob. The caller zeroes the result after use.
@@ -307,7 +309,7 @@ class FileRootKey:
         kek = await self._derive(params, salt)
         sealer = KeySlot(kek, key_id, ROOT_VERSION)
         try:
-            return bytearray(header + sealer.seal(key, aad=header))
+            return bytearray(header + sealer.seal(cast("bytes", key), aad=header))
         finally:
             sealer.close()
 
@@ -377,7 +379,7 @@ class FileRootKey:
                 hashlib.scrypt(
                     passphrase,
                     salt=salt,
-                    n=2**params.log2_n,
+                    n=1 << params.log2_n,
                     r=params.r,
                     p=params.p,
                     maxmem=params.maxmem,

@@ -56,6 +56,7 @@ def test_entry_point_is_discovered() -> None:
     module = entry_point.load()
     assert module is demo_module()
     # The module is the installed copy, not the source folder next to this test.
+    assert module.__file__ is not None
     assert Path(__file__).parent / "external_backend" not in Path(module.__file__).parents
 
 

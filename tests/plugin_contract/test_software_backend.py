@@ -432,3 +432,34 @@ def test_backends_hook(tmp_path: Path) -> None:
     for bad in ({"threads": 0}, {"threads": "2"}, {"thread": 2}):
         with pytest.raises(InvalidArgument):
             keybroker_softkeys.kb_backends(config=config(tmp_path, plugins={"software": bad}), root=root)
+
+
+# --- work placement ------------------------------------------------------------------
+
+
+async def test_small_batches_stay_inline_and_large_ones_split(
+    opened: tuple[FileRootKey, SoftwareBackend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, backend = opened
+    key_id = os.urandom(16)
+    ref = VersionRef(key_id, 1, KeyType.AES256_GCM, await backend.generate(key_id, 1, KeyType.AES256_GCM))
+    hops: list[int] = []
+    real = trio.to_thread.run_sync
+
+    async def counting(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        hops.append(len(args[0]) if args else 0)
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    await backend.encrypt(ref, [b"small"] * 10, b"")
+    assert hops == []
+    big = [bytes(4096)] * 2048  # 8 MiB: worth two threads
+    aads = [b"%d" % i for i in range(len(big))]
+    sealed = await backend.encrypt(ref, big, aads)
+    assert sorted(hops) == [1024, 1024]
+    hops.clear()
+    assert await backend.decrypt(ref, sealed, aads) == big
+    assert len(hops) == 2
+    hops.clear()
+    await backend.encrypt(ref, [b"x"] * 500, b"")  # past the inline bound, one chunk
+    assert hops == [500]
