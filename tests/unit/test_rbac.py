@@ -1,0 +1,66 @@
+"""The rbac policy: grants, roles, deny rules, config errors."""
+
+from __future__ import annotations
+
+import pytest
+from keybroker_rbac import RbacPolicy
+
+from broker.errors import InvalidArgument
+from broker.policy import AuthzRequest, Decision
+
+
+def policy(**section: object) -> RbacPolicy:
+    return RbacPolicy.from_config(section, owner="uid:1")
+
+
+def ask(p: RbacPolicy, principal: str, op: str, key: str | None = "k") -> Decision | None:
+    return p.authorize(AuthzRequest(principal, op, key))
+
+
+def test_owner_is_admin_and_everyone_else_has_nothing() -> None:
+    p = policy()
+    assert ask(p, "uid:1", "key.schedule_destroy") is Decision.ALLOW
+    assert ask(p, "uid:2", "key.get") is None
+    assert ask(p, "uid:2", "ping", None) is None
+    assert p.roles("uid:1") == ["admin"] and p.roles("uid:2") == []
+    assert ask(policy(owner_admin=False), "uid:1", "key.get") is None
+
+
+def test_grants_by_role_and_key_glob() -> None:
+    p = policy(grants=[{"principals": ["app*"], "roles": ["app"], "keys": ["a/*", "shared"]}])
+    assert ask(p, "app7", "encrypt", "a/x") is Decision.ALLOW
+    assert ask(p, "app7", "encrypt", "shared") is Decision.ALLOW
+    assert ask(p, "app7", "encrypt", "b/x") is None
+    assert ask(p, "app7", "key.rotate", "a/x") is None
+    assert ask(p, "app7", "key.list", None) is Decision.ALLOW
+    assert ask(p, "bob", "encrypt", "a/x") is None
+
+
+def test_custom_roles_and_extra_operations() -> None:
+    p = policy(
+        roles={"rotator": ["key.get", "key.rotate"]},
+        grants=[{"principals": ["ops"], "roles": ["rotator"], "operations": ["key.update"], "keys": ["*"]}],
+    )
+    assert ask(p, "ops", "key.rotate") is Decision.ALLOW
+    assert ask(p, "ops", "key.update") is Decision.ALLOW
+    assert ask(p, "ops", "encrypt") is None
+
+
+def test_deny_wins() -> None:
+    p = policy(deny=[{"principals": ["*"], "operations": ["key.schedule_destroy"], "keys": ["prod/*"]}])
+    assert ask(p, "uid:1", "key.schedule_destroy", "prod/db") is Decision.DENY
+    assert ask(p, "uid:1", "key.schedule_destroy", "dev/db") is Decision.ALLOW
+
+
+@pytest.mark.parametrize(
+    "section",
+    [
+        {"grants": [{"principals": ["x"], "roles": ["wizard"]}]},
+        {"grants": [{"principals": "x", "roles": ["app"]}]},
+        {"roles": ["app"]},
+        {"roles": {"r": "encrypt"}},
+    ],
+)
+def test_config_errors(section: dict[str, object]) -> None:
+    with pytest.raises(InvalidArgument):
+        policy(**section)
