@@ -203,6 +203,8 @@ def _aad_args(aad: bytes | Sequence[bytes], n: int) -> tuple[Any, int, Any]:
         raise TypeError("aad must be bytes or a sequence of bytes")
     if len(aad) != n:
         raise InvalidArgument(f"aad list has {len(aad)} entries for {n} items")
+    if n == 0:
+        return b"", 0, ffi.NULL
     data, lens, uniform = _join(aad, n, "aad")
     arr = array("Q", lens) if lens is not None else array("Q", [uniform]) * n
     return data, len(data), ffi.from_buffer("uint64_t[]", arr)
