@@ -12,6 +12,7 @@ Subclass :class:`BackendConformance` in a test module and provide an async
             root = MyRootKey(tmp_path / "root.key")
             await root.open()
             backend = MyBackend(root)
+            await backend.open()
             try:
                 yield backend
             finally:

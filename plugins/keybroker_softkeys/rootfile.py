@@ -183,8 +183,16 @@ class FileRootKey:
             key_id, key = await self._decode(memoryview(buf)[:size])
         finally:
             zero(buf)
-        # KeySlot copies the key into locked memory and zeroes our buffer.
-        self._slot = KeySlot(key, key_id, ROOT_VERSION)
+        try:
+            # KeySlot copies the key into locked memory and zeroes our buffer.
+            slot = KeySlot(key, key_id, ROOT_VERSION)
+        finally:
+            zero(key)  # already zero unless KeySlot failed
+        if self._slot is not None:
+            # A concurrent open() finished first while this one was awaiting.
+            slot.close()
+            return
+        self._slot = slot
         self._key_id = key_id
 
     async def wrap(self, material: bytes | bytearray, context: bytes) -> bytes:

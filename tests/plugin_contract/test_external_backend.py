@@ -77,6 +77,7 @@ class TestDemoBackend(BackendConformance):
         await root.open()
         config = Config(data_dir=tmp_path / "data", socket_path=tmp_path / "data" / "keybroker.sock")
         [backend] = module.kb_backends(config=config, root=root)
+        await backend.open()
         try:
             yield backend
         finally:

@@ -38,6 +38,7 @@ class TestSoftwareBackend(BackendConformance):
         root = FileRootKey(tmp_path / "data" / "root.key")
         await root.open()
         backend = SoftwareBackend(root, limiter=trio.CapacityLimiter(2))
+        await backend.open()
         try:
             yield backend
         finally:
@@ -272,6 +273,18 @@ async def test_racing_creators_agree(tmp_path: Path) -> None:
             await root.aclose()
 
 
+async def test_concurrent_open_of_one_root(tmp_path: Path) -> None:
+    root = FileRootKey(tmp_path / "root.key", passphrase=PASSPHRASE, scrypt=FAST)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(root.open)
+        nursery.start_soon(root.open)
+    try:
+        blob = await root.wrap(b"m", b"c")
+        assert await root.unwrap(blob, b"c") == bytearray(b"m")
+    finally:
+        await root.aclose()
+
+
 # --- context binding and secrecy of reprs ------------------------------------------
 
 
@@ -280,6 +293,7 @@ async def opened(tmp_path: Path) -> AsyncIterator[tuple[FileRootKey, SoftwareBac
     root = FileRootKey(tmp_path / "data" / "root.key")
     await root.open()
     backend = SoftwareBackend(root)
+    await backend.open()
     try:
         yield root, backend
     finally:
