@@ -14,14 +14,17 @@ from dataclasses import dataclass
 
 import trio
 
+from .approvals import Approvals
 from .audit import AuditLog, open_audit_log
 from .backend import Backend
 from .config import Config
 from .plugins import Plugins
 from .rpc import Dispatcher
+from .scheduler import Scheduler
 from .server import ServerInfo, serve
 from .service import KeyService
 from .store import Store
+from .subscriptions import Subscriptions
 
 __all__ = ["Broker", "open_broker", "serve_broker"]
 
@@ -35,6 +38,7 @@ class Broker:
     audit: AuditLog
     service: KeyService
     dispatcher: Dispatcher
+    scheduler: Scheduler
 
 
 def prepare_data_dir(config: Config) -> None:
@@ -50,8 +54,17 @@ async def open_broker(
     extra_plugins: Sequence[object] = (),
     entry_points: bool = True,
     clock: Callable[[], float] = time.time,
+    run_scheduler: bool = True,
 ) -> AsyncIterator[Broker]:
     """Start every part of a broker except the listeners; close them all on exit.
+
+    Args:
+        config: the configuration.
+        extra_plugins: plugin objects registered after the entry points.
+        entry_points: load the ``keybroker`` entry-point group.
+        clock: wall-clock time source (tests pass a fake one).
+        run_scheduler: run the scheduler task (tests drive
+            ``broker.scheduler.run_once`` themselves instead).
 
     Raises:
         StartupError: plugins missing or clashing.
@@ -74,8 +87,22 @@ async def open_broker(
             open_audit_log(plugins.audit_sinks(), node=config.node, clock=clock)
         )
         service = KeyService(store=store, backends=backends, plugins=plugins, clock=clock)
-        dispatcher = Dispatcher(config=config, service=service, plugins=plugins, audit=audit)
-        yield Broker(config, plugins, store, backends, audit, service, dispatcher)
+        scheduler = Scheduler(service, audit)
+        # Background work (scheduler, subscription feeds) stops before the
+        # audit log, store and backends close.
+        background = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(background.cancel_scope.cancel)
+        dispatcher = Dispatcher(
+            config=config,
+            service=service,
+            plugins=plugins,
+            audit=audit,
+            approvals=Approvals(clock, config.scheduler.approval_ttl_s),
+            subscriptions=Subscriptions(background, service),
+        )
+        if run_scheduler and config.scheduler.enabled:
+            await background.start(scheduler.run, config.scheduler.interval_s)
+        yield Broker(config, plugins, store, backends, audit, service, dispatcher, scheduler)
 
 
 async def serve_broker(

@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import InvalidArgument
 
-__all__ = ["AuditConfig", "Config", "Limits", "TLSConfig", "load_config", "parse_config"]
+__all__ = ["AuditConfig", "Config", "Limits", "SchedulerConfig", "TLSConfig", "load_config", "parse_config"]
 
 # PROTOCOL.md's defaults.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -61,6 +61,15 @@ class AuditConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    enabled: bool = True
+    # How often due rotations, activations and destructions are looked for.
+    interval_s: float = 5.0
+    # Pending approval requests lapse after this long.
+    approval_ttl_s: float = 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     data_dir: Path
     socket_path: Path
@@ -68,6 +77,7 @@ class Config:
     tls: TLSConfig | None = None
     limits: Limits = field(default_factory=Limits)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     node: str = ""
     store: str = "sqlite"
     root: str = "file"
@@ -139,6 +149,7 @@ _TOP_LEVEL = {
     "limits",
     "tls",
     "audit",
+    "scheduler",
     "principals",
     "plugins",
     "disabled_plugins",
@@ -171,6 +182,15 @@ def parse_config(
     sock = socket_path or (base / str(table["socket"]) if "socket" in table else None)
     audit_table = _take(table, "audit", dict, {})
     _check_keys(audit_table, {"fail_open_reads"}, "[audit]")
+    sched = _take(table, "scheduler", dict, {})
+    _check_keys(sched, set(SchedulerConfig.__dataclass_fields__), "[scheduler]")
+    scheduler = SchedulerConfig(
+        enabled=bool(_take(sched, "enabled", bool, True)),
+        interval_s=float(_take(sched, "interval_s", (int, float), 5.0)),
+        approval_ttl_s=float(_take(sched, "approval_ttl_s", (int, float), 24 * 3600.0)),
+    )
+    if scheduler.interval_s <= 0 or scheduler.approval_ttl_s <= 0:
+        raise InvalidArgument("config: scheduler intervals must be positive")
     principals = _take(table, "principals", dict, {})
     if not all(isinstance(v, str) for v in principals.values()):
         raise InvalidArgument("config: [principals] maps identities to names (strings)")
@@ -184,6 +204,7 @@ def parse_config(
         tls=_tls(table["tls"], base) if "tls" in table else None,
         limits=_limits(_take(table, "limits", dict, {})),
         audit=AuditConfig(fail_open_reads=bool(_take(audit_table, "fail_open_reads", bool, False))),
+        scheduler=scheduler,
         node=_take(table, "node", str, "") or os.uname().nodename,
         store=_take(table, "store", str, "sqlite"),
         root=_take(table, "root", str, "file"),

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .approvals import Approvals
 from .audit import AuditLog
 from .envelope import parse_header
 from .errors import (
+    ApprovalRequired,
     BrokerError,
     DecryptionFailed,
     InvalidArgument,
@@ -41,6 +43,7 @@ from .params import (
 )
 from .policy import AuthzRequest, RpcMethod
 from .service import KeyService
+from .subscriptions import Subscriptions
 
 if TYPE_CHECKING:
     from .config import Config
@@ -89,11 +92,22 @@ _TIME = Field(as_int(0, 2**40))
 class Dispatcher:
     """Implements the connection ``Handler`` over a :class:`KeyService`."""
 
-    def __init__(self, *, config: Config, service: KeyService, plugins: Plugins, audit: AuditLog) -> None:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        service: KeyService,
+        plugins: Plugins,
+        audit: AuditLog,
+        approvals: Approvals,
+        subscriptions: Subscriptions,
+    ) -> None:
         self.config = config
         self.service = service
         self.plugins = plugins
         self.audit = audit
+        self.approvals = approvals
+        self.subscriptions = subscriptions
         self.max_batch = config.limits.max_batch_items
         self.extra: dict[str, RpcMethod] = plugins.rpc_methods()
         clash = set(self.extra) & set(METHODS)
@@ -121,7 +135,8 @@ class Dispatcher:
         return result
 
     def connection_closed(self, ctx: RequestContext) -> None:
-        """Nothing per connection is kept yet."""
+        """End the connection's subscriptions."""
+        self.subscriptions.closed(ctx)
 
     # --- helpers ----------------------------------------------------------------
 
@@ -311,6 +326,57 @@ def _lifecycle(transition: Transition) -> Handler:
         return d._meta(call, key)
 
     return run
+
+
+async def _key_schedule_destroy(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+    key = await d._key(call, args["name"])
+    required = d.plugins.required_approvals(key, "destroy")
+    if required > 0:
+        request = d.approvals.request(
+            op=call.method, key=key.name, params=args, requester=call.ctx.principal.name, required=required
+        )
+        call.details["request_id"] = request.id
+        raise ApprovalRequired(
+            f"destroying {key.name!r} needs {required} approvals by other principals",
+            {"request_id": request.id, **request.summary()},
+        )
+    key = await d.service.lifecycle(key.name, Transition.SCHEDULE_DESTROY, pending_days=args["pending_days"])
+    return d._meta(call, key)
+
+
+async def _approve(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+    request = d.approvals.get(args["request_id"])
+    call.details["request_id"] = request.id
+    await d._key(call, request.key)
+    request = d.approvals.approve(request.id, call.ctx.principal.name)
+    call.details["approvals"] = len(request.approvers)
+    if request.done:
+        # The approved action runs as the requester asked it, audited as theirs.
+        action = Call(call.ctx, request.op, key=request.key)
+        action.details = {"approved_by": ",".join(sorted(request.approvers)), "requester": request.requester}
+        try:
+            key = await d.service.lifecycle(
+                request.key, Transition.SCHEDULE_DESTROY, pending_days=request.params["pending_days"]
+            )
+        except BrokerError as exc:
+            await d._record(action, "error", exc.code)
+            raise
+        action.version = key.primary_version
+        await d._record(action, "allowed", None)
+    return request.summary()
+
+
+async def _subscribe(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+    d._authorize_no_key(call)
+    principal = call.ctx.principal.name
+
+    def visible(name: str) -> bool:
+        return d.plugins.authorize(AuthzRequest(principal=principal, operation="key.get", key=name))
+
+    call.ctx.keep_open = True
+    d.subscriptions.add(call.ctx, args["prefix"], visible)
+    call.details["prefix"] = args["prefix"]
+    return {}
 
 
 async def _key_compromise(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
@@ -534,8 +600,7 @@ METHODS: Mapping[str, Method] = {
     "key.enable": Method(_NAME_ONLY, _lifecycle(Transition.ENABLE)),
     "key.compromise": Method({"name": _NAME, "version": _VERSION}, _key_compromise),
     "key.schedule_destroy": Method(
-        {"name": _NAME, "pending_days": Field(as_int(7, 30), default=30)},
-        _lifecycle(Transition.SCHEDULE_DESTROY),
+        {"name": _NAME, "pending_days": Field(as_int(7, 30), default=30)}, _key_schedule_destroy
     ),
     "key.cancel_destroy": Method(_NAME_ONLY, _lifecycle(Transition.CANCEL_DESTROY)),
     "key.public": Method({"name": _NAME, "version": _VERSION}, _key_public),
@@ -591,6 +656,8 @@ METHODS: Mapping[str, Method] = {
         },
         _verify,
     ),
+    "approve": Method({"request_id": Field(as_str, required=True)}, _approve),
+    "subscribe": Method({"prefix": Field(as_str, default="")}, _subscribe),
     "mac": Method({"key": _KEY, "message": Field(as_bin, required=True)}, _mac),
     "verify_mac": Method(
         {

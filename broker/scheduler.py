@@ -1,0 +1,149 @@
+"""The scheduler: rotations, activations, deactivations and destructions that fall due.
+
+:func:`due_action` is pure: given a key and the time, what (if anything) is
+due. :class:`Scheduler` applies due actions through the service, audited as
+principal ``scheduler``. Every decision is derived from the stored key and
+the clock, so a broker that was down does each due action once when it
+comes back (a rotation missed for three periods happens once, and the next
+falls due one period after it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+import trio
+
+from .audit import AuditLog
+from .errors import BrokerError
+from .keys import Key, KeyState
+from .lifecycle import Transition, next_rotation_at
+from .service import KeyService
+
+__all__ = ["Action", "Scheduler", "due_action"]
+
+log = logging.getLogger("keybroker.scheduler")
+
+PRINCIPAL = "scheduler"
+# Keys read from the store per page while looking for due work.
+PAGE = 500
+
+
+class Action(StrEnum):
+    ROTATE = "key.rotate"
+    ACTIVATE = "key.activate"
+    DEACTIVATE = "key.deactivate"
+    DESTROY = "key.destroy"
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    action: Action
+    reason: str
+
+
+def due_action(key: Key, now: int) -> Due | None:
+    """The action due on ``key`` at ``now``, if any (at most one per look)."""
+    if key.state is KeyState.DESTROY_PENDING and key.destroy_at is not None and key.destroy_at <= now:
+        return Due(Action.DESTROY, "grace period over")
+    if key.state is KeyState.PRE_ACTIVE and key.activate_at is not None and key.activate_at <= now:
+        return Due(Action.ACTIVATE, "activate_at reached")
+    if key.state is KeyState.ACTIVE and key.deactivate_at is not None and key.deactivate_at <= now:
+        return Due(Action.DEACTIVATE, "deactivate_at reached")
+    rotate_at = next_rotation_at(key)
+    if rotate_at is not None and rotate_at <= now:
+        return Due(Action.ROTATE, "rotation period elapsed")
+    return None
+
+
+_TRANSITION = {
+    Action.ACTIVATE: Transition.ACTIVATE,
+    Action.DEACTIVATE: Transition.DEACTIVATE,
+    Action.DESTROY: Transition.DESTROY,
+}
+
+
+class Scheduler:
+    """Finds and applies due actions.
+
+    Args:
+        service: the key service (its clock is the scheduler's clock).
+        audit: where each automatic action is recorded.
+        is_leader: whether this broker runs the schedule now (several
+            brokers on one database elect one).
+    """
+
+    def __init__(
+        self, service: KeyService, audit: AuditLog, *, is_leader: Callable[[], bool] = lambda: True
+    ) -> None:
+        self.service = service
+        self.audit = audit
+        self.is_leader = is_leader
+        self.actions = 0
+        self.errors = 0
+
+    async def run_once(self) -> int:
+        """Apply everything due now; returns the number of actions applied.
+
+        One key's failure is logged and audited and does not stop the rest.
+        """
+        if not self.is_leader():
+            return 0
+        applied = 0
+        after: str | None = None
+        while True:
+            keys = await self.service.list(prefix="", state=None, limit=PAGE, after=after)
+            for key in keys:
+                applied += await self._apply_due(key)
+            if len(keys) < PAGE:
+                return applied
+            after = keys[-1].name
+
+    async def _apply_due(self, key: Key) -> int:
+        applied = 0
+        # A key can owe several things (activate, then rotate): apply in turn.
+        for _ in range(len(Action)):
+            due = due_action(key, self.service.now())
+            if due is None:
+                return applied
+            try:
+                if due.action is Action.ROTATE:
+                    key = await self.service.rotate(key.name)
+                else:
+                    key = await self.service.lifecycle(key.name, _TRANSITION[due.action])
+            except BrokerError as exc:
+                self.errors += 1
+                log.warning("scheduled %s of %s failed: %s", due.action.value, key.name, exc.code)
+                await self._record(key, due, "error", exc.code)
+                return applied
+            self.actions += 1
+            applied += 1
+            await self._record(key, due, "allowed", None)
+        return applied
+
+    async def _record(self, key: Key, due: Due, outcome: str, code: str | None) -> None:
+        await self.audit.record(
+            principal=PRINCIPAL,
+            op=due.action.value,
+            outcome=outcome,
+            key=key.name,
+            version=key.primary_version,
+            code=code,
+            details={"reason": due.reason},
+        )
+
+    async def run(
+        self, interval_s: float, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Look for due work every ``interval_s`` seconds until cancelled."""
+        task_status.started()
+        while True:
+            try:
+                await self.run_once()
+            except BrokerError as exc:
+                # The store may be unavailable for a while; try again next time.
+                log.warning("scheduler pass failed: %s", exc.code)
+            await trio.sleep(interval_s)
