@@ -121,6 +121,9 @@ def make_ffibuilder(absolute: bool = False) -> FFI:
         libraries=["crypto"],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
+        # One file name whichever way it is built (pip or this script), so a
+        # stale build of the other kind can never shadow a fresh one.
+        py_limited_api=False,
     )
     return builder
 
@@ -137,6 +140,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kb-build-") as work:
         built = Path(make_ffibuilder(absolute=True).compile(tmpdir=work, verbose=False))
         target = dest / built.name
+        for stale in dest.glob("_native.*.so"):
+            stale.unlink()
         shutil.copy2(built, target)
     print(target)
 
