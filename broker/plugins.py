@@ -66,7 +66,7 @@ class Plugins:
     @property
     def names(self) -> list[str]:
         """Names of the registered plugins."""
-        return sorted(name for name, _ in self.manager.list_name_plugin() if name)
+        return sorted(name for name, plugin in self.manager.list_name_plugin() if name and plugin is not None)
 
     def root_key(self) -> RootKey:
         root = self._hook.kb_root_key(config=self.config)
