@@ -87,11 +87,13 @@ async def open_broker(
             open_audit_log(plugins.audit_sinks(), node=config.node, clock=clock)
         )
         service = KeyService(store=store, backends=backends, plugins=plugins, clock=clock)
-        scheduler = Scheduler(service, audit)
-        # Background work (scheduler, subscription feeds) stops before the
-        # audit log, store and backends close.
+        cluster = plugins.cluster(store)
+        scheduler = Scheduler(service, audit, is_leader=cluster.is_leader)
+        # Background work (cluster feed, scheduler, subscription feeds) stops
+        # before the audit log, store and backends close.
         background = await stack.enter_async_context(trio.open_nursery())
         stack.callback(background.cancel_scope.cancel)
+        await background.start(cluster.run, service.forget)
         dispatcher = Dispatcher(
             config=config,
             service=service,

@@ -26,6 +26,7 @@ import pluggy
 if TYPE_CHECKING:
     from .audit import AuditSink
     from .backend import Backend, RootKey
+    from .cluster import Cluster
     from .config import Config
     from .events import KeyEvent
     from .policy import Policy, RpcMethod
@@ -70,6 +71,16 @@ def kb_store(config: Config) -> Store | None:
 
     Return a Store when ``config.store`` names this plugin's store, else None.
     Called once at start-up. Stops at first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def kb_cluster(config: Config, store: Store) -> Cluster | None:
+    """Provide coordination for a store that several brokers share.
+
+    Return a Cluster when ``store`` is this plugin's shared store, else None
+    (a single broker needs none). Called once at start-up. Stops at first
+    non-None result.
     """
 
 

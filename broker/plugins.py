@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, cast
 import pluggy
 
 from . import hookspecs
+from .cluster import Cluster, Solo
 from .errors import InvalidArgument
 from .policy import AuthzRequest, Policy, combine
 
@@ -79,6 +80,11 @@ class Plugins:
         if store is None:
             raise StartupError(f"no plugin provides the store {self.config.store!r}")
         return cast("Store", store)
+
+    def cluster(self, store: Store) -> Cluster:
+        """The shared store's coordination, or :class:`Solo` for a broker on its own."""
+        found = self._hook.kb_cluster(config=self.config, store=store)
+        return Solo() if found is None else cast("Cluster", found)
 
     def backends(self, root: RootKey) -> dict[str, Backend]:
         found: dict[str, Backend] = {}

@@ -111,7 +111,11 @@ class KeyService:
         return key
 
     def forget(self, name: str) -> None:
-        """Drop a key from the cache (another broker changed it)."""
+        """Drop a key from the cache (another broker changed it); ``"*"`` drops every key."""
+        if name == "*":
+            for cached in list(self._by_name):
+                self.forget(cached)
+            return
         key = self._by_name.pop(name, None)
         if key is not None:
             self._name_by_id.pop(key.id, None)
