@@ -38,7 +38,7 @@ import struct
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Self
+from typing import Any, Final, Self, cast
 
 from broker._native import ffi, lib
 from broker.errors import DecryptionFailed, Internal, InvalidArgument, InvalidState, LimitExceeded
@@ -205,7 +205,7 @@ def _aad_args(aad: bytes | Sequence[bytes], n: int) -> tuple[Any, int, Any]:
         raise InvalidArgument(f"aad list has {len(aad)} entries for {n} items")
     if n == 0:
         return b"", 0, ffi.NULL
-    data, lens, uniform = _join(aad, n, "aad")
+    data, lens, uniform = _join(cast("Sequence[bytes]", aad), n, "aad")
     arr = array("Q", lens) if lens is not None else array("Q", [uniform]) * n
     return data, len(data), ffi.from_buffer("uint64_t[]", arr)
 
@@ -379,7 +379,8 @@ class KeySlot:
             _raise_native(rc)
         if rc != lib.KB_OK:
             raise Internal("sealing failed")
-        return ffi.buffer(out, size)[:]
+        sealed: bytes = ffi.buffer(out, size)[:]
+        return sealed
 
     def open(self, envelope: bytes, aad: bytes = b"") -> bytes:
         """The plaintext of one envelope; DecryptionFailed if it does not verify."""
@@ -395,7 +396,8 @@ class KeySlot:
             _raise_native(rc)
         if rc != lib.KB_OK:
             raise DecryptionFailed()
-        return ffi.buffer(out, size)[:]
+        opened: bytes = ffi.buffer(out, size)[:]
+        return opened
 
     # -- batches
 
@@ -471,7 +473,8 @@ class KeySlot:
         rc = lib.kb_hmac(ptr, msg, len(msg), out, MAC_LEN)
         if rc != lib.KB_OK:
             _raise_native(rc)
-        return ffi.buffer(out, MAC_LEN)[:]
+        tag: bytes = ffi.buffer(out, MAC_LEN)[:]
+        return tag
 
     def verify_mac(self, message: bytes, tag: bytes) -> bool:
         """True if tag is message's HMAC-SHA256 (constant-time comparison)."""
@@ -485,7 +488,7 @@ class KeySlot:
         rc = lib.kb_hmac_verify(ptr, msg, len(msg), tg, len(tg))
         if rc < 0:
             _raise_native(rc)
-        return rc == 1
+        return bool(rc == 1)
 
 
 def rewrap_batch(
