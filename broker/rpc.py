@@ -7,9 +7,11 @@ in the service → one audit record, durable before the reply.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
@@ -24,6 +26,7 @@ from .errors import (
     LimitExceeded,
     NotFound,
     PermissionDenied,
+    Unavailable,
     UnknownMethod,
 )
 from .keys import Classification, Key, KeyState, KeyType, check_name
@@ -50,7 +53,9 @@ if TYPE_CHECKING:
     from .connection import RequestContext
     from .plugins import Plugins
 
-__all__ = ["Dispatcher"]
+__all__ = ["Dispatcher", "Kind"]
+
+log = logging.getLogger("keybroker.rpc")
 
 PROTOCOL_VERSION = 1
 UINT32 = 2**32 - 1
@@ -74,10 +79,24 @@ class Call:
 Handler = Callable[["Dispatcher", Call, dict[str, Any]], Awaitable[Any]]
 
 
+class Kind(Enum):
+    """What a method does, which decides how it meets a failing audit log."""
+
+    # Metadata reads: with ``audit.fail_open_reads`` they are served even
+    # when their record cannot be written.
+    READ = "read"
+    # Uses of keys: the result is released only once its record is durable.
+    USE = "use"
+    # State changes: a "requested" record is made durable before the change,
+    # so a change can never happen unaudited (fail closed).
+    CHANGE = "change"
+
+
 @dataclass(frozen=True, slots=True)
 class Method:
     spec: Spec
     run: Handler
+    kind: Kind = Kind.USE
     audited: bool = True
 
 
@@ -126,12 +145,20 @@ class Dispatcher:
         if not entry.audited:
             return await entry.run(self, call, parse(entry.spec, params))
         try:
-            result = await entry.run(self, call, parse(entry.spec, params))
+            args = parse(entry.spec, params)
+            if entry.kind is Kind.CHANGE:
+                await self._record(Call(ctx, method, key=_target(args)), "requested", None)
+            result = await entry.run(self, call, args)
         except BrokerError as exc:
             outcome = "denied" if isinstance(exc, PermissionDenied) else "error"
             await self._record(call, outcome, exc.code)
             raise
-        await self._record(call, "allowed", None)
+        try:
+            await self._record(call, "allowed", None)
+        except Unavailable:
+            if entry.kind is not Kind.READ or not self.config.audit.fail_open_reads:
+                raise
+            log.warning("audit log unavailable; serving %s unaudited (audit.fail_open_reads)", method)
         return result
 
     def connection_closed(self, ctx: RequestContext) -> None:
@@ -249,6 +276,11 @@ class Dispatcher:
         elif ready:
             call.details["keys"] = len(ready)
         return ready, errors
+
+
+def _target(args: Mapping[str, Any]) -> str | None:
+    name = args.get("name")
+    return name if isinstance(name, str) else None
 
 
 def _pick(values: bytes | list[bytes], indexes: list[int]) -> bytes | list[bytes]:
@@ -553,8 +585,8 @@ _ALLOW_COMPROMISED = Field(as_bool, default=False)
 _NAME_ONLY: Spec = {"name": _NAME}
 
 METHODS: Mapping[str, Method] = {
-    "ping": Method({}, _ping, audited=False),
-    "whoami": Method({}, _whoami, audited=False),
+    "ping": Method({}, _ping, Kind.READ, audited=False),
+    "whoami": Method({}, _whoami, Kind.READ, audited=False),
     "key.create": Method(
         {
             "name": _NAME,
@@ -570,8 +602,9 @@ METHODS: Mapping[str, Method] = {
             "deactivate_at": _TIME,
         },
         _key_create,
+        Kind.CHANGE,
     ),
-    "key.get": Method(_NAME_ONLY, _key_get),
+    "key.get": Method(_NAME_ONLY, _key_get, Kind.READ),
     "key.list": Method(
         {
             "prefix": Field(as_str, default=""),
@@ -580,8 +613,9 @@ METHODS: Mapping[str, Method] = {
             "cursor": Field(as_str),
         },
         _key_list,
+        Kind.READ,
     ),
-    "key.rotate": Method(_NAME_ONLY, _key_rotate),
+    "key.rotate": Method(_NAME_ONLY, _key_rotate, Kind.CHANGE),
     "key.update": Method(
         {
             "name": _NAME,
@@ -593,17 +627,20 @@ METHODS: Mapping[str, Method] = {
             "deactivate_at": _TIME,
         },
         _key_update,
+        Kind.CHANGE,
     ),
-    "key.activate": Method(_NAME_ONLY, _lifecycle(Transition.ACTIVATE)),
-    "key.deactivate": Method(_NAME_ONLY, _lifecycle(Transition.DEACTIVATE)),
-    "key.disable": Method(_NAME_ONLY, _lifecycle(Transition.DISABLE)),
-    "key.enable": Method(_NAME_ONLY, _lifecycle(Transition.ENABLE)),
-    "key.compromise": Method({"name": _NAME, "version": _VERSION}, _key_compromise),
+    "key.activate": Method(_NAME_ONLY, _lifecycle(Transition.ACTIVATE), Kind.CHANGE),
+    "key.deactivate": Method(_NAME_ONLY, _lifecycle(Transition.DEACTIVATE), Kind.CHANGE),
+    "key.disable": Method(_NAME_ONLY, _lifecycle(Transition.DISABLE), Kind.CHANGE),
+    "key.enable": Method(_NAME_ONLY, _lifecycle(Transition.ENABLE), Kind.CHANGE),
+    "key.compromise": Method({"name": _NAME, "version": _VERSION}, _key_compromise, Kind.CHANGE),
     "key.schedule_destroy": Method(
-        {"name": _NAME, "pending_days": Field(as_int(7, 30), default=30)}, _key_schedule_destroy
+        {"name": _NAME, "pending_days": Field(as_int(7, 30), default=30)},
+        _key_schedule_destroy,
+        Kind.CHANGE,
     ),
-    "key.cancel_destroy": Method(_NAME_ONLY, _lifecycle(Transition.CANCEL_DESTROY)),
-    "key.public": Method({"name": _NAME, "version": _VERSION}, _key_public),
+    "key.cancel_destroy": Method(_NAME_ONLY, _lifecycle(Transition.CANCEL_DESTROY), Kind.CHANGE),
+    "key.public": Method({"name": _NAME, "version": _VERSION}, _key_public, Kind.READ),
     "encrypt": Method(
         {"key": _KEY, "plaintext": Field(as_bin, required=True), "aad": Field(as_bin)}, _encrypt
     ),
@@ -656,7 +693,7 @@ METHODS: Mapping[str, Method] = {
         },
         _verify,
     ),
-    "approve": Method({"request_id": Field(as_str, required=True)}, _approve),
+    "approve": Method({"request_id": Field(as_str, required=True)}, _approve, Kind.CHANGE),
     "subscribe": Method({"prefix": Field(as_str, default="")}, _subscribe),
     "mac": Method({"key": _KEY, "message": Field(as_bin, required=True)}, _mac),
     "verify_mac": Method(

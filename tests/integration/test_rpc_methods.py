@@ -90,7 +90,10 @@ async def test_encrypt_decrypt(admin: Caller) -> None:
     header = parse_header(out["ciphertext"])
     assert header.key_id == meta["id"] and header.version == 1
     assert await admin("decrypt", ciphertext=out["ciphertext"], aad=b"ctx") == {
-        "plaintext": b"secret", "key": "e", "version": 1}
+        "plaintext": b"secret",
+        "key": "e",
+        "version": 1,
+    }
     await fails(admin("decrypt", ciphertext=out["ciphertext"], aad=b"other"), "decryption_failed")
     await fails(admin("decrypt", ciphertext=out["ciphertext"]), "decryption_failed")
     await fails(admin("decrypt", ciphertext=b"garbage"), "decryption_failed")
@@ -300,8 +303,14 @@ async def test_audit_has_every_decision_and_no_secrets(admin: Caller, broker: Br
     raw = (broker.config.audit_dir / "audit.jsonl").read_bytes()
     assert secret not in raw and ct not in raw and ct.hex().encode() not in raw
     ops = [(r["op"], r["outcome"], r["key"]) for r in audit_records(broker)]
-    assert ops == [("key.create", "allowed", "a"), ("encrypt", "allowed", "a"),
-                   ("decrypt", "allowed", "a"), ("key.get", "error", "zzz")]
+    # A change is recorded as requested before it is made (fail closed).
+    assert ops == [
+        ("key.create", "requested", "a"),
+        ("key.create", "allowed", "a"),
+        ("encrypt", "allowed", "a"),
+        ("decrypt", "allowed", "a"),
+        ("key.get", "error", "zzz"),
+    ]
     assert verify_audit_dir(broker.config.audit_dir).ok
 
 
