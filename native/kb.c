@@ -378,23 +378,43 @@ static int batch_init(kb_batch *b, size_t n, const unsigned char *in, size_t in_
     return 1;
 }
 
-/* Next item: its input and aad (both validated by batch_init). */
-static void batch_next(kb_batch *b, size_t i, const unsigned char **item, size_t *item_len,
-                       const unsigned char **aad, size_t *aad_len)
+/*
+ * Next item: its input and aad. batch_init validated the lengths; they are
+ * bounds-checked again here so that a length array changed between the two
+ * reads can never move a cursor past its buffer. Returns 0 if out of bounds.
+ */
+static int batch_next(kb_batch *b, size_t i, const unsigned char **item, size_t *item_len,
+                      const unsigned char **aad, size_t *aad_len)
 {
-    size_t len = b->lens != NULL ? (size_t)b->lens[i] : b->uniform;
+    uint64_t len = b->lens != NULL ? b->lens[i] : (uint64_t)b->uniform;
+    if (len > (uint64_t)(b->in_len - b->in_off))
+        return 0;
     *item = b->in + b->in_off;
-    *item_len = len;
-    b->in_off += len;
+    *item_len = (size_t)len;
+    b->in_off += (size_t)len;
     if (b->aad_lens != NULL) {
-        size_t alen = (size_t)b->aad_lens[i];
+        uint64_t alen = b->aad_lens[i];
+        if (alen > (uint64_t)(b->aad_len - b->aad_off))
+            return 0;
         *aad = b->aad + b->aad_off;
-        *aad_len = alen;
-        b->aad_off += alen;
+        *aad_len = (size_t)alen;
+        b->aad_off += (size_t)alen;
     } else {
         *aad = b->aad;
         *aad_len = b->aad_len;
     }
+    return 1;
+}
+
+/* Marks items i..n-1 failed and zeroes the rest of the output (the batch's
+ * layout can no longer be trusted). */
+static int64_t fail_rest(unsigned char *status, size_t i, size_t n, unsigned char *out, size_t out_off,
+                         size_t out_len)
+{
+    memset(status + i, KB_ITEM_FAILED, n - i);
+    if (out != NULL && out_off < out_len)
+        OPENSSL_cleanse(out + out_off, out_len - out_off);
+    return (int64_t)(n - i);
 }
 
 static size_t open_out_len(size_t env_len)
@@ -671,8 +691,12 @@ int64_t kb_seal_batch(kb_slot *slot, size_t n, const unsigned char *in, size_t i
     for (size_t i = 0; i < n; i++) {
         const unsigned char *pt, *item_aad;
         size_t pt_len, item_aad_len;
-        batch_next(&b, i, &pt, &pt_len, &item_aad, &item_aad_len);
-        size_t env_len = pt_len + KB_OVERHEAD; /* cannot overflow: out_len was computed above */
+        if (!batch_next(&b, i, &pt, &pt_len, &item_aad, &item_aad_len) ||
+            KB_OVERHEAD > out_len - out_off || pt_len > out_len - out_off - KB_OVERHEAD) {
+            rc += fail_rest(status, i, n, out, out_off, out_len);
+            break;
+        }
+        size_t env_len = pt_len + KB_OVERHEAD;
         unsigned char *env = out + out_off;
         if (seal_one(ctx, slot, nonces + i * KB_NONCE_LEN, pt, pt_len, item_aad, item_aad_len, env)) {
             status[i] = KB_ITEM_OK;
@@ -727,7 +751,11 @@ int64_t kb_open_batch(kb_slot *slot, size_t n, const unsigned char *in, size_t i
     for (size_t i = 0; i < n; i++) {
         const unsigned char *env, *item_aad;
         size_t env_len, item_aad_len;
-        batch_next(&b, i, &env, &env_len, &item_aad, &item_aad_len);
+        if (!batch_next(&b, i, &env, &env_len, &item_aad, &item_aad_len) ||
+            open_out_len(env_len) > out_len - out_off) {
+            rc += fail_rest(status, i, n, out, out_off, out_len);
+            break;
+        }
         size_t pt_len = open_out_len(env_len);
         unsigned char *pt = out + out_off;
         if (env_len >= KB_OVERHEAD && open_one(ctx, slot, env, env_len, item_aad, item_aad_len, pt)) {
@@ -821,7 +849,10 @@ int64_t kb_rewrap_batch(kb_slot *old_slot, kb_slot *new_slot, size_t n, const un
     for (size_t i = 0; i < n; i++) {
         const unsigned char *env, *item_aad;
         size_t env_len, item_aad_len;
-        batch_next(&b, i, &env, &env_len, &item_aad, &item_aad_len);
+        if (!batch_next(&b, i, &env, &env_len, &item_aad, &item_aad_len) || env_len > out_len - off) {
+            rc += fail_rest(status, i, n, out, off, out_len);
+            break;
+        }
         unsigned char *dst = out + off;
         if (rewrap_one(dctx, ectx, old_slot, new_slot, nonces + i * KB_NONCE_LEN, env, env_len, item_aad,
                        item_aad_len, dst, scratch)) {

@@ -6,6 +6,7 @@ import copy
 import os
 import pickle
 import threading
+from array import array
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,6 +16,7 @@ from cryptography.hazmat.primitives import hmac as pyca_hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from broker import envelope
+from broker._native import ffi, lib
 from broker.envelope import (
     ALG_AES256_GCM,
     FORMAT_1,
@@ -481,3 +483,44 @@ def test_large_single_items(slot: KeySlot) -> None:
     env = slot.seal(pt, b"big")
     assert slot.open(env, b"big") == pt
     assert AESGCM(KEY).decrypt(env[24:36], env[36:], env[:36] + b"big") == pt
+
+
+# -- the C API's own argument checks (the wrapper never sends these) ---------
+
+
+def test_native_rejects_inconsistent_sizes(slot: KeySlot) -> None:
+    ptr = slot._handle()
+    data = b"x" * 64
+    out = ffi.new("unsigned char[]", 64 + 2 * OVERHEAD)
+    status = ffi.new("unsigned char[]", 2)
+    null = ffi.NULL
+
+    def seal(
+        n: int, lens: object, out_len: int, aad_lens: object = null, aad: bytes = b"", p: object = ptr
+    ) -> int:
+        rc = lib.kb_seal_batch(p, n, data, len(data), lens, aad, len(aad), aad_lens, out, out_len, status)
+        return int(rc)
+
+    good = 64 + 2 * OVERHEAD
+    assert seal(2, null, good) == 0
+    assert slot.open_batch([ffi.buffer(out)[:84], ffi.buffer(out)[84:]]) == [b"x" * 32] * 2
+    assert seal(3, null, 64 + 3 * OVERHEAD) == lib.KB_EARG  # 64 not divisible by 3
+    assert seal(2, null, good - 1) == lib.KB_EARG  # output too small
+    assert seal(2, null, good + 1) == lib.KB_EARG  # output size must be exact
+    lens = array("Q", [60, 5])  # sums past the input
+    assert seal(2, ffi.from_buffer("uint64_t[]", lens), good) == lib.KB_EARG
+    huge = array("Q", [2**64 - 1, 65])  # wraps around if added carelessly
+    assert seal(2, ffi.from_buffer("uint64_t[]", huge), good) == lib.KB_EARG
+    aad_lens = array("Q", [1, 1])  # aad lengths must sum to the aad buffer
+    assert seal(2, null, good, ffi.from_buffer("uint64_t[]", aad_lens), b"abc") == lib.KB_EARG
+    assert seal(2**62, null, good) == lib.KB_EARG  # n * OVERHEAD overflows nothing, but does not fit
+    assert seal(2, null, good, p=null) == lib.KB_EARG
+    opened = lib.kb_open_batch(ptr, 2, data, len(data), null, b"", 0, null, out, 1, status)
+    assert opened == lib.KB_EARG
+    rewrapped = lib.kb_rewrap_batch(ptr, ptr, 2, data, len(data), null, b"", 0, null, out, 63, status)
+    assert rewrapped == lib.KB_EARG
+    mac = ffi.new("unsigned char[]", 32)
+    assert int(lib.kb_hmac(ptr, b"m", 1, mac, 31)) == lib.KB_EARG
+    assert int(lib.kb_hmac(ptr, b"m", 1, mac, 32)) == lib.KB_EKIND
+    assert int(lib.kb_slot_new(1, b"k" * 32, 32, b"i" * 15, 15, 1, ffi.new("kb_slot **"))) == lib.KB_EARG
+    assert int(lib.kb_slot_new(9, b"k" * 32, 32, b"i" * 16, 16, 1, ffi.new("kb_slot **"))) == lib.KB_EKIND
