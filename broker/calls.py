@@ -1,0 +1,63 @@
+"""What one RPC call carries through the method table, and how methods are declared."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from .params import Field, Spec, as_int, as_str
+
+if TYPE_CHECKING:
+    from .connection import RequestContext
+    from .rpc import Dispatcher
+
+__all__ = ["KEY", "NAME", "PERIOD", "TIME", "USES", "VERSION", "Call", "Handler", "Kind", "Method"]
+
+UINT32 = 2**32 - 1
+
+
+@dataclass(slots=True)
+class Call:
+    """One request on its way through the table; collects what the audit record says."""
+
+    ctx: RequestContext
+    method: str
+    key: str | None = None
+    version: int | None = None
+    alarm: bool = False
+    details: dict[str, str | int | bool | None] = field(default_factory=dict)
+
+
+Handler = Callable[["Dispatcher", Call, dict[str, Any]], Awaitable[Any]]
+
+
+class Kind(Enum):
+    """What a method does, which decides how it meets a failing audit log."""
+
+    # Metadata reads: with ``audit.fail_open_reads`` they are served even
+    # when their record cannot be written.
+    READ = "read"
+    # Uses of keys: the result is released only once its record is durable.
+    USE = "use"
+    # State changes: a "requested" record is made durable before the change,
+    # so a change can never happen unaudited (fail closed).
+    CHANGE = "change"
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    spec: Spec
+    run: Handler
+    kind: Kind = Kind.USE
+    audited: bool = True
+
+
+# Fields many methods share.
+NAME = Field(as_str, required=True)
+KEY = Field(as_str, required=True)
+VERSION = Field(as_int(1, UINT32))
+PERIOD = Field(as_int(0, 2**40))
+USES = Field(as_int(0, 2**62))
+TIME = Field(as_int(0, 2**40))

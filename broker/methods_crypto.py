@@ -1,0 +1,257 @@
+"""Methods that use keys: encrypt, decrypt, batches, data keys, signatures, MACs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from .calls import KEY, VERSION, Call, Method
+from .envelope import parse_header
+from .errors import BrokerError, DecryptionFailed, InvalidArgument, PermissionDenied
+from .keys import Key, KeyType
+from .lifecycle import check_operation
+from .params import Field, as_aad, as_bin, as_bin_list, as_bool, as_int
+
+if TYPE_CHECKING:
+    from .rpc import Dispatcher
+
+__all__ = ["CRYPTO_METHODS"]
+
+# Data keys are for symmetric ciphers and MAC keys: 1 byte to 8 Kibit.
+MAX_DATAKEY_BYTES = 1024
+SHA256_LEN = 32
+
+
+def _pick(values: bytes | list[bytes], indexes: list[int]) -> bytes | list[bytes]:
+    return values if isinstance(values, bytes) else [values[i] for i in indexes]
+
+
+def _check_aad(aad: bytes | list[bytes], count: int) -> None:
+    if isinstance(aad, list) and len(aad) != count:
+        raise InvalidArgument("aad: one per item, or a single value for all", {"field": "aad"})
+
+
+async def _encrypt(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+    key = await d.key_for(call, args["key"])
+    sealed = await d.service.encrypt(key, [args["plaintext"]], args.get("aad", b""))
+    call.version = sealed.version
+    return {"ciphertext": sealed.outputs[0], "version": sealed.version}
+
+
+async def _encrypt_batch(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+    items = args["items"]
+    d.check_batch(len(items))
+    aad = args.get("aad", b"")
+    _check_aad(aad, len(items))
+    key = await d.key_for(call, args["key"])
+    check_operation(key, "encrypt")
+    if not items:
+        return {"ciphertexts": [], "version": key.primary_version}
+    sealed = await d.service.encrypt(key, items, aad)
+    call.version = sealed.version
+    call.details["items"] = len(items)
+    return {"ciphertexts": sealed.outputs, "version": sealed.version}
+
+
+async def _decrypt(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+    envelope = args["ciphertext"]
+    header = parse_header(envelope)
+    key = await d.service.get_by_id(header.key_id)
+    call.key, call.version = key.name, header.version
+    if not d.allowed(call, key.name, key):
+        raise PermissionDenied(f"{call.ctx.principal.name} may not decrypt with {key.name!r}")
+    if key.type is not KeyType.AES256_GCM:
+        raise DecryptionFailed()
+    grant = d.service.process_grant(key, header.version, allow_compromised=args["allow_compromised"])
+    call.alarm = grant.alarm
+    plaintext = (await d.service.decrypt(key, header.version, [envelope], args.get("aad", b"")))[0]
+    if plaintext is None:
+        raise DecryptionFailed()
+    return {"plaintext": plaintext, "key": key.name, "version": header.version}
+
+
+async def _decrypt_batch(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+    envelopes = args["ciphertexts"]
+    d.check_batch(len(envelopes))
+    aad = args.get("aad", b"")
+    _check_aad(aad, len(envelopes))
+    groups, errors = await d.open_groups(call, envelopes, aad, args["allow_compromised"], "decrypt_batch")
+    plaintexts: list[bytes | None] = [None] * len(envelopes)
+    failed = DecryptionFailed().to_wire()
+    for key, version, indexes in groups:
+        opened = await d.service.decrypt(key, version, [envelopes[i] for i in indexes], _pick(aad, indexes))
+        for index, plaintext in zip(indexes, opened, strict=True):
+            plaintexts[index] = plaintext
+            if plaintext is None:
+                errors[index] = failed
+    call.details["items"] = len(envelopes)
+    call.details["failed"] = sum(e is not None for e in errors)
+    return {"plaintexts": plaintexts, "errors": errors}
+
+
+async def _rewrap_batch(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+    envelopes = args["ciphertexts"]
+    d.check_batch(len(envelopes))
+    aad = args.get("aad", b"")
+    _check_aad(aad, len(envelopes))
+    groups, errors = await d.open_groups(call, envelopes, aad, args["allow_compromised"], "rewrap_batch")
+    out: list[bytes | None] = [None] * len(envelopes)
+    failed = DecryptionFailed().to_wire()
+    for key, version, indexes in groups:
+        try:
+            _, sealed = await d.service.rewrap(
+                key, version, [envelopes[i] for i in indexes], _pick(aad, indexes)
+            )
+        except BrokerError as exc:
+            for index in indexes:
+                errors[index] = exc.to_wire()
+            continue
+        for index, envelope in zip(indexes, sealed, strict=True):
+            out[index] = envelope
+            if envelope is None:
+                errors[index] = failed
+    call.details["items"] = len(envelopes)
+    call.details["failed"] = sum(e is not None for e in errors)
+    return {"ciphertexts": out, "errors": errors}
+
+
+async def _datakey(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+    count, size = args["count"], args["bytes"]
+    d.check_batch(count)
+    key = await d.key_for(call, args["key"])
+    check_operation(key, "datakey")
+    plain = [os.urandom(size) for _ in range(count)]
+    sealed = await d.service.encrypt(key, plain, args.get("aad", b""))
+    call.version = sealed.version
+    call.details["items"] = count
+    if args["plaintext"]:
+        keys = [{"plaintext": p, "wrapped": w} for p, w in zip(plain, sealed.outputs, strict=True)]
+    else:
+        keys = [{"wrapped": w} for w in sealed.outputs]
+    return {"keys": keys, "version": sealed.version}
+
+
+def _signed_data(key: Key, args: dict[str, Any]) -> tuple[bytes, bool]:
+    message, digest = args.get("message"), args.get("digest")
+    if (message is None) == (digest is None):
+        raise InvalidArgument("give exactly one of message and digest", {"field": "message"})
+    if digest is None:
+        return message, False
+    if key.type is KeyType.ED25519:
+        raise InvalidArgument("ed25519 signs messages only, not digests", {"field": "digest"})
+    if len(digest) != SHA256_LEN:
+        raise InvalidArgument("digest must be a 32-byte SHA-256", {"field": "digest"})
+    return digest, True
+
+
+async def _sign(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+    key = await d.key_for(call, args["key"])
+    check_operation(key, "sign")
+    data, prehashed = _signed_data(key, args)
+    version, signature = await d.service.sign(key, data, prehashed=prehashed)
+    call.version = version
+    return {"signature": signature, "version": version}
+
+
+async def _verify(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+    key = await d.key_for(call, args["key"])
+    check_operation(key, "verify")
+    data, prehashed = _signed_data(key, args)
+    for grant in d.service.verification_versions(
+        key, args.get("version"), allow_compromised=args["allow_compromised"]
+    ):
+        ref = key.ref(grant.version.number)
+        if await d.service.verify(key, ref, data, args["signature"], prehashed=prehashed):
+            call.version, call.alarm = ref.version, grant.alarm
+            return {"valid": True}
+    return {"valid": False}
+
+
+async def _mac(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+    key = await d.key_for(call, args["key"])
+    version, tag = await d.service.mac(key, args["message"])
+    call.version = version
+    return {"mac": tag, "version": version}
+
+
+async def _verify_mac(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+    key = await d.key_for(call, args["key"])
+    check_operation(key, "verify_mac")
+    for grant in d.service.verification_versions(
+        key, args.get("version"), allow_compromised=args["allow_compromised"]
+    ):
+        ref = key.ref(grant.version.number)
+        if await d.service.verify_mac(key, ref, args["message"], args["mac"]):
+            call.version, call.alarm = ref.version, grant.alarm
+            return {"valid": True}
+    return {"valid": False}
+
+
+_ALLOW_COMPROMISED = Field(as_bool, default=False)
+
+CRYPTO_METHODS: Mapping[str, Method] = {
+    "encrypt": Method(
+        {"key": KEY, "plaintext": Field(as_bin, required=True), "aad": Field(as_bin)}, _encrypt
+    ),
+    "decrypt": Method(
+        {
+            "ciphertext": Field(as_bin, required=True),
+            "aad": Field(as_bin),
+            "allow_compromised": _ALLOW_COMPROMISED,
+        },
+        _decrypt,
+    ),
+    "encrypt_batch": Method(
+        {"key": KEY, "items": Field(as_bin_list, required=True), "aad": Field(as_aad)}, _encrypt_batch
+    ),
+    "decrypt_batch": Method(
+        {
+            "ciphertexts": Field(as_bin_list, required=True),
+            "aad": Field(as_aad),
+            "allow_compromised": _ALLOW_COMPROMISED,
+        },
+        _decrypt_batch,
+    ),
+    "rewrap_batch": Method(
+        {
+            "ciphertexts": Field(as_bin_list, required=True),
+            "aad": Field(as_aad),
+            "allow_compromised": _ALLOW_COMPROMISED,
+        },
+        _rewrap_batch,
+    ),
+    "datakey": Method(
+        {
+            "key": KEY,
+            "count": Field(as_int(1, 2**32), default=1),
+            "bytes": Field(as_int(1, MAX_DATAKEY_BYTES), default=32),
+            "plaintext": Field(as_bool, default=True),
+            "aad": Field(as_bin),
+        },
+        _datakey,
+    ),
+    "sign": Method({"key": KEY, "message": Field(as_bin), "digest": Field(as_bin)}, _sign),
+    "verify": Method(
+        {
+            "key": KEY,
+            "message": Field(as_bin),
+            "digest": Field(as_bin),
+            "signature": Field(as_bin, required=True),
+            "version": VERSION,
+            "allow_compromised": _ALLOW_COMPROMISED,
+        },
+        _verify,
+    ),
+    "mac": Method({"key": KEY, "message": Field(as_bin, required=True)}, _mac),
+    "verify_mac": Method(
+        {
+            "key": KEY,
+            "message": Field(as_bin, required=True),
+            "mac": Field(as_bin, required=True),
+            "version": VERSION,
+            "allow_compromised": _ALLOW_COMPROMISED,
+        },
+        _verify_mac,
+    ),
+}
