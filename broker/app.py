@@ -18,6 +18,7 @@ from .approvals import Approvals
 from .audit import AuditLog, open_audit_log
 from .backend import Backend
 from .config import Config
+from .metrics import Metrics
 from .plugins import Plugins
 from .rpc import Dispatcher
 from .scheduler import Scheduler
@@ -39,6 +40,9 @@ class Broker:
     service: KeyService
     dispatcher: Dispatcher
     scheduler: Scheduler
+    metrics: Metrics
+    # The bound /metrics port when [metrics] is configured.
+    metrics_port: int | None
 
 
 def prepare_data_dir(config: Config) -> None:
@@ -88,7 +92,8 @@ async def open_broker(
         )
         service = KeyService(store=store, backends=backends, plugins=plugins, clock=clock)
         cluster = plugins.cluster(store)
-        scheduler = Scheduler(service, audit, is_leader=cluster.is_leader)
+        metrics = Metrics()
+        scheduler = Scheduler(service, audit, is_leader=cluster.is_leader, metrics=metrics)
         # Background work (cluster feed, scheduler, subscription feeds) stops
         # before the audit log, store and backends close.
         background = await stack.enter_async_context(trio.open_nursery())
@@ -101,10 +106,18 @@ async def open_broker(
             audit=audit,
             approvals=Approvals(clock, config.scheduler.approval_ttl_s),
             subscriptions=Subscriptions(background, service),
+            metrics=metrics,
         )
         if run_scheduler and config.scheduler.enabled:
             await background.start(scheduler.run, config.scheduler.interval_s)
-        yield Broker(config, plugins, store, backends, audit, service, dispatcher, scheduler)
+        metrics_port = None
+        if config.metrics is not None:
+            metrics_port, stop_metrics = metrics.serve(config.metrics.host, config.metrics.port)
+            stack.callback(stop_metrics)
+            background.start_soon(metrics.refresh_keys, service)
+        yield Broker(
+            config, plugins, store, backends, audit, service, dispatcher, scheduler, metrics, metrics_port
+        )
 
 
 async def serve_broker(

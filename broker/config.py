@@ -15,7 +15,16 @@ from typing import Any
 
 from .errors import InvalidArgument
 
-__all__ = ["AuditConfig", "Config", "Limits", "SchedulerConfig", "TLSConfig", "load_config", "parse_config"]
+__all__ = [
+    "AuditConfig",
+    "Config",
+    "Limits",
+    "MetricsConfig",
+    "SchedulerConfig",
+    "TLSConfig",
+    "load_config",
+    "parse_config",
+]
 
 # PROTOCOL.md's defaults.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -70,6 +79,14 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Prometheus metrics over HTTP; loopback unless deliberately exposed."""
+
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     data_dir: Path
     socket_path: Path
@@ -78,6 +95,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     audit: AuditConfig = field(default_factory=AuditConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    metrics: MetricsConfig | None = None
     node: str = ""
     store: str = "sqlite"
     root: str = "file"
@@ -150,6 +168,7 @@ _TOP_LEVEL = {
     "tls",
     "audit",
     "scheduler",
+    "metrics",
     "principals",
     "plugins",
     "disabled_plugins",
@@ -191,6 +210,13 @@ def parse_config(
     )
     if scheduler.interval_s <= 0 or scheduler.approval_ttl_s <= 0:
         raise InvalidArgument("config: scheduler intervals must be positive")
+    metrics = None
+    if "metrics" in table:
+        metrics_table = _take(table, "metrics", dict, {})
+        _check_keys(metrics_table, {"host", "port"}, "[metrics]")
+        metrics = MetricsConfig(
+            host=_take(metrics_table, "host", str, "127.0.0.1"), port=_take(metrics_table, "port", int, 9464)
+        )
     principals = _take(table, "principals", dict, {})
     if not all(isinstance(v, str) for v in principals.values()):
         raise InvalidArgument("config: [principals] maps identities to names (strings)")
@@ -205,6 +231,7 @@ def parse_config(
         limits=_limits(_take(table, "limits", dict, {})),
         audit=AuditConfig(fail_open_reads=bool(_take(audit_table, "fail_open_reads", bool, False))),
         scheduler=scheduler,
+        metrics=metrics,
         node=_take(table, "node", str, "") or os.uname().nodename,
         store=_take(table, "store", str, "sqlite"),
         root=_take(table, "root", str, "file"),

@@ -9,6 +9,7 @@ tables live in :mod:`broker.methods_keys` and :mod:`broker.methods_crypto`.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ from .errors import (
 from .keys import Key, KeyType
 from .methods_crypto import CRYPTO_METHODS
 from .methods_keys import KEY_METHODS, target
+from .metrics import Metrics
 from .params import as_str, parse
 from .policy import AuthzRequest, RpcMethod
 from .service import KeyService
@@ -57,6 +59,7 @@ class Dispatcher:
         audit: AuditLog,
         approvals: Approvals,
         subscriptions: Subscriptions,
+        metrics: Metrics,
     ) -> None:
         self.config = config
         self.service = service
@@ -64,6 +67,7 @@ class Dispatcher:
         self.audit = audit
         self.approvals = approvals
         self.subscriptions = subscriptions
+        self.metrics = metrics
         self.max_batch = config.limits.max_batch_items
         self.extra: dict[str, RpcMethod] = plugins.rpc_methods()
         clash = set(self.extra) & set(METHODS)
@@ -79,12 +83,26 @@ class Dispatcher:
                 return await self._plugin_method(ctx, method, params)
             raise UnknownMethod(f"no method {method[:64]!r}")
         call = Call(ctx, method)
+        started = time.perf_counter()
+        code = "ok"
+        try:
+            return await self._run(entry, call, params)
+        except BrokerError as exc:
+            code = exc.code
+            raise
+        finally:
+            items = call.details.get("items")
+            self.metrics.observe(
+                method, code, time.perf_counter() - started, items if isinstance(items, int) else None
+            )
+
+    async def _run(self, entry: Method, call: Call, params: dict[str, Any]) -> Any:
         if not entry.audited:
             return await entry.run(self, call, parse(entry.spec, params))
         try:
             args = parse(entry.spec, params)
             if entry.kind is Kind.CHANGE:
-                await self.record(Call(ctx, method, key=target(args)), "requested", None)
+                await self.record(Call(call.ctx, call.method, key=target(args)), "requested", None)
             result = await entry.run(self, call, args)
         except BrokerError as exc:
             outcome = "denied" if isinstance(exc, PermissionDenied) else "error"
@@ -95,7 +113,7 @@ class Dispatcher:
         except Unavailable:
             if entry.kind is not Kind.READ or not self.config.audit.fail_open_reads:
                 raise
-            log.warning("audit log unavailable; serving %s unaudited (audit.fail_open_reads)", method)
+            log.warning("audit log unavailable; serving %s unaudited (audit.fail_open_reads)", call.method)
         return result
 
     def connection_closed(self, ctx: RequestContext) -> None:

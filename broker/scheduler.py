@@ -21,6 +21,7 @@ from .audit import AuditLog
 from .errors import BrokerError
 from .keys import Key, KeyState
 from .lifecycle import Transition, next_rotation_at
+from .metrics import Metrics
 from .service import KeyService
 
 __all__ = ["Action", "Scheduler", "due_action"]
@@ -77,13 +78,17 @@ class Scheduler:
     """
 
     def __init__(
-        self, service: KeyService, audit: AuditLog, *, is_leader: Callable[[], bool] = lambda: True
+        self,
+        service: KeyService,
+        audit: AuditLog,
+        *,
+        is_leader: Callable[[], bool] = lambda: True,
+        metrics: Metrics | None = None,
     ) -> None:
         self.service = service
         self.audit = audit
         self.is_leader = is_leader
-        self.actions = 0
-        self.errors = 0
+        self.metrics = metrics or Metrics()
 
     async def run_once(self) -> int:
         """Apply everything due now; returns the number of actions applied.
@@ -115,11 +120,11 @@ class Scheduler:
                 else:
                     key = await self.service.lifecycle(key.name, _TRANSITION[due.action])
             except BrokerError as exc:
-                self.errors += 1
+                self.metrics.scheduler_actions.labels(due.action.value, exc.code).inc()
                 log.warning("scheduled %s of %s failed: %s", due.action.value, key.name, exc.code)
                 await self._record(key, due, "error", exc.code)
                 return applied
-            self.actions += 1
+            self.metrics.scheduler_actions.labels(due.action.value, "ok").inc()
             applied += 1
             await self._record(key, due, "allowed", None)
         return applied
