@@ -26,10 +26,7 @@ EXIT_USAGE = 2
 
 def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, data_dir=args.data_dir, socket_path=args.socket)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level, args.log_format)
     log = logging.getLogger("keybroker")
 
     async def run() -> None:
@@ -62,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--socket", type=Path, help="Unix socket path (default DATA_DIR/keybroker.sock)")
     serve.add_argument("--config", type=Path, help="TOML configuration file")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-format", default="text", choices=["text", "json"], help="json: one object a line"
+    )
     serve.set_defaults(func=_serve)
 
     audit = commands.add_parser("audit", help="audit log tools")

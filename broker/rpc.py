@@ -8,6 +8,7 @@ tables live in :mod:`broker.methods_keys` and :mod:`broker.methods_crypto`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ from .errors import (
     UnknownMethod,
 )
 from .keys import Key, KeyType
+from .logs import request_id
 from .methods_crypto import CRYPTO_METHODS
 from .methods_keys import KEY_METHODS, target
 from .metrics import Metrics
@@ -68,6 +70,7 @@ class Dispatcher:
         self.approvals = approvals
         self.subscriptions = subscriptions
         self.metrics = metrics
+        self._request_ids = itertools.count(1)
         self.max_batch = config.limits.max_batch_items
         self.extra: dict[str, RpcMethod] = plugins.rpc_methods()
         clash = set(self.extra) & set(METHODS)
@@ -85,6 +88,7 @@ class Dispatcher:
         call = Call(ctx, method)
         started = time.perf_counter()
         code = "ok"
+        request_id.set(f"{ctx.connection_id:x}-{next(self._request_ids):x}")
         try:
             return await self._run(entry, call, params)
         except BrokerError as exc:
