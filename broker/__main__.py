@@ -15,6 +15,7 @@ from .app import serve_broker
 from .audit import audit_verify_main
 from .config import load_config
 from .errors import BrokerError
+from .logs import configure_logging
 
 __all__ = ["main"]
 
