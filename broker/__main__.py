@@ -15,6 +15,7 @@ from .app import serve_broker
 from .audit import audit_verify_main
 from .config import load_config
 from .errors import BrokerError
+from .hardening import disable_core_dumps
 from .logs import configure_logging
 
 __all__ = ["main"]
@@ -28,6 +29,7 @@ EXIT_USAGE = 2
 def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, data_dir=args.data_dir, socket_path=args.socket)
     configure_logging(args.log_level, args.log_format)
+    disable_core_dumps()
     log = logging.getLogger("keybroker")
 
     async def run() -> None:
