@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import base64
 import os
-import signal
-import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from broker.client import Client
 from broker.errors import BrokerError
+from tests._broker_process import BrokerProcess, broker_process
 
 PLAINTEXT = b"PLAINTEXT-4111-1111-1111-1111"
 AAD = b"AAD-customer-0042"
@@ -31,30 +30,13 @@ def leaks(haystack: bytes, secrets: list[bytes]) -> list[bytes]:
 
 
 @pytest.fixture
-def broker_process(short_tmp: Path):  # type: ignore[no-untyped-def]
-    data = short_tmp / "data"
-    log_path = short_tmp / "broker.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "broker", "serve", "--data-dir", str(data),
-             "--log-level", "debug", "--log-format", "json"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-    sock = data / "keybroker.sock"
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        assert proc.poll() is None, log_path.read_text()
-        assert time.monotonic() < deadline, "broker did not start"
-        time.sleep(0.05)
-    try:
-        yield proc, data, log_path
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+def broker(short_tmp: Path) -> Iterator[BrokerProcess]:
+    with broker_process(short_tmp, "--log-level", "debug", "--log-format", "json") as running:
+        yield running
 
 
-def test_no_secret_in_logs_audit_errors_or_core(broker_process) -> None:  # type: ignore[no-untyped-def]
-    proc, data, log_path = broker_process
+def test_no_secret_in_logs_audit_errors_or_core(broker: BrokerProcess) -> None:
+    proc, data, log_path = broker.proc, broker.data_dir, broker.log_path
     limits = Path(f"/proc/{proc.pid}/limits").read_text()
     core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
     assert core.split()[4:6] == ["0", "0"], core
