@@ -308,6 +308,25 @@ uint64_t kb_slot_uses(const kb_slot *slot)
     return atomic_load_explicit(&((kb_slot *)slot)->uses, memory_order_relaxed);
 }
 
+int kb_slot_lend_key(kb_slot *slot, unsigned char *out, size_t out_len, uint64_t uses)
+{
+    if (slot == NULL || out == NULL)
+        return KB_EARG;
+    if (!slot_acquire(slot))
+        return KB_ECLOSED;
+    int rc = KB_OK;
+    if (slot->kind != KB_KIND_AES256GCM)
+        rc = KB_EKIND;
+    else if (out_len != slot->key_len)
+        rc = KB_EARG;
+    else {
+        memcpy(out, slot->key, slot->key_len);
+        atomic_fetch_add_explicit(&slot->uses, uses, memory_order_relaxed);
+    }
+    slot_release(slot);
+    return rc;
+}
+
 int kb_slot_locked(const kb_slot *slot)
 {
     return slot != NULL && slot->locked;

@@ -98,6 +98,12 @@ int kb_seal(kb_slot *slot, const unsigned char *pt, size_t pt_len, const unsigne
 int kb_open(kb_slot *slot, const unsigned char *env, size_t env_len, const unsigned char *aad, size_t aad_len,
             unsigned char *out, size_t out_len);
 
+/* Lends an AES slot's key for one large-payload call to a faster AES-GCM
+ * engine: copies the key_len key bytes into out (the caller cleanses it as
+ * soon as the call returns) and, when uses > 0, counts that many items
+ * sealed. Returns KB_OK or KB_E*. */
+int kb_slot_lend_key(kb_slot *slot, unsigned char *out, size_t out_len, uint64_t uses);
+
 /* HMAC-SHA256 of msg under an HMAC slot; writes KB_MAC_LEN bytes. */
 int kb_hmac(kb_slot *slot, const unsigned char *msg, size_t msg_len,
             unsigned char *out, size_t out_len);
