@@ -37,8 +37,7 @@ import contextlib
 import os
 import struct
 from array import array
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Self, cast
 
@@ -223,6 +222,14 @@ def _aad_args(aad: bytes | Sequence[bytes], n: int) -> tuple[Any, int, Any]:
     return data, len(data), ffi.from_buffer("uint64_t[]", arr)
 
 
+_ZERO_KEY = bytes(KEY_LEN)
+
+
+def _cleanse(key: bytearray) -> None:
+    """Overwrite a lent key in place (the bytearray's buffer is the only copy Python made)."""
+    key[:] = _ZERO_KEY
+
+
 def _all_large(items: Sequence[bytes], size: int) -> bool:
     """Whether every item is bytes-like and at least ``size`` bytes (route them one by one)."""
     return all(isinstance(x, _BYTES_LIKE) and len(x) >= size for x in items)
@@ -390,38 +397,38 @@ class KeySlot:
 
     # -- single items
 
-    @contextmanager
-    def _lent_key(self, uses: int) -> Iterator[bytearray]:
-        """The AES key in a bytearray for one call, cleansed when the call returns."""
+    def _lend_key(self, uses: int) -> bytearray:
+        """The AES key in a bytearray for one call; the caller cleanses it with :func:`_cleanse`."""
         ptr = self._handle()
         if self._kind != lib.KB_KIND_AES256GCM:
             raise InvalidArgument("this key slot does not hold an AES key")
         key = bytearray(KEY_LEN)
-        view = ffi.from_buffer(key)
-        try:
-            rc = lib.kb_slot_lend_key(ptr, view, KEY_LEN, uses)
-            if rc != lib.KB_OK:
-                _raise_native(rc)
-            yield key
-        finally:
-            ffi.memmove(view, bytes(KEY_LEN), KEY_LEN)
+        rc = lib.kb_slot_lend_key(ptr, ffi.from_buffer(key), KEY_LEN, uses)
+        if rc != lib.KB_OK:
+            _cleanse(key)
+            _raise_native(rc)
+        return key
 
     def _seal_large(self, pt: bytes, ad: bytes) -> bytes:
         nonce = os.urandom(NONCE_LEN)
         header = _HEADER.pack(MAGIC, FORMAT_1, ALG_AES256_GCM, self.key_id, self.version, nonce)
-        with self._lent_key(1) as key:
+        key = self._lend_key(1)
+        try:
             return header + AESGCM(key).encrypt(nonce, pt, header + ad)
+        finally:
+            _cleanse(key)
 
     def _open_large(self, env: bytes, ad: bytes) -> bytes:
-        header = env[:HEADER_LEN]
         parsed = parse_header(env)
         if len(env) < OVERHEAD or parsed.key_id != self.key_id or parsed.version != self.version:
             raise DecryptionFailed()
-        with self._lent_key(0) as key:
-            try:
-                return AESGCM(key).decrypt(parsed.nonce, env[HEADER_LEN:], header + ad)
-            except InvalidTag:
-                raise DecryptionFailed() from None
+        key = self._lend_key(0)
+        try:
+            return AESGCM(key).decrypt(parsed.nonce, env[HEADER_LEN:], env[:HEADER_LEN] + ad)
+        except InvalidTag:
+            raise DecryptionFailed() from None
+        finally:
+            _cleanse(key)
 
     def _open_or_none(self, env: bytes, ad: bytes) -> bytes | None:
         try:
