@@ -13,6 +13,7 @@ import trio
 from . import __version__
 from .app import serve_broker
 from .audit import audit_verify_main
+from .cli import add_client_commands
 from .config import load_config
 from .errors import BrokerError
 from .hardening import disable_core_dumps
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify = audit_commands.add_parser("verify", help="prove the audit chain unbroken (exit 0 when intact)")
     verify.add_argument("--data-dir", type=Path, required=True)
     verify.set_defaults(func=_audit_verify)
+
+    add_client_commands(commands)
     return parser
 
 
