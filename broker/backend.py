@@ -85,6 +85,34 @@ class Backend(Protocol):
     async def public_pem(self, ref: VersionRef) -> bytes:
         """The public key of a signing key version, PEM SubjectPublicKeyInfo."""
 
+    async def export_material(self, ref: VersionRef) -> bytearray:
+        """The version's key material in the clear, for wrapping to a recipient or a backup.
+
+        Only backends whose material may leave them implement it (software
+        custody); a token-bound backend raises InvalidArgument. Formats: 32
+        raw bytes for aes256-gcm and hmac-sha256, PKCS#8 DER for signing
+        types. The caller zeroes the result after use. A backend written
+        before this method existed simply lacks it; the core then treats it
+        as not exportable.
+
+        Raises:
+            InvalidArgument: this backend's material never leaves it.
+            InvalidState: the version is destroyed (empty ``ref.material``).
+        """
+
+    async def import_material(
+        self, key_id: bytes, version: int, key_type: KeyType, material: bytearray
+    ) -> bytes:
+        """Take custody of material made elsewhere; return the opaque blob the store keeps.
+
+        ``material`` has :meth:`export_material`'s format; the backend checks
+        it suits ``key_type`` and zeroes the caller's buffer. Backends that
+        cannot import raise InvalidArgument (or lack the method).
+
+        Raises:
+            InvalidArgument: material of the wrong length or type, or no import here.
+        """
+
     def forget(self, key_id: bytes) -> None:
         """Drop any cached material of the key (it changed or was destroyed)."""
 

@@ -90,6 +90,8 @@ class Version:
     wrapped under the root key, or a token object reference). It is empty
     once the version is destroyed. ``uses`` counts items sealed, signed or
     MACed; after a crash it is the reserved upper bound (the safe side).
+    ``origin`` says where the material came from (``key.import`` makes
+    "external" versions).
     """
 
     number: int
@@ -97,6 +99,8 @@ class Version:
     created_at: int
     uses: int = 0
     material: bytes = field(default=b"", repr=False)
+    # "broker" for material generated here, "external" for imported material.
+    origin: str = "broker"
 
 
 @dataclass(frozen=True, slots=True)

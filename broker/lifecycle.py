@@ -372,6 +372,7 @@ def to_metadata(key: Key, uses: Mapping[int, int] | None = None) -> dict[str, An
                 "state": v.state.value,
                 "created_at": v.created_at,
                 "uses": live.get(v.number, v.uses),
+                "origin": v.origin,
             }
             for v in key.versions
         ],

@@ -13,7 +13,27 @@ from typing import Protocol
 
 from .keys import Key, KeyState
 
-__all__ = ["Store"]
+__all__ = ["MAX_DOCUMENT_ID_LEN", "MAX_DOCUMENT_KIND_LEN", "Store", "check_document_ref"]
+
+# Kinds name a feature ("cert", "ca_cert"); ids are things like serial
+# numbers. Both bounds leave room in any database's indexed text column.
+MAX_DOCUMENT_KIND_LEN = 64
+MAX_DOCUMENT_ID_LEN = 256
+
+
+def check_document_ref(kind: str, doc_id: str) -> None:
+    """Raise ValueError unless ``kind`` and ``doc_id`` are well-formed document names.
+
+    Both are non-empty strings without NUL (PostgreSQL text cannot hold it),
+    of at most 64 and 256 characters. Ids compare as the code points they
+    are, so stores must order them in binary (``COLLATE "C"``), not by locale.
+    """
+    if not isinstance(kind, str) or not isinstance(doc_id, str):
+        raise TypeError("document kind and id must be str")
+    if not 0 < len(kind) <= MAX_DOCUMENT_KIND_LEN or not 0 < len(doc_id) <= MAX_DOCUMENT_ID_LEN:
+        raise ValueError("document kind (1-64 chars) or id (1-256 chars) out of range")
+    if "\x00" in kind or "\x00" in doc_id:
+        raise ValueError("document kind and id must not contain NUL")
 
 
 class Store(Protocol):
@@ -29,6 +49,9 @@ class Store(Protocol):
 
     async def insert_key(self, key: Key) -> None:
         """Add a new key with all its versions, atomically.
+
+        Every field of the key and of its versions (``Version.origin``
+        included) reads back equal.
 
         Raises:
             AlreadyExists: the name is taken.
@@ -67,3 +90,24 @@ class Store(Protocol):
         Raises:
             NotFound: no such key or version.
         """
+
+    # --- documents: small blobs kept for other features (certificates) -----------
+
+    async def put_document(self, kind: str, doc_id: str, body: bytes) -> None:
+        """Store ``body`` under ``(kind, doc_id)``, replacing any earlier body, atomically.
+
+        Documents are opaque to the store: a few KiB each (an issued
+        certificate and its bookkeeping), never key material.
+
+        Raises:
+            ValueError: a malformed kind or id (:func:`check_document_ref`).
+        """
+
+    async def get_document(self, kind: str, doc_id: str) -> bytes | None:
+        """The body stored under ``(kind, doc_id)``, or None."""
+
+    async def list_documents(
+        self, kind: str, *, after: str | None = None, limit: int = 100
+    ) -> list[tuple[str, bytes]]:
+        """Up to ``limit`` ``(id, body)`` pairs of ``kind``, ordered by id (binary order),
+        with ids > ``after`` (a cursor: the last id of the previous page)."""

@@ -452,6 +452,94 @@ class BackendConformance:
         with pytest.raises(BrokerError):
             await backend.encrypt(ref, [b"x"], b"")
 
+    # --- export and import (key.export, key.import, backups) -----------------------
+
+    @staticmethod
+    async def _exported(backend: Backend, ref: VersionRef) -> bytearray | None:
+        """The exported material, or None when this backend's material never leaves it."""
+        export = getattr(backend, "export_material", None)
+        if export is None:
+            return None
+        try:
+            material: bytearray = await export(ref)
+        except InvalidArgument:
+            return None
+        assert isinstance(material, bytearray), "export_material returns a bytearray the caller zeroes"
+        return material
+
+    @pytest.mark.parametrize("key_type", list(KeyType))
+    async def test_export_then_import_serves_the_same_key(self, backend: Backend, key_type: KeyType) -> None:
+        ref = await self._ref(backend, key_type)
+        material = await self._exported(backend, ref)
+        if material is None:
+            importer = getattr(backend, "import_material", None)
+            if importer is not None:
+                with pytest.raises(InvalidArgument):
+                    await importer(ref.key_id, 2, key_type, bytearray(32))
+            pytest.skip(f"{backend.protection} material does not leave the backend")
+        if key_type.symmetric:
+            assert len(material) == 32
+        else:
+            private = serialization.load_der_private_key(bytes(material), password=None)
+            pem = private.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            assert pem == await backend.public_pem(ref)
+        copy = bytearray(material)
+        blob = await backend.import_material(ref.key_id, ref.version, key_type, material)
+        assert material == bytearray(len(material)), "import_material zeroes the caller's buffer"
+        assert isinstance(blob, bytes) and blob and bytes(copy) not in blob
+        imported = replace(ref, material=blob)
+        if key_type is KeyType.AES256_GCM:
+            sealed = await backend.encrypt(ref, [b"moved"], b"aad")
+            assert await backend.decrypt(imported, sealed, b"aad") == [b"moved"]
+        elif key_type is KeyType.HMAC_SHA256:
+            assert await backend.mac(imported, b"m") == await backend.mac(ref, b"m")
+        else:
+            signature = await backend.sign(imported, b"m", prehashed=False)
+            assert await backend.verify(ref, b"m", signature, prehashed=False)
+        again = await self._exported(backend, imported)
+        assert again == copy
+
+    @pytest.mark.parametrize(
+        ("key_type", "material"),
+        [
+            (KeyType.AES256_GCM, b"\x01" * 31),
+            (KeyType.AES256_GCM, b"\x01" * 33),
+            (KeyType.HMAC_SHA256, b"\x01" * 16),
+            (KeyType.ED25519, b"\x01" * 32),
+            (KeyType.ECDSA_P256, b"0\x03\x02\x01\x00"),
+        ],
+    )
+    async def test_import_refuses_malformed_material(
+        self, backend: Backend, key_type: KeyType, material: bytes
+    ) -> None:
+        self._require(backend, key_type)
+        importer = getattr(backend, "import_material", None)
+        if importer is None:
+            pytest.skip(f"{backend.protection} has no import_material")
+        with pytest.raises(InvalidArgument):
+            await importer(_new_key_id(), 1, key_type, bytearray(material))
+
+    async def test_import_refuses_a_key_of_another_type(self, backend: Backend) -> None:
+        importer = getattr(backend, "import_material", None)
+        if importer is None:
+            pytest.skip(f"{backend.protection} has no import_material")
+        self._require(backend, KeyType.ECDSA_P256)
+        der = ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        with pytest.raises(InvalidArgument):
+            await importer(_new_key_id(), 1, KeyType.ECDSA_P256, bytearray(der))
+
+    async def test_export_of_destroyed_version_is_refused(self, backend: Backend) -> None:
+        ref = await self._ref(backend, KeyType.AES256_GCM)
+        if await self._exported(backend, ref) is None:
+            pytest.skip(f"{backend.protection} material does not leave the backend")
+        await backend.destroy(ref)
+        with pytest.raises(InvalidState):
+            await backend.export_material(replace(ref, material=b""))
+
     @staticmethod
     async def _use(backend: Backend, ref: VersionRef) -> None:
         if ref.key_type is KeyType.AES256_GCM:

@@ -37,6 +37,7 @@ from broker.backend import Aad, RootKey
 from broker.envelope import KeySlot, rewrap_batch
 from broker.errors import DecryptionFailed, InvalidArgument, InvalidState, Unavailable
 from broker.keys import SOFTWARE, KeyType, VersionRef
+from broker.transfer import check_material
 
 from ._secret import random_bytearray, zero
 
@@ -261,6 +262,48 @@ class SoftwareBackend:
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
 
+    async def export_material(self, ref: VersionRef) -> bytearray:
+        """The version's material unwrapped from the root key, for ``key.export`` and backups.
+
+        Returns:
+            32 raw bytes (aes256-gcm, hmac-sha256) or a PKCS#8 DER private
+            key (signing types), in a bytearray the caller zeroes.
+
+        Raises:
+            InvalidState: the version is destroyed.
+            Unavailable: the blob does not unwrap under this root key.
+        """
+        if self._closed:
+            raise Unavailable(f"the {self.protection} backend is closed")
+        key_type = _key_type(ref.key_type)
+        if not ref.material:
+            raise InvalidState(f"version {ref.version} of this key is destroyed; its material is gone")
+        return await self._unwrap_material(ref, key_type)
+
+    async def import_material(
+        self, key_id: bytes, version: int, key_type: KeyType, material: bytearray
+    ) -> bytes:
+        """Check imported material, wrap it under the root key, zero the caller's buffer.
+
+        Signing keys are re-encoded as canonical PKCS#8 DER before wrapping.
+
+        Raises:
+            InvalidArgument: malformed ids, unknown type, or material that does
+                not suit the type (see :func:`broker.transfer.check_material`).
+        """
+        try:
+            if self._closed:
+                raise Unavailable(f"the {self.protection} backend is closed")
+            key_type = _key_type(key_type)
+            _check_ids(key_id, version)
+            canonical = check_material(key_type, material)
+            try:
+                return await self._root.wrap(canonical, wrap_context(key_id, version, key_type))
+            finally:
+                zero(canonical)
+        finally:
+            zero(material)
+
     def forget(self, key_id: bytes) -> None:
         """Close and drop every loaded version of the key."""
         self._epoch += 1
@@ -310,10 +353,10 @@ class SoftwareBackend:
         finally:
             _close(loaded)
 
-    async def _unwrap(self, ref: VersionRef, key_type: KeyType) -> _Loaded:
+    async def _unwrap_material(self, ref: VersionRef, key_type: KeyType) -> bytearray:
         context = wrap_context(ref.key_id, ref.version, key_type)
         try:
-            material = await self._root.unwrap(ref.material, context)
+            return await self._root.unwrap(ref.material, context)
         except DecryptionFailed:
             # Not the caller's data at fault: the stored blob does not belong
             # to this key version under this root key. An operator must act.
@@ -321,6 +364,9 @@ class SoftwareBackend:
                 f"the stored material of version {ref.version} of this key does not unwrap under "
                 "the root key (a different root key file, or an altered or misplaced blob)"
             ) from None
+
+    async def _unwrap(self, ref: VersionRef, key_type: KeyType) -> _Loaded:
+        material = await self._unwrap_material(ref, key_type)
         try:
             if key_type is KeyType.AES256_GCM:
                 return KeySlot(material, ref.key_id, ref.version)

@@ -73,6 +73,20 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # key.list filters by state and pages by name.
         "CREATE INDEX keys_by_state ON keys (state, name)",
     ),
+    # 1 -> 2: where each version's material came from (imports make
+    # "external" versions), and small documents kept for other features
+    # (issued certificates, CA certificates), each a blob under (kind, id).
+    (
+        "ALTER TABLE versions ADD COLUMN origin TEXT NOT NULL DEFAULT 'broker'",
+        """
+        CREATE TABLE documents (
+            kind TEXT NOT NULL,
+            id   TEXT NOT NULL,
+            body BLOB NOT NULL,
+            PRIMARY KEY (kind, id)
+        ) STRICT
+        """,
+    ),
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -31,6 +31,7 @@ import trio
 
 from broker.errors import AlreadyExists, NotFound, StaleRevision, Unavailable
 from broker.keys import Classification, Key, KeyState, KeyType, Version, VersionState
+from broker.store import check_document_ref
 
 from .schema import SCHEMA_VERSION, migrate
 
@@ -73,7 +74,7 @@ _SELECT_KEY_BY_ID: Final = """
     FROM keys WHERE id = ?
 """
 _SELECT_VERSIONS: Final = """
-    SELECT key_id, number, state, created_at, uses, material
+    SELECT key_id, number, state, created_at, uses, material, origin
     FROM versions WHERE key_id = ? ORDER BY number
 """
 # A range plus an exact substr() test instead of LIKE: "_" is legal in key
@@ -90,7 +91,7 @@ _SELECT_PAGE: Final = """
 """
 # The same page's versions, read in the same transaction (so the same snapshot).
 _SELECT_PAGE_VERSIONS: Final = """
-    SELECT key_id, number, state, created_at, uses, material FROM versions
+    SELECT key_id, number, state, created_at, uses, material, origin FROM versions
     WHERE key_id IN (
         SELECT id FROM keys
         WHERE name >= :prefix AND substr(name, 1, :prefix_len) = :prefix
@@ -127,13 +128,14 @@ _UPDATE_KEY: Final = """
 # fewer uses than reserve_uses has granted since, and lowering the stored
 # count would let the usage limit be crossed after a restart.
 _UPSERT_VERSION: Final = """
-    INSERT INTO versions (key_id, number, state, created_at, uses, material)
-    VALUES (:key_id, :number, :state, :created_at, :uses, :material)
+    INSERT INTO versions (key_id, number, state, created_at, uses, material, origin)
+    VALUES (:key_id, :number, :state, :created_at, :uses, :material, :origin)
     ON CONFLICT (key_id, number) DO UPDATE SET
         state = excluded.state,
         created_at = excluded.created_at,
         uses = max(versions.uses, excluded.uses),
-        material = excluded.material
+        material = excluded.material,
+        origin = excluded.origin
 """
 # Overwrite in place before the row changes, so that the old blob's bytes are
 # replaced rather than merely unlinked; secure_delete then zeroes whatever
@@ -196,6 +198,7 @@ def _version_params(key_id: bytes, version: Version) -> dict[str, object]:
         "created_at": version.created_at,
         "uses": version.uses,
         "material": version.material,
+        "origin": version.origin,
     }
 
 
@@ -215,6 +218,7 @@ def _key_from_row(row: sqlite3.Row, versions: Iterable[sqlite3.Row]) -> Key:
                 created_at=v["created_at"],
                 uses=v["uses"],
                 material=bytes(v["material"]),
+                origin=v["origin"],
             )
             for v in versions
         ),
@@ -581,6 +585,57 @@ class SQLiteStore:
         return await self._read_conn().run(
             lambda c: _in_transaction(c, "BEGIN", lambda t: _select_page(t, prefix, state, after, limit))
         )
+
+    # --- documents -------------------------------------------------------------
+
+    async def put_document(self, kind: str, doc_id: str, body: bytes) -> None:
+        """Store ``body`` under ``(kind, doc_id)``, replacing what was there, in one transaction.
+
+        Raises:
+            ValueError: a malformed kind or id (see :func:`broker.store.check_document_ref`).
+            Unavailable: the database cannot be written.
+        """
+        check_document_ref(kind, doc_id)
+        blob = bytes(body)
+        await self._write_conn().run(
+            lambda c: _in_transaction(
+                c,
+                "BEGIN IMMEDIATE",
+                lambda t: t.execute(
+                    "INSERT INTO documents (kind, id, body) VALUES (?, ?, ?) "
+                    "ON CONFLICT (kind, id) DO UPDATE SET body = excluded.body",
+                    (kind, doc_id, blob),
+                ),
+            )
+        )
+
+    async def get_document(self, kind: str, doc_id: str) -> bytes | None:
+        """The body stored under ``(kind, doc_id)``, or None."""
+        check_document_ref(kind, doc_id)
+
+        def read(conn: sqlite3.Connection) -> bytes | None:
+            query = "SELECT body FROM documents WHERE kind = ? AND id = ?"
+            row = conn.execute(query, (kind, doc_id)).fetchone()
+            return None if row is None else bytes(row["body"])
+
+        return await self._read_conn().run(read)
+
+    async def list_documents(
+        self, kind: str, *, after: str | None = None, limit: int = 100
+    ) -> list[tuple[str, bytes]]:
+        """Up to ``limit`` ``(id, body)`` pairs of ``kind``, ordered by id, with ids > ``after``."""
+        check_document_ref(kind, "x" if after is None else after)
+        if limit < 0:
+            raise ValueError("limit must not be negative")
+
+        def read(conn: sqlite3.Connection) -> list[tuple[str, bytes]]:
+            rows = conn.execute(
+                "SELECT id, body FROM documents WHERE kind = ? AND (? IS NULL OR id > ?) ORDER BY id LIMIT ?",
+                (kind, after, after, limit),
+            ).fetchall()
+            return [(str(r["id"]), bytes(r["body"])) for r in rows]
+
+        return await self._read_conn().run(read)
 
     # --- diagnostics -------------------------------------------------------------
 
