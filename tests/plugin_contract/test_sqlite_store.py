@@ -1,0 +1,247 @@
+"""The built-in SQLite store: the store conformance suite, then what only SQLite has."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import keybroker_sqlite
+import pytest
+from keybroker_sqlite import SCHEMA_VERSION, SchemaError, SQLiteStore
+from keybroker_sqlite import schema as sqlite_schema
+
+from broker.config import parse_config
+from broker.errors import InvalidArgument, Unavailable
+from broker.keys import Classification, KeyType
+from broker.lifecycle import Transition, add_version, new_key, transition
+from broker.store import Store
+from broker.testing.store_suite import OpenStore, StoreConformance, make_key
+
+
+class TestSQLiteStore(StoreConformance):
+    """SQLiteStore passes the suite every store plugin runs."""
+
+    @pytest.fixture
+    def reopen(self, tmp_path: Path) -> OpenStore:
+        async def open_store() -> Store:
+            store = SQLiteStore(tmp_path / "data" / "keys.db")
+            await store.open()
+            return store
+
+        return open_store
+
+    @pytest.fixture
+    async def store(self, reopen: OpenStore) -> AsyncIterator[Store]:
+        store = await reopen()
+        try:
+            yield store
+        finally:
+            await store.aclose()
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "keys.db"
+
+
+@pytest.fixture
+async def opened(db_path: Path) -> AsyncIterator[SQLiteStore]:
+    store = SQLiteStore(db_path)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+@pytest.fixture
+def permissive_umask() -> Iterator[None]:
+    """Prove the modes do not depend on the process umask being strict."""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def raw(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path, isolation_level=None)
+
+
+def on_disk(db_path: Path) -> bytes:
+    """Everything SQLite keeps on disk for the database: main file, log and index."""
+    return b"".join(p.read_bytes() for p in (db_path, db_path.with_name(db_path.name + "-wal")) if p.exists())
+
+
+# --- files and settings -------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("permissive_umask")
+async def test_directory_and_files_are_private(tmp_path: Path) -> None:
+    path = tmp_path / "missing" / "data" / "keys.db"
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        await store.insert_key(make_key("modes"))
+        assert mode(path.parent) == 0o700
+        for name in ("keys.db", "keys.db-wal", "keys.db-shm"):
+            assert mode(path.parent / name) == 0o600, name
+    finally:
+        await store.aclose()
+
+
+async def test_existing_loose_file_is_tightened(db_path: Path) -> None:
+    db_path.parent.mkdir(mode=0o700)
+    db_path.touch(mode=0o644)
+    os.chmod(db_path, 0o644)
+    store = SQLiteStore(db_path)
+    await store.open()
+    await store.aclose()
+    assert mode(db_path) == 0o600
+
+
+async def test_connection_settings(opened: SQLiteStore) -> None:
+    assert await opened.pragmas() == {
+        "journal_mode": "wal",
+        "synchronous": 2,  # FULL
+        "secure_delete": 1,
+        "foreign_keys": 1,
+        "user_version": SCHEMA_VERSION,
+        "schema_version_known": SCHEMA_VERSION,
+    }
+
+
+# --- schema ---------------------------------------------------------------------------
+
+
+async def test_empty_file_is_migrated_to_the_current_schema(db_path: Path) -> None:
+    db_path.parent.mkdir(mode=0o700)
+    db_path.touch(mode=0o600)
+    store = SQLiteStore(db_path)
+    await store.open()
+    await store.aclose()
+    with raw(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA application_id").fetchone()[0] == sqlite_schema.APPLICATION_ID
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
+        assert {"keys", "versions"} <= tables
+
+
+async def test_newer_schema_is_refused(opened: SQLiteStore, db_path: Path) -> None:
+    await opened.aclose()
+    with raw(db_path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    store = SQLiteStore(db_path)
+    with pytest.raises(SchemaError, match="newer"):
+        await store.open()
+    with pytest.raises(Unavailable):
+        await store.get_key("anything")
+
+
+async def test_foreign_databases_are_refused(tmp_path: Path) -> None:
+    other_app = tmp_path / "other.db"
+    with raw(other_app) as conn:
+        conn.execute("PRAGMA application_id = 1234")
+    unversioned = tmp_path / "unversioned.db"
+    with raw(unversioned) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+    for path in (other_app, unversioned):
+        with pytest.raises(SchemaError, match=r"not a keybroker key store|no keybroker schema version"):
+            await SQLiteStore(path).open()
+
+
+async def test_later_migrations_apply_in_order_and_keep_keys(
+    opened: SQLiteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = make_key("migrated")
+    await opened.insert_key(key)
+    await opened.aclose()
+    step = ("ALTER TABLE keys ADD COLUMN note TEXT", "UPDATE keys SET note = 'added by step 2'")
+    monkeypatch.setattr(sqlite_schema, "MIGRATIONS", (*sqlite_schema.MIGRATIONS, step))
+    monkeypatch.setattr(sqlite_schema, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    store = SQLiteStore(db_path)
+    await store.open()
+    try:
+        assert await store.get_key("migrated") == key
+    finally:
+        await store.aclose()
+    with raw(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+        assert conn.execute("SELECT note FROM keys").fetchall() == [("added by step 2",)]
+
+
+# --- erasure, failures, plugin hook ----------------------------------------------------
+
+
+async def test_erased_material_leaves_no_trace_on_disk(opened: SQLiteStore, db_path: Path) -> None:
+    markers = [b"wrapped-material-v1:" + os.urandom(40), b"wrapped-material-v2:" + os.urandom(400)]
+    first = new_key(
+        key_id=os.urandom(16),
+        name="erase-me",
+        key_type=KeyType.AES256_GCM,
+        protection="software",
+        classification=Classification.INTERNAL,
+        material=markers[0],
+        now=1_700_000_000,
+    )
+    second = add_version(first, markers[1], first.created_at + 1)
+    await opened.insert_key(second)
+    assert all(m in on_disk(db_path) for m in markers)
+
+    pending = transition(second, Transition.SCHEDULE_DESTROY, second.updated_at, pending_days=7)
+    await opened.replace_key(pending, expected_revision=second.revision)
+    destroyed = transition(pending, Transition.DESTROY, pending.updated_at + 7 * 86_400)
+    await opened.replace_key(destroyed, expected_revision=pending.revision)
+    data = on_disk(db_path)
+    assert not any(m in data for m in markers)
+    await opened.aclose()
+    assert not any(m in on_disk(db_path) for m in markers)
+
+
+async def test_lock_held_too_long_is_unavailable(opened: SQLiteStore, db_path: Path) -> None:
+    slow = SQLiteStore(db_path, busy_timeout_s=0.05)
+    await slow.open()
+    blocker = raw(db_path)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(Unavailable, match="locked") as caught:
+            await slow.insert_key(make_key("blocked"))
+        assert "blocked" not in str(caught.value)
+        blocker.execute("ROLLBACK")
+        await slow.insert_key(make_key("blocked"))
+        assert await opened.get_key("blocked") is not None
+    finally:
+        blocker.close()
+        await slow.aclose()
+
+
+async def test_closed_store_is_unavailable(opened: SQLiteStore) -> None:
+    await opened.aclose()
+    with pytest.raises(Unavailable):
+        await opened.get_key("x")
+    with pytest.raises(Unavailable):
+        await opened.insert_key(make_key("x"))
+
+
+def test_hook_provides_the_store_only_when_configured(tmp_path: Path) -> None:
+    store = keybroker_sqlite.kb_store(config=parse_config({}, data_dir=tmp_path / "d"))
+    assert isinstance(store, SQLiteStore)
+    assert store.path == tmp_path / "d" / "keys.db"
+    tuned = keybroker_sqlite.kb_store(
+        config=parse_config({"plugins": {"sqlite": {"busy_timeout_s": 0.5}}}, data_dir=tmp_path)
+    )
+    assert isinstance(tuned, SQLiteStore) and tuned.busy_timeout_s == 0.5
+    assert keybroker_sqlite.kb_store(config=parse_config({"store": "postgres"}, data_dir=tmp_path)) is None
+    for bad in ({"busy_timeout": 1}, {"busy_timeout_s": "soon"}, {"busy_timeout_s": -1}):
+        with pytest.raises(InvalidArgument):
+            keybroker_sqlite.kb_store(config=parse_config({"plugins": {"sqlite": bad}}, data_dir=tmp_path))
