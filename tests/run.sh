@@ -28,5 +28,9 @@ fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test,hsm,postgres]'
 .venv/bin/pip install -q --disable-pip-version-check ./tests/plugin_contract/external_backend
 
+# The Node.js interoperability test's MessagePack-RPC client (tests/interop/package.json).
+if command -v npm >/dev/null; then
+  npm install --prefix tests/interop --no-audit --no-fund --silent || echo "warning: npm install in tests/interop failed; the Node.js interop test will skip (or fail with KEYBROKER_REQUIRE_ALL=1)"
+fi
 .venv/bin/ruff check --quiet .
 exec .venv/bin/pytest "$@"
