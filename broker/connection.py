@@ -1,13 +1,16 @@
-"""One client connection: a reader, a task per request, one coalescing writer.
+"""One client connection: a reader, worker tasks for requests, one writer.
 
-The reader decodes requests and spawns a task for each, holding one of
-``limits.max_inflight_per_connection`` slots; when all slots are taken it
-stops reading, so the kernel's socket buffers push back on the client. A slot
-is returned only once its response has been written, which also bounds the
-memory a client that never reads can pin. Responses go out in completion
-order (msgpack-rpc matches them by msgid) through a single writer task that
-sends everything ready at once in one ``send_all`` -- one write per response
-costs several times more under pipelined load.
+The reader decodes requests and queues them for worker tasks, each request
+holding one of ``limits.max_inflight_per_connection`` slots; when all slots
+are taken it stops reading, so the kernel's socket buffers push back on the
+client. A slot is returned only once its response has been written, which
+also bounds the memory a client that never reads can pin. Workers (at most
+one per slot, parked when idle rather than spawned per request) run requests
+concurrently; responses go out in completion order -- msgpack-rpc matches
+them by msgid -- through a single writer task that sends everything ready at
+once in one write, since one write per response costs several times more
+under pipelined load. A lone request in flight is written directly by its
+worker, saving the hop to the writer on the request-reply path.
 
 A connection closes itself when the peer leaves, after ``idle_timeout_s``
 with no request in flight, when a started message is not complete within
@@ -18,8 +21,10 @@ stream cannot be decoded. A failure here never reaches another connection.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
+import os
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, final
@@ -46,11 +51,89 @@ log = logging.getLogger("keybroker.connection")
 # One receive_some can carry hundreds of pipelined requests; a large buffer
 # keeps the number of reads (and scheduler round trips) per request low.
 RECEIVE_SIZE: Final = 256 * 1024
+# A reader that keeps finding data yields to other tasks after this many
+# reads in a row (each read may carry hundreds of requests).
+_MAX_READS_WITHOUT_YIELD: Final = 8
 # notify() waits while this much output is queued, so a subscriber that stops
 # reading cannot make the broker buffer events without bound.
 NOTIFY_HIGH_WATER: Final = 1 << 20
 # Errors that mean the transport is gone; anything else is a bug.
 _TRANSPORT_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class _StreamIO:
+    """Any trio stream (TLS, in-memory): every operation goes through trio."""
+
+    direct = False
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+
+    async def receive(self) -> bytes | bytearray:
+        return await self._stream.receive_some(RECEIVE_SIZE)
+
+    def try_send(self, data: bytes | memoryview) -> int:  # pragma: no cover - direct is False
+        raise NotImplementedError
+
+    async def send_all(self, data: bytes) -> None:
+        await self._stream.send_all(data)
+
+
+class _SocketIO:
+    """A plain socket, driven with non-blocking system calls.
+
+    trio's SocketStream yields to the scheduler after every successful recv
+    and send. On the request-reply path that adds scheduler rounds per
+    request, so here a read or write that completes at once does not yield;
+    a reader that keeps finding data yields every few reads instead, which
+    keeps the connection a good citizen under a flood.
+    """
+
+    direct = True
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._sock = stream.socket
+        self._fd = stream.socket.fileno()
+        self._unyielded = 0  # reads in a row that found data waiting
+
+    async def receive(self) -> bytes:
+        while True:
+            try:
+                data = os.read(self._fd, RECEIVE_SIZE)
+            except BlockingIOError:
+                self._unyielded = 0
+                await trio.lowlevel.wait_readable(self._sock)
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(str(exc)) from exc
+            self._unyielded += 1
+            if self._unyielded >= _MAX_READS_WITHOUT_YIELD:
+                # A peer that always has more to send must not monopolise
+                # the loop.
+                self._unyielded = 0
+                await trio.lowlevel.checkpoint()
+            return data
+
+    def try_send(self, data: bytes | memoryview) -> int:
+        """Write what the socket buffer takes now; returns the byte count.
+
+        Raises:
+            trio.BrokenResourceError: the peer is gone.
+        """
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+
+    async def send_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            sent = self.try_send(view)
+            view = view[sent:]
+            if view:
+                await trio.lowlevel.wait_writable(self._sock)
 
 
 @dataclass(eq=False)
@@ -126,13 +209,19 @@ class Connection:
         limits: Limits,
     ) -> None:
         self._stream = stream
+        self._io: _StreamIO | _SocketIO = (
+            _SocketIO(stream) if type(stream) is trio.SocketStream else _StreamIO(stream)
+        )
         self._handler = handler
         self._limits = limits
         self.context = RequestContext(principal, connection_id, _connection=self)
         self._decoder = RequestDecoder(limits.max_message_bytes)
         self._packer = new_packer()
-        self._slots = trio.Semaphore(limits.max_inflight_per_connection)
+        # Requests read whose response is not yet written; the reader waits
+        # on _slot_freed while this is at the limit.
         self._inflight = 0
+        self._max_inflight = limits.max_inflight_per_connection
+        self._slot_freed = trio.Event()
         self._idle_since = trio.current_time()
         self._partial_since: float | None = None
         # Writer state: queued frames, and how many of them are responses
@@ -140,14 +229,29 @@ class Connection:
         self._pending: list[bytes] = []
         self._pending_responses = 0
         self._pending_bytes = 0
+        self._writing = False  # the writer task is inside send_all
         self._wakeup = trio.Event()
         self._flushed = trio.Event()
         self._closing = False  # no more requests: the writer exits once empty
         self._closed = False  # nothing more will be written
         self._draining = False
         self._nursery: trio.Nursery | None = None
-        self._reader_scope: trio.CancelScope | None = None
+        # Worker tasks run requests. Spawning a task per request costs more
+        # than the rest of the transport on pipelined load, so workers are
+        # kept (at most one per in-flight slot) and parked when idle.
+        self._workers_nursery: trio.Nursery | None = None
+        self._queue: collections.deque[Request | BadRequest] = collections.deque()
+        self._idle_workers: list[trio.lowlevel.Task] = []
+        self._workers = 0
+        self._waking = 0  # workers woken or spawned that have not run yet
+        self._counted_wakes: set[trio.lowlevel.Task] = set()
+        self._reader_done = False
+        # Covers the whole read loop; its deadline is the idle or message
+        # timeout while waiting for bytes, and infinite while we are busy.
         self._read_scope: trio.CancelScope | None = None
+        self._receiving = False
+        self._timed_out: str | None = None  # set by the watchdog
+        self._watchdog_scope = trio.CancelScope()
 
     @property
     def connection_id(self) -> int:
@@ -165,11 +269,19 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._write_loop)
-                async with trio.open_nursery() as requests:
-                    await self._read_loop(requests)
+                nursery.start_soon(self._watchdog)
+                async with trio.open_nursery() as workers:
+                    self._workers_nursery = workers
+                    try:
+                        await self._read_loop()
+                    finally:
+                        # Workers finish what is queued, then exit.
+                        self._reader_done = True
+                        self._wake_all_workers()
                 # Every response is queued now; let the writer flush and stop.
                 self._closing = True
                 self._wakeup.set()
+                self._watchdog_scope.cancel()
         finally:
             self._mark_closed()
             # The hook runs before the (checkpointing) close, so a
@@ -187,8 +299,8 @@ class Connection:
         cancelling :meth:`run`.
         """
         self._draining = True
-        if self._reader_scope is not None:
-            self._reader_scope.cancel()
+        if self._read_scope is not None:
+            self._read_scope.cancel()
 
     async def notify(self, method: str, params: list[Any]) -> None:
         """See :meth:`RequestContext.notify`."""
@@ -200,28 +312,20 @@ class Connection:
 
     # -- reading -------------------------------------------------------------
 
-    async def _read_loop(self, requests: trio.Nursery) -> None:
-        with trio.CancelScope() as reader_scope:
-            self._reader_scope = reader_scope
+    async def _read_loop(self) -> None:
+        with trio.CancelScope() as scope:
+            self._read_scope = scope
             if self._draining:
                 return
             while True:
-                with trio.CancelScope(deadline=self._read_deadline()) as scope:
-                    self._read_scope = scope
-                    try:
-                        data = await self._stream.receive_some(RECEIVE_SIZE)
-                    except _TRANSPORT_ERRORS:
-                        self._abort("connection lost")
-                        return
-                self._read_scope = None
-                if scope.cancelled_caught:
-                    if self._partial_since is not None:
-                        self._abort("message not completed in time")
-                        return
-                    if self._inflight == 0:
-                        log.debug("connection %d: idle timeout", self.connection_id)
-                        return
-                    continue
+                self._receiving = True
+                try:
+                    data = await self._io.receive()
+                except _TRANSPORT_ERRORS:
+                    self._abort("connection lost")
+                    return
+                finally:
+                    self._receiving = False
                 if not data:
                     return  # EOF: answer what is in flight, then close.
                 try:
@@ -234,14 +338,18 @@ class Connection:
                 elif events or self._partial_since is None:
                     self._partial_since = trio.current_time()
                 for event in events:
-                    # Fast path without a checkpoint: a scheduler round trip
-                    # per pipelined request would dominate their cost.
-                    try:
-                        self._slots.acquire_nowait()
-                    except trio.WouldBlock:
-                        await self._slots.acquire()
+                    # Backpressure: with every slot taken, stop reading. No
+                    # checkpoint otherwise: a scheduler round trip per
+                    # pipelined request would dominate their cost.
+                    while self._inflight >= self._max_inflight:
+                        self._slot_freed = trio.Event()
+                        await self._slot_freed.wait()
                     self._inflight += 1
-                    requests.start_soon(self._dispatch, event)
+                    self._submit(event)
+        if self._timed_out == "message":
+            self._abort("message not completed in time")
+        elif self._timed_out == "idle":
+            log.debug("connection %d: idle timeout", self.connection_id)
 
     def _read_deadline(self) -> float:
         if self._partial_since is not None:
@@ -250,9 +358,88 @@ class Connection:
             return self._idle_since + self._limits.idle_timeout_s
         return math.inf
 
-    def _refresh_read_deadline(self) -> None:
-        if self._read_scope is not None:
-            self._read_scope.deadline = self._read_deadline()
+    async def _watchdog(self) -> None:
+        """Enforce the idle and message timeouts.
+
+        A separate task, so the per-request path never touches a deadline:
+        it only records times, and this task re-reads them when it wakes.
+        It wakes at least every ``min(idle, message timeout)``, so a deadline
+        that appears while it sleeps (the last reply went out, a message
+        started) is never passed by: that deadline lies at least one such
+        period after the moment it started sleeping.
+        """
+        with self._watchdog_scope:
+            await self._watch()
+
+    async def _watch(self) -> None:
+        limits = self._limits
+        period = min(limits.idle_timeout_s, limits.message_timeout_s)
+        while True:
+            now = trio.current_time()
+            deadline = self._read_deadline()
+            # Only a peer we are waiting on can time out; not one we are
+            # holding back because our own in-flight slots are full.
+            if deadline <= now and self._receiving and self._read_scope is not None:
+                self._timed_out = "message" if self._partial_since is not None else "idle"
+                self._read_scope.cancel()
+                return
+            if deadline <= now:
+                # Expired while we hold the peer back; look again shortly
+                # after the reader is waiting on it once more.
+                deadline = now + period / 8
+            await trio.sleep_until(min(deadline, now + period))
+
+    # -- workers -------------------------------------------------------------
+
+    def _submit(self, event: Request | BadRequest) -> None:
+        self._queue.append(event)
+        self._wake_worker()
+
+    def _wake_worker(self) -> None:
+        """Make sure some worker will look at the queue soon.
+
+        At most one wake-up is outstanding: a worker that runs requests
+        without blocking drains the whole queue in one go (so a pipelined
+        burst costs one wake-up); one that blocks in a handler wakes the next
+        worker before it starts (see _worker), so requests still overlap.
+        """
+        if self._waking or not self._queue:
+            return
+        if self._idle_workers:
+            task = self._idle_workers.pop()
+            self._waking += 1
+            self._counted_wakes.add(task)
+            trio.lowlevel.reschedule(task)
+        elif self._workers < self._limits.max_inflight_per_connection and self._workers_nursery is not None:
+            self._waking += 1
+            self._workers += 1
+            self._workers_nursery.start_soon(self._worker)
+
+    def _wake_all_workers(self) -> None:
+        while self._idle_workers:
+            trio.lowlevel.reschedule(self._idle_workers.pop())
+
+    async def _worker(self) -> None:
+        task = trio.lowlevel.current_task()
+        self._waking -= 1
+        while True:
+            if self._queue:
+                event = self._queue.popleft()
+                self._wake_worker()  # for the rest of the queue, should we block
+                await self._dispatch(event)
+                continue
+            if self._reader_done:
+                return
+            self._idle_workers.append(task)
+
+            def abort(_: Any, task: trio.lowlevel.Task = task) -> trio.lowlevel.Abort:
+                self._idle_workers.remove(task)
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+            if task in self._counted_wakes:
+                self._counted_wakes.discard(task)
+                self._waking -= 1
 
     # -- handling ------------------------------------------------------------
 
@@ -272,6 +459,19 @@ class Connection:
                     payload = encode_response(event.msgid, None, result, self._packer)
                 except (TypeError, ValueError, OverflowError) as exc:
                     payload = self._encode_error(event.msgid, self._internal(exc, event.method))
+        if self._inflight == 1 and not self._writing and not self._pending and self._io.direct:
+            # The only request in flight (request-reply use): write it now,
+            # skipping the hop to the writer task. With several in flight
+            # the writer gathers them into one write instead.
+            try:
+                sent = self._io.try_send(payload)
+            except _TRANSPORT_ERRORS:
+                self._abort("connection lost")
+                return
+            if sent == len(payload):
+                self._responses_written(1)
+                return
+            payload = payload[sent:]  # the writer sends the rest first
         self._enqueue(payload, response=True)
 
     def _encode_error(self, msgid: int, error: BrokerError) -> bytes:
@@ -308,6 +508,14 @@ class Connection:
             self._pending_responses += 1
         self._wakeup.set()
 
+    def _responses_written(self, count: int) -> None:
+        if not count:
+            return
+        self._inflight -= count
+        self._slot_freed.set()
+        if self._inflight == 0:
+            self._idle_since = trio.current_time()
+
     async def _write_loop(self) -> None:
         while True:
             if not self._pending:
@@ -321,23 +529,20 @@ class Connection:
             responses, self._pending_responses = self._pending_responses, 0
             self._pending_bytes = 0
             data = batch[0] if len(batch) == 1 else b"".join(batch)
+            self._writing = True
             with trio.move_on_after(self._limits.message_timeout_s) as scope:
                 try:
-                    await self._stream.send_all(data)
+                    await self._io.send_all(data)
                 except _TRANSPORT_ERRORS:
                     self._abort("connection lost")
                     return
+            self._writing = False
             if scope.cancelled_caught:
                 self._abort("client did not read its responses in time")
                 return
             self._flushed.set()
             self._flushed = trio.Event()
-            for _ in range(responses):
-                self._slots.release()
-            self._inflight -= responses
-            if responses and self._inflight == 0:
-                self._idle_since = trio.current_time()
-                self._refresh_read_deadline()
+            self._responses_written(responses)
 
     # -- closing -------------------------------------------------------------
 

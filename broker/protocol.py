@@ -141,6 +141,8 @@ class _FrameSplitter:
             ProtocolError: the stream is not msgpack, or a message exceeds the
                 size limit.
         """
+        if not self._buf and len(data) <= self._limit:
+            return self._feed_fresh(bytes(data))
         frames: list[bytes] = []
         view = memoryview(data)
         pos = 0
@@ -153,20 +155,46 @@ class _FrameSplitter:
             self._scanner.feed(chunk)
             self._buf += chunk
             cut = 0
-            while True:
-                try:
-                    self._scanner.skip()
-                except msgpack.OutOfData:
-                    break
-                except _STREAM_ERRORS:
-                    raise ProtocolError("undecodable stream") from None
-                end = self._scanner.tell() - self._start
+            for end in self._message_ends():
                 frames.append(bytes(self._buf[cut:end]))
                 cut = end
             if cut:
                 del self._buf[:cut]
                 self._start += cut
         return frames
+
+    def _feed_fresh(self, data: bytes) -> list[bytes]:
+        """The common case: no partial message pending and a chunk that fits.
+
+        Frames are sliced straight from ``data`` (no copy when one message
+        is the whole chunk), and only a trailing partial message is kept.
+        """
+        self._scanner.feed(data)
+        ends = self._message_ends()
+        if not ends:
+            frames: list[bytes] = []
+        elif len(ends) == 1 and ends[0] == len(data):
+            frames = [data]
+        else:
+            frames = [data[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+        cut = ends[-1] if ends else 0
+        if cut < len(data):
+            self._buf += data[cut:]
+        self._start += cut
+        return frames
+
+    def _message_ends(self) -> list[int]:
+        """Offsets in the buffered bytes where complete messages end."""
+        ends: list[int] = []
+        scanner = self._scanner
+        while True:
+            try:
+                scanner.skip()
+            except msgpack.OutOfData:
+                return ends
+            except _STREAM_ERRORS:
+                raise ProtocolError("undecodable stream") from None
+            ends.append(scanner.tell() - self._start)
 
 
 class RequestDecoder:
