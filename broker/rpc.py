@@ -30,6 +30,7 @@ from .errors import (
 from .keys import Key, KeyType
 from .logs import request_id
 from .methods_crypto import CRYPTO_METHODS
+from .methods_distribution import DISTRIBUTION_METHODS
 from .methods_keys import KEY_METHODS, target
 from .metrics import Metrics
 from .params import as_str, parse
@@ -46,7 +47,7 @@ __all__ = ["METHODS", "Dispatcher"]
 
 log = logging.getLogger("keybroker.rpc")
 
-METHODS: Mapping[str, Method] = {**KEY_METHODS, **CRYPTO_METHODS}
+METHODS: Mapping[str, Method] = {**KEY_METHODS, **CRYPTO_METHODS, **DISTRIBUTION_METHODS}
 
 
 class Dispatcher:

@@ -12,12 +12,20 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import trio
 
 from .backend import Aad, Backend
-from .errors import AlreadyExists, InvalidArgument, InvalidState, LimitExceeded, NotFound, StaleRevision
+from .errors import (
+    AlreadyExists,
+    InvalidArgument,
+    InvalidState,
+    LimitExceeded,
+    NotFound,
+    PermissionDenied,
+    StaleRevision,
+)
 from .events import EventKind, KeyEvent
 from .keys import Classification, Key, KeyState, KeyType, VersionRef, VersionState
 from .lifecycle import (
@@ -37,6 +45,7 @@ from .lifecycle import (
 )
 from .plugins import Plugins
 from .store import Store
+from .transfer import ImportToken, ImportTokens, new_wrapping_key, unwrap
 from .usage import Meter, lease_size
 
 __all__ = ["KeyService", "Sealed"]
@@ -44,6 +53,12 @@ __all__ = ["KeyService", "Sealed"]
 # A change that keeps losing the optimistic race is retried this often
 # before the caller is told the store is unavailable.
 MAX_CHANGE_ATTEMPTS = 8
+
+# Origin of material imported through key.import (generated material: "broker").
+EXTERNAL = "external"
+# Export hands material out for use elsewhere: only from states where the key
+# is meant to be usable (not disabled, compromised or on its way out).
+EXPORTABLE_STATES = frozenset({KeyState.PRE_ACTIVE, KeyState.ACTIVE, KeyState.DEACTIVATED})
 
 EVENT_FOR: dict[Transition, EventKind] = {
     Transition.ACTIVATE: EventKind.STATE_CHANGED,
@@ -86,6 +101,8 @@ class KeyService:
         self._locks: dict[str, trio.Lock] = {}
         self._meters: dict[tuple[bytes, int], Meter] = {}
         self._listeners: list[Callable[[KeyEvent], None]] = []
+        # One-time RSA wrapping keys for key.import, in this broker's memory.
+        self.import_tokens = ImportTokens(self.now)
 
     def now(self) -> int:
         return int(self.clock())
@@ -98,7 +115,10 @@ class KeyService:
         return lambda: self._listeners.remove(listener)
 
     def _emit(self, key: Key, kind: EventKind) -> None:
-        event = KeyEvent(key.name, kind, key.primary_version, self.now(), key.state.value)
+        self.emit_event(KeyEvent(key.name, kind, key.primary_version, self.now(), key.state.value))
+
+    def emit_event(self, event: KeyEvent) -> None:
+        """Hand ``event`` to the ``kb_key_event`` hooks and every listener (subscriptions)."""
         self.plugins.key_event(event)
         for listener in list(self._listeners):
             listener(event)
@@ -425,6 +445,211 @@ class KeyService:
         if found.state is VersionState.DESTROYED:
             raise InvalidState(f"key {key.name!r}: version {number} is destroyed")
         return number, await self.backend(key).public_pem(key.ref(number))
+
+
+    # --- export, import, restore -------------------------------------------------
+
+    async def export_material(self, key: Key, version: int | None) -> tuple[int, bytearray]:
+        """A version's material in the clear, for wrapping to a recipient (``key.export``).
+
+        Args:
+            key: the key.
+            version: the version to export; None for the primary.
+
+        Returns:
+            The version number and the material (32 raw bytes, or PKCS#8 DER
+            for signing keys) in a bytearray the caller zeroes.
+
+        Raises:
+            InvalidArgument: the key's custody keeps material inside (hsm).
+            PermissionDenied: the key was not created ``exportable``.
+            InvalidState: the key is not pre_active, active or deactivated,
+                or the version is compromised or destroyed.
+            NotFound: no such version.
+        """
+        check_operation(key, "export")
+        export = getattr(self.backend(key), "export_material", None)
+        if export is None:
+            raise InvalidArgument(
+                f"keys of protection {key.protection!r} cannot be exported: "
+                "their material stays in the backend",
+                {"field": "name"},
+            )
+        if not key.exportable:
+            raise PermissionDenied(
+                f"key {key.name!r} was not created exportable; its material never leaves the broker",
+                {"rule": "exportable"},
+            )
+        if key.state not in EXPORTABLE_STATES:
+            raise InvalidState(f"key {key.name!r} is {key.state.value}: export not allowed")
+        number = key.primary_version if version is None else version
+        found = key.version(number)
+        if found is None:
+            raise NotFound(f"key {key.name!r} has no version {number}")
+        if found.state is not VersionState.ACTIVE:
+            raise InvalidState(
+                f"key {key.name!r}: version {number} is {found.state.value}; export not allowed"
+            )
+        material: bytearray = await export(key.ref(number))
+        return number, material
+
+    async def new_import_token(self, key_type: KeyType, principal: str) -> ImportToken:
+        """Issue a one-time RSA-3072 wrapping key for importing ``key_type`` material.
+
+        Raises:
+            LimitExceeded: too many tokens outstanding.
+        """
+        self.import_tokens.check_room()
+        # RSA-3072 generation takes 0.1-1 s; cryptography releases the GIL.
+        private = await trio.to_thread.run_sync(new_wrapping_key)
+        return self.import_tokens.issue(key_type, principal, private)
+
+    def _importer(self, protection: str) -> Callable[[bytes, int, KeyType, bytearray], Awaitable[bytes]]:
+        backend = self.backends.get(protection)
+        if backend is None:
+            raise InvalidArgument(
+                f"protection {protection!r} is not configured on this broker", {"field": "protection"}
+            )
+        importer = getattr(backend, "import_material", None)
+        if importer is None:
+            raise InvalidArgument(
+                f"protection {protection!r} cannot take imported material", {"field": "protection"}
+            )
+        return cast("Callable[[bytes, int, KeyType, bytearray], Awaitable[bytes]]", importer)
+
+    @staticmethod
+    def _unwrap_import(token: ImportToken, key_type: KeyType, wrapped: bytes) -> bytearray:
+        if token.key_type is not key_type:
+            raise InvalidArgument(
+                f"the import token was issued for {token.key_type.value} material, not {key_type.value}",
+                {"field": "type"},
+            )
+        return unwrap(token.private, wrapped)
+
+    async def import_key(
+        self,
+        *,
+        token: ImportToken,
+        wrapped: bytes,
+        name: str,
+        key_type: KeyType,
+        key_id: bytes | None,
+        version: int,
+        protection: str,
+        classification: Classification,
+        activate: bool,
+        rotation_period_s: int,
+        max_uses_per_version: int | None,
+        exportable: bool,
+        labels: dict[str, str],
+    ) -> Key:
+        """Create a key whose first version is imported material (origin ``external``).
+
+        Args:
+            token: the consumed import token whose key unwraps ``wrapped``.
+            wrapped: RSA-OAEP(ephemeral) || AES-KWP(ephemeral, material).
+            key_id: keep this 16-byte id (so envelopes made elsewhere under
+                it decrypt here); None for a new random id.
+            version: the number the imported version gets (keeps another
+                broker's numbering); min_decrypt_version starts there.
+
+        Raises:
+            DecryptionFailed: ``wrapped`` does not unwrap under the token.
+            InvalidArgument: wrong type for the token, malformed material,
+                protection without import, governance.
+            AlreadyExists: the name or the key id is taken.
+        """
+        importer = self._importer(protection)
+        material = self._unwrap_import(token, key_type, wrapped)
+        try:
+            now = self.now()
+            new_id = key_id if key_id is not None else os.urandom(16)
+            draft = new_key(
+                key_id=new_id,
+                name=name,
+                key_type=key_type,
+                protection=protection,
+                classification=classification,
+                material=b"",
+                now=now,
+                activate=activate,
+                rotation_period_s=rotation_period_s,
+                max_uses_per_version=max_uses_per_version,
+                exportable=exportable,
+                labels=labels,
+                origin=EXTERNAL,
+            )
+            first = replace(draft.versions[0], number=version, origin=EXTERNAL)
+            draft = replace(draft, versions=(first,), primary_version=version, min_decrypt_version=version)
+            self.plugins.validate(draft, "create")
+            async with self._lock(name):
+                if await self.find(name) is not None:
+                    raise AlreadyExists(f"a key named {name!r} exists")
+                if await self.store.get_key_by_id(new_id) is not None:
+                    raise AlreadyExists("a key with that key_id exists", {"field": "key_id"})
+                blob = await importer(new_id, version, key_type, material)
+                key = _with_material(draft, version, blob)
+                await self.store.insert_key(key)
+                self._remember(key)
+        finally:
+            material[:] = bytes(len(material))
+        self._emit(key, EventKind.CREATED)
+        return key
+
+    async def import_version(
+        self, name: str, *, token: ImportToken, wrapped: bytes, key_type: KeyType, version: int | None
+    ) -> Key:
+        """Add imported material as the key's new primary version (origin ``external``).
+
+        Args:
+            version: the new version's number, above every existing one;
+                None for the next number.
+
+        Raises:
+            DecryptionFailed: ``wrapped`` does not unwrap under the token.
+            InvalidArgument: a type other than the key's, malformed material,
+                a version number not above the existing ones.
+            InvalidState: the key cannot rotate in its state.
+        """
+        material = self._unwrap_import(token, key_type, wrapped)
+        try:
+
+            async def change(old: Key) -> Key:
+                if old.type is not key_type:
+                    raise InvalidArgument(
+                        f"key {old.name!r} is {old.type.value}, not {key_type.value}", {"field": "type"}
+                    )
+                importer = self._importer(old.protection)
+                rotated = add_version(old, b"", self.now())
+                number = rotated.primary_version if version is None else version
+                if number < rotated.primary_version:
+                    raise InvalidArgument(
+                        f"version must be above {rotated.primary_version - 1}, the key's highest",
+                        {"field": "version"},
+                    )
+                last = replace(rotated.versions[-1], number=number, origin=EXTERNAL)
+                rotated = replace(rotated, versions=(*rotated.versions[:-1], last), primary_version=number)
+                self.plugins.validate(rotated, "rotate")
+                blob = await importer(old.id, number, old.type, bytearray(material))
+                return _with_material(rotated, number, blob)
+
+            key = await self._apply(name, change)
+        finally:
+            material[:] = bytes(len(material))
+        self._emit(key, EventKind.ROTATED)
+        return key
+
+    async def restore_key(self, key: Key) -> Key:
+        """Insert a key brought back from a backup, exactly as given (ids, versions, states).
+
+        Raises:
+            AlreadyExists: the name or id is taken.
+        """
+        async with self._lock(key.name):
+            await self.store.insert_key(key)
+            self._remember(key)
+        self._emit(key, EventKind.CREATED)
+        return key
 
 
 def _with_material(key: Key, number: int, material: bytes) -> Key:

@@ -32,9 +32,9 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cryptography.exceptions import InvalidKey
 from cryptography.hazmat.primitives import hashes, keywrap, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap
 
 from .errors import DecryptionFailed, InvalidArgument, LimitExceeded, NotFound
 from .keys import KeyType
@@ -170,7 +170,7 @@ def unwrap(private: rsa.RSAPrivateKey, wrapped: bytes) -> bytearray:
         if len(ephemeral) != EPHEMERAL_KEY_LEN:
             raise DecryptionFailed()
         return bytearray(keywrap.aes_key_unwrap_with_padding(ephemeral, wrapped[size:]))
-    except InvalidKey:
+    except InvalidUnwrap:
         raise DecryptionFailed() from None
     finally:
         _zero(ephemeral)

@@ -1,0 +1,160 @@
+"""Methods that move keys and vouch for them: export, import, backups, certificates.
+
+``key.export`` / ``key.import_params`` / ``key.import`` carry key material
+between keybroker and other parties under the RSA-AES key wrap of
+:mod:`broker.transfer`; ``backup.create`` seals an archive of keys
+(:mod:`broker.backup`); ``cert.*`` issue X.509 certificates signed by keys the
+broker holds (:mod:`broker.certs`). docs/distribution.md has the formats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from .calls import NAME, PERIOD, USES, VERSION, Call, Kind, Method
+from .errors import InvalidArgument, PermissionDenied
+from .keys import Classification, KeyType, check_name
+from .params import Field, as_bin, as_bool, as_enum, as_labels, as_str
+from .transfer import (
+    WRAPPING_ALGORITHM,
+    load_recipient,
+    material_format,
+    public_pem,
+    recipient_fingerprint,
+    wrap,
+)
+
+if TYPE_CHECKING:
+    from .rpc import Dispatcher
+
+__all__ = ["DISTRIBUTION_METHODS"]
+
+KEY_ID_LEN = 16
+# Audit records name a recipient by a fingerprint prefix: enough to tell
+# recipients apart when reading the log, short enough to stay readable.
+FINGERPRINT_CHARS = 16
+# key.import options that only make sense when a new key is created.
+_CREATE_OPTIONS = (
+    "key_id",
+    "protection",
+    "classification",
+    "rotation_period_s",
+    "max_uses_per_version",
+    "activate",
+    "exportable",
+    "labels",
+)
+
+
+def _as_key_id(name: str, value: Any) -> bytes:
+    data = as_bin(name, value)
+    if len(data) != KEY_ID_LEN:
+        raise InvalidArgument(f"{name}: must be {KEY_ID_LEN} bytes", {"field": name})
+    return data
+
+
+async def _key_export(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+    recipient = load_recipient(args["public_key"])
+    key = await d.key_for(call, args["name"])
+    call.details["exported"] = True
+    call.details["recipient"] = recipient_fingerprint(recipient)[:FINGERPRINT_CHARS]
+    number, material = await d.service.export_material(key, args.get("version"))
+    call.version = number
+    try:
+        wrapped = wrap(recipient, material)
+    finally:
+        material[:] = bytes(len(material))
+    return {
+        "key": key.name,
+        "key_id": key.id,
+        "version": number,
+        "type": key.type.value,
+        "format": material_format(key.type),
+        "algorithm": WRAPPING_ALGORITHM,
+        "wrapped": wrapped,
+    }
+
+
+async def _key_import_params(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+    d.authorize_no_key(call)
+    key_type: KeyType = args["type"]
+    token = await d.service.new_import_token(key_type, call.ctx.principal.name)
+    call.details["type"] = key_type.value
+    private = token.private
+    return {
+        "import_token": token.token,
+        "public_key": public_pem(private.public_key()),
+        "expires_at": token.expires_at,
+        "algorithm": WRAPPING_ALGORITHM,
+        "format": material_format(key_type),
+    }
+
+
+async def _key_import(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+    name = check_name(args["name"])
+    call.key = name
+    call.details["origin"] = "external"
+    key_type: KeyType = args["type"]
+    if args["new_version"]:
+        given = [option for option in _CREATE_OPTIONS if option in args]
+        if given:
+            raise InvalidArgument(
+                f"{given[0]}: only for a new key, not with new_version", {"field": given[0]}
+            )
+        await d.key_for(call, name)
+        token = d.service.import_tokens.take(args["import_token"], call.ctx.principal.name)
+        call.details["new_version"] = True
+        key = await d.service.import_version(
+            name, token=token, wrapped=args["wrapped"], key_type=key_type, version=args.get("version")
+        )
+        return d.meta(call, key)
+    if not d.allowed(call, name):
+        raise PermissionDenied(f"{call.ctx.principal.name} may not key.import {name!r}")
+    token = d.service.import_tokens.take(args["import_token"], call.ctx.principal.name)
+    key = await d.service.import_key(
+        token=token,
+        wrapped=args["wrapped"],
+        name=name,
+        key_type=key_type,
+        key_id=args.get("key_id"),
+        version=args.get("version", 1),
+        protection=args.get("protection", "software"),
+        classification=args.get("classification", Classification.INTERNAL),
+        activate=args.get("activate", True),
+        rotation_period_s=args.get("rotation_period_s", 0),
+        max_uses_per_version=args.get("max_uses_per_version"),
+        exportable=args.get("exportable", False),
+        labels=args.get("labels", {}),
+    )
+    return d.meta(call, key)
+
+
+DISTRIBUTION_METHODS: Mapping[str, Method] = {
+    "key.export": Method(
+        {"name": NAME, "version": VERSION, "public_key": Field(as_str, required=True)}, _key_export
+    ),
+    "key.import_params": Method({"type": Field(as_enum(KeyType), required=True)}, _key_import_params),
+    "key.import": Method(
+        {
+            "import_token": Field(as_str, required=True),
+            "wrapped": Field(as_bin, required=True),
+            "name": NAME,
+            "type": Field(as_enum(KeyType), required=True),
+            "new_version": Field(as_bool, default=False),
+            "version": VERSION,
+            # Creation options; defaults are applied in the handler so that
+            # giving them together with new_version can be refused.
+            "key_id": Field(_as_key_id),
+            "protection": Field(as_str),
+            "classification": Field(as_enum(Classification)),
+            "rotation_period_s": PERIOD,
+            "max_uses_per_version": USES,
+            "activate": Field(as_bool),
+            "exportable": Field(as_bool),
+            "labels": Field(as_labels),
+        },
+        _key_import,
+        Kind.CHANGE,
+    ),
+}
