@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import signal
 import socket
 import stat
 import time
@@ -14,7 +16,7 @@ import msgpack
 import pytest
 import trio
 
-from broker.client import AsyncClient, Client
+from broker.client import AsyncClient, Client, ConnectionLost
 from broker.config import Config
 from broker.errors import InvalidState, NotFound, UnknownMethod
 from broker.protocol import Notification, Response
@@ -406,3 +408,87 @@ async def test_clients_reconnect_after_idle_close(server: ServerInfo) -> None:
             return client.call("notify", {"x": 2})
 
     assert await trio.to_thread.run_sync(sync) == {}
+
+
+async def test_async_subscribe_yields_key_events(server: ServerInfo) -> None:
+    events: list[dict[str, Any]] = []
+    async with AsyncClient(server.socket_path) as client:
+
+        async def listen() -> None:
+            async for event in client.subscribe(prefix="k"):
+                events.append(event)
+                return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(listen)
+            await trio.sleep(0.05)
+            await client.call("notify", {"name": "k", "event": "rotated"})
+    assert events == [{"name": "k", "event": "rotated"}]
+
+
+def test_sync_subscribe_yields_key_events(tmpdir_short: Path) -> None:
+    config = make_config(tmpdir_short)
+
+    async def main() -> list[Any]:
+        async with running_server(config, EchoHandler()) as info:
+
+            def work() -> list[Any]:
+                with Client(info.socket_path, timeout=5) as client:
+                    stream = client.subscribe()
+                    client.call("notify", {"name": "a"})
+                    return [next(stream)]
+
+            return await trio.to_thread.run_sync(work)
+
+    assert trio.run(main) == [{"name": "a"}]
+
+
+async def _lossy_server(listener: trio.SocketListener, accepted: list[int]) -> None:
+    """Reads one request per connection and hangs up without replying."""
+    while True:
+        stream = await listener.accept()
+        accepted.append(1)
+        await stream.receive_some(65536)
+        await stream.aclose()
+
+
+@pytest.mark.parametrize(("method", "connections"), [("encrypt", 1), ("key.get", 2)])
+async def test_lost_reply_resent_only_for_reads(tmpdir_short: Path, method: str, connections: int) -> None:
+    path = tmpdir_short / "lossy.sock"
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    sock.listen(8)
+    accepted: list[int] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_lossy_server, trio.SocketListener(sock), accepted)
+        async with AsyncClient(path) as client:
+            with pytest.raises(ConnectionLost):
+                await client.call(method, {"name": "k"})
+        await trio.sleep(0.05)
+        # One connection is opened on entering the client; a read is retried
+        # once on a second, a state-changing call never.
+        assert len(accepted) == connections
+
+        def sync_call() -> None:
+            with Client(path, timeout=5) as c:
+                c.call(method, {"name": "k"})
+
+        before = len(accepted)
+        with pytest.raises(ConnectionLost):
+            await trio.to_thread.run_sync(sync_call)
+        await trio.sleep(0.05)
+        assert len(accepted) - before == connections
+        nursery.cancel_scope.cancel()
+
+
+async def test_sigterm_drains(config: Config, handler: EchoHandler) -> None:
+    async with trio.open_nursery() as nursery:
+        info: ServerInfo = await nursery.start(functools.partial(serve, config, handler, handle_signals=True))
+        conn = await RawConn.open(info.socket_path)
+        await conn.request(1, "sleep", {"s": 0.2})
+        await trio.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+        resp = await conn.response()
+        assert (resp.msgid, resp.error) == (1, None)
+        await conn.expect_closed()
+    assert info.shutdown.is_set()
