@@ -386,7 +386,7 @@ class StoreConformance:
         listed = await store.list_keys()
         assert [k.name for k in listed] == sorted(names)
         by_name = {k.name: k for k in listed}
-        assert_stored(by_name["m"], await store.get_key("m"))
+        assert_stored(await store.get_key("m"), by_name["m"])
 
     async def test_list_prefix_is_literal(self, store: Store) -> None:
         names = ["app/one", "app/two", "app_x", "apq", "ap", "apple", "b/app"]
