@@ -116,6 +116,7 @@ def key_values(draw: st.DrawFn) -> dict[str, Any]:
             uses=draw(_counts),
             # Small blobs, and some past SQLite's page size (overflow pages).
             material=draw(st.binary(max_size=96) | st.binary(min_size=4000, max_size=6000)),
+            origin=draw(st.sampled_from(["broker", "external"]) | _text),
         )
         for number in range(1, count + 1)
     )
@@ -156,11 +157,14 @@ def keys() -> st.SearchStrategy[Key]:
 def _describe_version(version: Version) -> str:
     # Material is shown by length and digest: a failing test should not print
     # blobs that might be real wrapped keys in a plugin author's fixture.
-    digest = hashlib.sha256(version.material).hexdigest()[:12]
-    return (
-        f"Version({version.number}, {version.state!r}, created_at={version.created_at}, "
-        f"uses={version.uses}, material={len(version.material)} bytes sha256:{digest})"
-    )
+    parts = []
+    for f in fields(Version):
+        value = getattr(version, f.name)
+        if f.name == "material":
+            parts.append(f"material={len(value)} bytes sha256:{hashlib.sha256(value).hexdigest()[:12]}")
+        else:
+            parts.append(f"{f.name}={value!r}")
+    return f"Version({', '.join(parts)})"
 
 
 def _explain(got: Key | None, want: Key) -> str:
@@ -279,8 +283,10 @@ class StoreConformance:
     @settings(max_examples=5, deadline=None)
     @given(values=key_values())
     def test_generated_keys_set_every_field(self, values: dict[str, Any]) -> None:
-        # A new Key field must be added to key_values() (and to every store).
+        # A new Key or Version field must be added to key_values() (and to every store).
         assert set(values) == {f.name for f in fields(Key)}
+        drawn = {"number", "state", "created_at", "uses", "material", "origin"}
+        assert drawn == {f.name for f in fields(Version)}, "key_values() does not draw every Version field"
 
     async def test_missing_keys_read_as_none(self, store: Store) -> None:
         assert await store.get_key("no-such-key") is None
