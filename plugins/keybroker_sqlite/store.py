@@ -19,6 +19,7 @@ naming the SQLite error code, never the statement or its values.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -155,8 +156,9 @@ def _unavailable(exc: sqlite3.Error) -> Unavailable | None:
         # The sqlite3 module raises OperationalError without a code for some
         # failures it detects itself; only the wording tells them apart.
         text = str(exc).lower()
-        if any(m in text for m in ("disk i/o error", "database or disk is full", "database is locked")):
-            return Unavailable(f"the key store is unavailable: {text}")
+        for phrase in ("disk i/o error", "database or disk is full", "database is locked"):
+            if phrase in text:
+                return Unavailable(f"the key store is unavailable: {phrase}")
         return None
     reason = _UNAVAILABLE_CODES.get(code & 0xFF)
     if reason is None:
@@ -268,7 +270,7 @@ def _insert(conn: sqlite3.Connection, key: Key) -> None:
     if conn.execute("SELECT 1 FROM keys WHERE name = ?", (key.name,)).fetchone() is not None:
         raise AlreadyExists(f"a key named {key.name!r} exists")
     if conn.execute("SELECT 1 FROM keys WHERE id = ?", (key.id,)).fetchone() is not None:
-        raise AlreadyExists(f"a key with the id of {key.name!r} exists")
+        raise AlreadyExists(f"a key with the same id as {key.name!r} exists")
     conn.execute(_INSERT_KEY, _key_params(key))
     conn.executemany(_UPSERT_VERSION, [_version_params(key.id, v) for v in key.versions])
 
@@ -481,6 +483,7 @@ class SQLiteStore:
     async def aclose(self) -> None:
         """Close both connections, waiting for a call in progress. Idempotent."""
         writer, reader = self._writer, self._reader
+        self._writer = self._reader = None
         if writer is not None:
             await writer.close()
         if reader is not None:
@@ -529,9 +532,12 @@ class SQLiteStore:
         )
         if erased:
             # Outside the change's transaction, so a crash here cannot undo
-            # the erasure; a reader holding an old snapshot only delays it
-            # until the next checkpoint.
-            await writer.run(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+            # the erasure. Best effort: the change is committed, and a reader
+            # holding an old snapshot or a failing disk only delays the
+            # rewrite of the old pages until the next checkpoint; failing the
+            # call now would make the caller retry a change that happened.
+            with contextlib.suppress(Unavailable):
+                await writer.run(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
 
     async def reserve_uses(self, key_id: bytes, version: int, count: int, limit: int | None) -> int:
         """Atomically add up to ``count`` to the version's uses, never past ``limit``.
