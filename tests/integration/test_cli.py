@@ -18,9 +18,13 @@ from typing import Any
 
 import pytest
 import trio
+import trustme
 
+from broker.app import serve_broker
 from broker.client import Client
+from broker.config import parse_config
 from broker.server import ServerInfo
+from tests.integration.test_tls import issue_uri_cert
 
 
 def _command() -> list[str]:
@@ -222,3 +226,31 @@ async def test_status(sock: Path, owner: str) -> None:
     human = (await kb("status", socket=sock)).out.decode()
     assert f"principal  {owner} (roles: admin)" in human
     assert "keys       2 (active 1, disabled 1)" in human
+
+
+async def test_status_over_mutual_tls(short_tmp: Path, nursery: trio.Nursery) -> None:
+    ca = trustme.CA()
+    ca.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(short_tmp / "server.pem"))
+    ca.cert_pem.write_to_path(str(short_tmp / "ca.pem"))
+    admin = "spiffe://example.org/ops/admin"
+    cert_pem, key_pem = issue_uri_cert(ca, admin)
+    (short_tmp / "client.pem").write_bytes(cert_pem)
+    (short_tmp / "client.key").write_bytes(key_pem)
+    table = {
+        "tls": {"cert_file": "server.pem", "key_file": "server.pem", "client_ca_file": "ca.pem",
+                "host": "127.0.0.1", "port": 0},
+        "plugins": {"rbac": {"grants": [{"principals": [admin], "roles": ["admin"]}]}},
+    }
+    info: ServerInfo = await nursery.start(
+        serve_broker, parse_config(table, data_dir=short_tmp / "data", base=short_tmp))
+    tls = ["--tls-host", "127.0.0.1", "--tls-port", str(info.tls_port), "--tls-ca", short_tmp / "ca.pem",
+           "--tls-cert", short_tmp / "client.pem", "--tls-key", short_tmp / "client.key"]
+    status = await kb("status", "--json", *tls)
+    assert status.code == 0, status.err
+    assert status.json()["whoami"] == {"principal": admin, "roles": ["admin"]}
+    created = await kb("key", "create", "tls/k", "--type", "aes256-gcm", *tls)
+    assert created.code == 0, created.err
+    # No client certificate: a usage error before anything is sent.
+    assert (await kb("status", *tls[:6])).code == 2
+    info.shutdown.set()
