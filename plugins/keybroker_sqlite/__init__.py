@@ -20,10 +20,11 @@ through the ``keybroker`` entry-point group::
     [project.entry-points.keybroker]
     sqlite = "keybroker_sqlite"
 
-and a test that subclasses :class:`broker.testing.StoreConformance`. It uses
-only the public plugin API: :mod:`broker.keys`, :mod:`broker.store`,
-:mod:`broker.errors`, :class:`broker.config.Config` and
-:data:`broker.hookspecs.hookimpl`.
+and a test that subclasses
+:class:`broker.testing.store_suite.StoreConformance` (see
+tests/plugin_contract/test_sqlite_store.py). It uses only the public plugin
+API: :mod:`broker.keys`, :mod:`broker.store`, :mod:`broker.errors`,
+:class:`broker.config.Config` and :data:`broker.hookspecs.hookimpl`.
 """
 
 from __future__ import annotations
