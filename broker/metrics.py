@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -52,6 +53,7 @@ class Metrics:
     """The broker's metrics in a registry of its own."""
 
     def __init__(self) -> None:
+        self._children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "keybroker_requests",
@@ -82,10 +84,19 @@ class Metrics:
         )
 
     def observe(self, method: str, code: str, seconds: float, items: int | None) -> None:
-        self.requests.labels(method, code).inc()
-        self.latency.labels(method).observe(seconds)
+        # Label look-ups cost more than the update; keep each method's children.
+        children = self._children.get((method, code))
+        if children is None:
+            children = self._children[(method, code)] = (
+                self.requests.labels(method, code),
+                self.latency.labels(method),
+                self.batch_items.labels(method),
+            )
+        requests, latency, batch = children
+        requests.inc()
+        latency.observe(seconds)
         if items is not None:
-            self.batch_items.labels(method).observe(items)
+            batch.observe(items)
 
     def set_key_counts(self, counts: Mapping[str, int]) -> None:
         for state, count in counts.items():

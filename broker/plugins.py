@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Plugins", "StartupError"]
 
+# Authorization decisions remembered at most; the cache starts over when full.
+DECISION_CACHE_SIZE = 65_536
+
 
 class StartupError(Exception):
     """The plugins do not add up to a working broker (missing store, clash...)."""
@@ -60,6 +63,7 @@ class Plugins:
             self.manager.register(plugin)
         self.manager.check_pending()
         self._hook = self.manager.hook
+        self._decisions: dict[AuthzRequest, bool] = {}
         self.policies: list[Policy] = [
             policy for batch in self._hook.kb_policies(config=config) for policy in batch
         ]
@@ -103,8 +107,19 @@ class Plugins:
         return sinks
 
     def authorize(self, request: AuthzRequest) -> bool:
-        """Deny by default: allowed iff some policy allows and none denies."""
-        return combine(policy.authorize(request) for policy in self.policies)
+        """Deny by default: allowed iff some policy allows and none denies.
+
+        Policies are pure functions of the request (configuration is read at
+        start), so decisions are remembered in a bounded cache: most traffic
+        is the same few principals using the same few keys.
+        """
+        cached = self._decisions.get(request)
+        if cached is None:
+            cached = combine(policy.authorize(request) for policy in self.policies)
+            if len(self._decisions) >= DECISION_CACHE_SIZE:
+                self._decisions.clear()
+            self._decisions[request] = cached
+        return cached
 
     def roles(self, principal: str) -> list[str]:
         return sorted({role for policy in self.policies for role in policy.roles(principal)})
