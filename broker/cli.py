@@ -48,6 +48,7 @@ __all__ = [
     "EXIT_USAGE",
     "UsageError",
     "add_client_commands",
+    "add_connection_options",
     "default_socket",
 ]
 
@@ -354,6 +355,9 @@ def _fail(code: str, message: str) -> None:
 def _run(args: argparse.Namespace) -> int:
     """Run the verb's handler and turn every failure into its exit code."""
     handler: Handler = args.handler
+    for name, default in _OPTION_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, default)
     try:
         client = _open_client(args)
         with client:
@@ -687,29 +691,60 @@ def _status(client: Client, args: argparse.Namespace) -> int:
 # -- argument parsing ----------------------------------------------------------
 
 
-def _common_options() -> argparse.ArgumentParser:
-    """Connection and output options every client verb takes."""
-    common = argparse.ArgumentParser(add_help=False)
-    conn = common.add_argument_group("connection")
+# Defaults of the connection and output options. The parsers themselves
+# leave absent options unset (argparse.SUPPRESS): a subcommand's defaults
+# would otherwise overwrite the same option given before the verb, on a
+# parser that has them too (see add_connection_options).
+_OPTION_DEFAULTS: Final[dict[str, Any]] = {
+    "socket": None,
+    "tls_host": None,
+    "tls_port": DEFAULT_TLS_PORT,
+    "tls_cert": None,
+    "tls_key": None,
+    "tls_ca": None,
+    "tls_server_name": None,
+    "timeout": 60.0,
+    "json": False,
+}
+
+
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    """Add the connection and output options (``--socket``, ``--tls-*``, ``--timeout``, ``--json``).
+
+    Every client verb takes them after the verb. Calling this on the
+    top-level ``keybroker`` parser as well lets them come before the verb
+    (``keybroker --socket S key list``); a value given after the verb wins.
+    """
+    conn = parser.add_argument_group("connection")
     conn.add_argument(
         "--socket",
         metavar="PATH",
+        default=argparse.SUPPRESS,
         help=f"broker Unix socket (default: ${SOCKET_ENV}, else {DEFAULT_SOCKET})",
     )
-    conn.add_argument("--tls-host", metavar="HOST", help="connect over mutual TLS to HOST instead")
-    conn.add_argument("--tls-port", metavar="PORT", type=int, default=DEFAULT_TLS_PORT,
+    conn.add_argument("--tls-host", metavar="HOST", default=argparse.SUPPRESS,
+                      help="connect over mutual TLS to HOST instead")
+    conn.add_argument("--tls-port", metavar="PORT", type=int, default=argparse.SUPPRESS,
                       help=f"TLS port (default {DEFAULT_TLS_PORT})")
-    conn.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM; may hold the key too)")
-    conn.add_argument("--tls-key", metavar="FILE", help="client private key (PEM), if not in --tls-cert")
-    conn.add_argument("--tls-ca", metavar="FILE", help="CA certificate(s) that signed the broker's")
-    conn.add_argument("--tls-server-name", metavar="NAME", help="name to check the broker's certificate for "
-                      "(default: --tls-host)")
-    conn.add_argument("--timeout", metavar="SECONDS", type=float, default=60.0,
+    conn.add_argument("--tls-cert", metavar="FILE", default=argparse.SUPPRESS,
+                      help="client certificate (PEM; may hold the key too)")
+    conn.add_argument("--tls-key", metavar="FILE", default=argparse.SUPPRESS,
+                      help="client private key (PEM), if not in --tls-cert")
+    conn.add_argument("--tls-ca", metavar="FILE", default=argparse.SUPPRESS,
+                      help="CA certificate(s) that signed the broker's")
+    conn.add_argument("--tls-server-name", metavar="NAME", default=argparse.SUPPRESS,
+                      help="name to check the broker's certificate for (default: --tls-host)")
+    conn.add_argument("--timeout", metavar="SECONDS", type=float, default=argparse.SUPPRESS,
                       help="give up waiting for the broker after this long (default 60)")
-    out = common.add_argument_group("output")
-    out.add_argument(
-        "--json", action="store_true", help="one JSON document on stdout, binary fields in base64"
-    )
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                     help="one JSON document on stdout, binary fields in base64")
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """Connection and output options every client verb takes."""
+    common = argparse.ArgumentParser(add_help=False)
+    add_connection_options(common)
     return common
 
 
