@@ -61,7 +61,9 @@ class Store(Protocol):
         """Write ``key`` (all fields and versions) if the stored revision is ``expected_revision``.
 
         A version whose ``material`` became empty has its stored material
-        erased (overwritten, then deleted) in the same transaction.
+        erased (overwritten, then deleted) in the same transaction. A
+        version's stored ``uses`` is never lowered: the written key may have
+        been read before later reservations.
 
         Raises:
             StaleRevision: another writer changed the key first.
@@ -85,7 +87,7 @@ class Store(Protocol):
         Returns the number granted (0 when the limit is reached). The stored
         ``uses`` of a version is this reservation: a broker that dies
         forfeits what it reserved but did not spend, which errs on the safe
-        side of the usage limit.
+        side of the usage limit. It does not change the key's revision.
 
         Raises:
             NotFound: no such key or version.
