@@ -18,6 +18,7 @@ from .config import load_config
 from .errors import BrokerError
 from .hardening import disable_core_dumps
 from .logs import configure_logging
+from .report_cli import add_parser as add_report_parser
 
 __all__ = ["main"]
 
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=_audit_verify)
 
     add_client_commands(commands)
+    add_report_parser(commands)
     return parser
 
 

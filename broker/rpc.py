@@ -32,6 +32,7 @@ from .logs import request_id
 from .methods_crypto import CRYPTO_METHODS
 from .methods_distribution import DISTRIBUTION_METHODS
 from .methods_keys import KEY_METHODS, target
+from .methods_report import REPORT_METHODS
 from .metrics import Metrics
 from .params import as_str, parse
 from .policy import AuthzRequest, RpcMethod
@@ -47,7 +48,7 @@ __all__ = ["METHODS", "Dispatcher"]
 
 log = logging.getLogger("keybroker.rpc")
 
-METHODS: Mapping[str, Method] = {**KEY_METHODS, **CRYPTO_METHODS, **DISTRIBUTION_METHODS}
+METHODS: Mapping[str, Method] = {**KEY_METHODS, **CRYPTO_METHODS, **DISTRIBUTION_METHODS, **REPORT_METHODS}
 
 
 class Dispatcher:
