@@ -9,9 +9,11 @@ broker holds (:mod:`broker.certs`). docs/distribution.md has the formats.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from .backup import Passphrase, Protector, Recipient, collect_keys, create_backup
 from .calls import NAME, PERIOD, USES, VERSION, Call, Kind, Method
 from .errors import InvalidArgument, PermissionDenied
 from .keys import Classification, KeyType, check_name
@@ -130,6 +132,41 @@ async def _key_import(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
     return d.meta(call, key)
 
 
+def _as_names(name: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise InvalidArgument(f"{name}: must be an array of key names", {"field": name})
+    return [check_name(item) for item in value]
+
+
+async def _backup_create(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+    recipient_pem, passphrase = args.get("recipient_public_key"), args.get("passphrase")
+    if (recipient_pem is None) == (passphrase is None):
+        raise InvalidArgument(
+            "give exactly one of recipient_public_key and passphrase", {"field": "recipient_public_key"}
+        )
+    protector: Protector = Recipient.from_pem(recipient_pem) if passphrase is None else Passphrase(passphrase)
+    d.authorize_no_key(call)
+    names = args.get("names")
+    if names is not None:
+        keys = [await d.key_for(call, name) for name in dict.fromkeys(names)]
+        call.key = keys[0].name if len(keys) == 1 else None
+    else:
+        keys = await collect_keys(d.service, None)
+        for key in keys:
+            if not d.allowed(call, key.name, key):
+                raise PermissionDenied(f"{call.ctx.principal.name} may not back up {key.name!r}")
+    out = io.BytesIO()
+    summary = await create_backup(d.service, keys, protector, out, node=d.config.node)
+    call.details["keys"] = summary.keys
+    call.details["protector"] = "recipient" if isinstance(protector, Recipient) else "passphrase"
+    return {
+        "archive": out.getvalue(),
+        "keys": summary.keys,
+        "by_reference": list(summary.by_reference),
+        "format": 1,
+    }
+
+
 DISTRIBUTION_METHODS: Mapping[str, Method] = {
     "key.export": Method(
         {"name": NAME, "version": VERSION, "public_key": Field(as_str, required=True)}, _key_export
@@ -156,5 +193,13 @@ DISTRIBUTION_METHODS: Mapping[str, Method] = {
         },
         _key_import,
         Kind.CHANGE,
+    ),
+    "backup.create": Method(
+        {
+            "names": Field(_as_names),
+            "recipient_public_key": Field(as_str),
+            "passphrase": Field(as_str),
+        },
+        _backup_create,
     ),
 }

@@ -50,7 +50,7 @@ import hashlib
 import os
 import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Final
@@ -70,10 +70,13 @@ __all__ = [
     "SEGMENT_OVERHEAD",
     "Progress",
     "StreamHeader",
+    "atomic_output",
     "datakey_aad",
     "decrypt_file",
     "encrypt_file",
+    "open_segments",
     "open_stream",
+    "seal_segments",
     "seal_stream",
 ]
 
@@ -172,6 +175,94 @@ def _segment_aad(digest: bytes, counter: int, last: bool) -> bytes:
     return _SEGMENT_AAD.pack(digest, counter, 1 if last else 0)
 
 
+def seal_segments(
+    slot: KeySlot,
+    digest: bytes,
+    segment_size: int,
+    src: IO[bytes],
+    dst: IO[bytes],
+    *,
+    progress: Progress | None = None,
+    total: int | None = None,
+) -> int:
+    """Seal everything ``src`` holds into segments written to ``dst`` (no header).
+
+    The segment layer shared by streams and backup archives: each segment's
+    additional data binds ``digest`` (of the container's header), its counter
+    and whether it is the last.
+
+    Returns:
+        The number of plaintext bytes sealed.
+
+    Raises:
+        InvalidArgument: over 2^32 segments.
+    """
+    current = _read_full(src, segment_size)
+    counter = 0
+    done = 0
+    while True:
+        following = _read_full(src, segment_size) if len(current) == segment_size else b""
+        last = not following
+        if counter >= MAX_SEGMENTS:
+            raise InvalidArgument("the input is too large for one stream (2^32 segments)")
+        envelope = slot.seal(current, _segment_aad(digest, counter, last))
+        dst.write(memoryview(envelope)[_PREFIX_LEN:])
+        done += len(current)
+        if progress is not None:
+            progress(done, total)
+        if last:
+            return done
+        current = following
+        counter += 1
+
+
+def open_segments(
+    slot: KeySlot,
+    digest: bytes,
+    segment_size: int,
+    src: IO[bytes],
+    dst: IO[bytes],
+    *,
+    progress: Progress | None = None,
+    total: int | None = None,
+    done: int = 0,
+) -> int:
+    """Open the segments ``src`` holds (from its position to its end) into ``dst``.
+
+    Args:
+        slot: the key slot; its key id and version 0 rebuild each envelope header.
+        digest: what :func:`seal_segments` was given.
+        done: input bytes already consumed (the header), for ``progress``.
+
+    Returns:
+        The number of plaintext bytes written.
+
+    Raises:
+        DecryptionFailed: any segment altered, reordered, duplicated, missing
+            or added (output written so far must then be discarded).
+    """
+    prefix = pack_header(slot.key_id, 0, bytes(NONCE_LEN))[:_PREFIX_LEN]
+    record = segment_size + SEGMENT_OVERHEAD
+    current = _read_full(src, record)
+    counter = 0
+    written = 0
+    while True:
+        if len(current) < SEGMENT_OVERHEAD:
+            raise DecryptionFailed()
+        following = _read_full(src, record) if len(current) == record else b""
+        last = not following
+        plaintext = slot.open(prefix + current, _segment_aad(digest, counter, last))
+        dst.write(plaintext)
+        written += len(plaintext)
+        done += len(current)
+        if progress is not None:
+            progress(done, total)
+        if last:
+            return written
+        current = following
+        counter += 1
+
+
 def seal_stream(
     slot: KeySlot,
     header: StreamHeader,
@@ -192,31 +283,11 @@ def seal_stream(
 
     Returns:
         The number of plaintext bytes sealed.
-
-    Raises:
-        LimitExceeded-like InvalidArgument: over 2^32 segments.
     """
     raw = header.pack()
-    digest = hashlib.sha256(raw).digest()
     dst.write(raw)
-    size = header.segment_size
-    current = _read_full(src, size)
-    counter = 0
-    done = 0
-    while True:
-        following = _read_full(src, size) if len(current) == size else b""
-        last = not following
-        if counter >= MAX_SEGMENTS:
-            raise InvalidArgument("the input is too large for one stream (2^32 segments)")
-        envelope = slot.seal(current, _segment_aad(digest, counter, last))
-        dst.write(memoryview(envelope)[_PREFIX_LEN:])
-        done += len(current)
-        if progress is not None:
-            progress(done, total)
-        if last:
-            return done
-        current = following
-        counter += 1
+    digest = hashlib.sha256(raw).digest()
+    return seal_segments(slot, digest, header.segment_size, src, dst, progress=progress, total=total)
 
 
 def open_stream(
@@ -245,28 +316,12 @@ def open_stream(
         DecryptionFailed: any segment altered, reordered, duplicated, missing
             or added (written output must then be discarded by the caller).
     """
+    if slot.key_id != header.stream_id:
+        raise DecryptionFailed()
     digest = hashlib.sha256(raw_header).digest()
-    prefix = pack_header(header.stream_id, 0, bytes(NONCE_LEN))[:_PREFIX_LEN]
-    record = header.segment_size + SEGMENT_OVERHEAD
-    current = _read_full(src, record)
-    counter = 0
-    done = len(raw_header)
-    written = 0
-    while True:
-        if len(current) < SEGMENT_OVERHEAD:
-            raise DecryptionFailed()
-        following = _read_full(src, record) if len(current) == record else b""
-        last = not following
-        plaintext = slot.open(prefix + current, _segment_aad(digest, counter, last))
-        dst.write(plaintext)
-        written += len(plaintext)
-        done += len(current)
-        if progress is not None:
-            progress(done, total)
-        if last:
-            return written
-        current = following
-        counter += 1
+    return open_segments(
+        slot, digest, header.segment_size, src, dst, progress=progress, total=total, done=len(raw_header)
+    )
 
 
 # --- talking to a broker -----------------------------------------------------------
@@ -279,24 +334,25 @@ def _size_of(path: Path) -> int | None:
         return None
 
 
-def _open_output(dst: Path) -> tuple[IO[bytes], Path]:
-    """A temporary file beside ``dst`` (same file system, so the final rename is atomic), 0600."""
+@contextlib.contextmanager
+def atomic_output(dst: Path) -> Iterator[IO[bytes]]:
+    """A 0600 temporary file beside ``dst``, renamed over it only if the block succeeds.
+
+    On any exception the temporary file is removed and ``dst`` is untouched,
+    so a failed decryption never leaves (partial) plaintext behind. Same
+    directory, hence same file system: the rename is atomic.
+    """
     fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
-    return os.fdopen(fd, "wb"), Path(name)
-
-
-def _finish(out: IO[bytes], temp: Path, dst: Path, ok: bool) -> None:
+    temp = Path(name)
     try:
-        if ok:
+        with os.fdopen(fd, "wb") as out:
+            yield out
             out.flush()
             os.fsync(out.fileno())
-        out.close()
-        if ok:
-            os.replace(temp, dst)
+        os.replace(temp, dst)
     finally:
-        if not ok or temp.exists():
-            with contextlib.suppress(FileNotFoundError):
-                temp.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
 
 
 def encrypt_file(
@@ -332,14 +388,8 @@ def encrypt_file(
     item = reply["keys"][0]
     data_key = bytearray(item["plaintext"])
     header = StreamHeader(segment_size, stream_id, item["wrapped"])
-    with KeySlot(data_key, stream_id, 0) as slot, source.open("rb") as reader:
-        out, temp = _open_output(target)
-        ok = False
-        try:
-            done = seal_stream(slot, header, reader, out, progress=progress, total=_size_of(source))
-            ok = True
-        finally:
-            _finish(out, temp, target, ok)
+    with KeySlot(data_key, stream_id, 0) as slot, source.open("rb") as reader, atomic_output(target) as out:
+        done = seal_stream(slot, header, reader, out, progress=progress, total=_size_of(source))
     # The final segment may be full; an empty input is one empty segment.
     segments = max(1, -(-done // segment_size))
     return {"bytes": done, "segments": segments, "version": int(reply["version"])}
@@ -368,13 +418,7 @@ def decrypt_file(
         header, raw = StreamHeader.read(reader)
         opened = client.decrypt(header.wrapped_key, aad=datakey_aad(header.stream_id))
         data_key = bytearray(opened["plaintext"])
-        with KeySlot(data_key, header.stream_id, 0) as slot:
-            out, temp = _open_output(target)
-            ok = False
-            try:
-                total = _size_of(source)
-                written = open_stream(slot, header, raw, reader, out, progress=progress, total=total)
-                ok = True
-            finally:
-                _finish(out, temp, target, ok)
+        with KeySlot(data_key, header.stream_id, 0) as slot, atomic_output(target) as out:
+            total = _size_of(source)
+            written = open_stream(slot, header, raw, reader, out, progress=progress, total=total)
     return {"bytes": written, "key": opened["key"], "version": opened["version"]}

@@ -3,33 +3,24 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes, keywrap, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from keybroker_softkeys import SoftwareBackend
 
 from broker.app import Broker, open_broker
-from broker.backend import Backend, RootKey
-from broker.config import Config
 from broker.envelope import pack_header
 from broker.errors import BrokerError, DecryptionFailed, InvalidArgument
-from broker.hookspecs import hookimpl
-from broker.keys import KeyType, VersionRef
 from broker.transfer import load_recipient, unwrap, wrap
 from tests.conftest import Caller, ConfigFactory
-
-_RSA: dict[int, rsa.RSAPrivateKey] = {}
+from tests.distribution._fakes import FakeClock, TokenPlugin, rsa_key
 
 
 def recipient(bits: int = 3072) -> rsa.RSAPrivateKey:
-    """One RSA key per size for the whole module (generation is slow)."""
-    if bits not in _RSA:
-        _RSA[bits] = rsa.generate_private_key(public_exponent=65537, key_size=bits)
-    return _RSA[bits]
+    return rsa_key(bits)
 
 
 def pem(private: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
@@ -104,34 +95,6 @@ def test_recipient_keys_are_checked() -> None:
 
 
 # --- through the method table ---------------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class TokenBackend(SoftwareBackend):
-    """Stands in for an HSM: its material never leaves it."""
-
-    protection = "hsm"
-
-    async def export_material(self, ref: VersionRef) -> bytearray:
-        raise InvalidArgument("hsm material never leaves the token")
-
-    async def import_material(
-        self, key_id: bytes, version: int, key_type: KeyType, material: bytearray
-    ) -> bytes:
-        raise InvalidArgument("the token does not take imported material")
-
-
-class TokenPlugin:
-    @hookimpl
-    def kb_backends(self, config: Config, root: RootKey) -> Sequence[Backend]:
-        return [TokenBackend(root)]
 
 
 GRANTS = {"plugins": {"rbac": {"grants": [{"principals": ["app"], "roles": ["admin"], "keys": ["*"]}]}}}

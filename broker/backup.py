@@ -1,0 +1,537 @@
+"""Backup archives: every (or some) key's metadata and material, sealed as one whole.
+
+A backup must restore into a *fresh* data directory, whose root key differs
+from the old one, so material cannot travel wrapped under the old root: each
+software version's material is exported (:meth:`Backend.export_material`)
+and sealed under a random 256-bit *backup data key*, which is itself
+protected for the restorer -- RSA-OAEP-SHA256 to a recipient public key
+(RSA-3072+), or a key derived from a passphrase with scrypt.
+
+Archive format 1::
+
+    0    4   magic "KBBK"
+    4    1   format = 1
+    5    1   protector: 1 = RSA-OAEP-SHA256 to a recipient, 2 = scrypt passphrase
+    6    4   segment size (uint32, big-endian)
+    10   16  archive id (random)
+    26   8   created_at (uint64, Unix seconds)
+    34   2   length P of the protector block
+    36   P   protector block
+               recipient:  SHA-256 of the recipient's DER public key (32)
+                           || RSA-OAEP-SHA256(recipient, backup data key)
+               passphrase: log2 N (1) || r (1) || p (1) || salt (16)
+                           || AES-KWP(scrypt(passphrase, salt), backup data key)
+    36+P     segments of the sealed payload, exactly as a stream's
+             (docs/distribution.md, broker.stream), with the SHA-256 of the
+             36+P header bytes bound into every segment
+
+The payload is MessagePack: a manifest map, then one map per key (every
+field of the key and its versions). A version's material is either
+``material`` (raw, for keys whose custody lets it out) or ``ref`` (the
+backend's opaque blob, for HSM keys: the material itself stays in the token,
+and the archive only lets a broker configured with the same token find it).
+
+Authentication is of the archive as a whole: every segment binds the header,
+its counter and the last flag, so any flipped byte, reordering or truncation
+fails, and :func:`open_archive` verifies every segment before a single key is
+returned -- a tampered archive restores nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import IO, TYPE_CHECKING, Any, Final
+
+import msgpack
+import trio
+from cryptography.hazmat.primitives import hashes, keywrap, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from .envelope import KeySlot
+from .errors import AlreadyExists, DecryptionFailed, InvalidArgument
+from .keys import Classification, Key, KeyState, KeyType, Version, VersionState
+from .stream import DEFAULT_SEGMENT_SIZE, SEGMENT_OVERHEAD, Progress, open_segments, seal_segments
+from .transfer import load_recipient
+
+if TYPE_CHECKING:
+    from .service import KeyService
+
+__all__ = [
+    "BackupSummary",
+    "Passphrase",
+    "Recipient",
+    "RestoreSummary",
+    "ScryptCost",
+    "collect_keys",
+    "create_backup",
+    "open_archive",
+    "restore_keys",
+]
+
+MAGIC: Final = b"KBBK"
+FORMAT: Final = 1
+PROTECTOR_RSA: Final = 1
+PROTECTOR_SCRYPT: Final = 2
+DATA_KEY_LEN: Final = 32
+SALT_LEN: Final = 16
+_FIXED = struct.Struct(">4sBBI16sQH")
+PAGE = 500
+
+
+def _oaep() -> padding.OAEP:
+    return padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+
+
+@dataclass(frozen=True, slots=True)
+class ScryptCost:
+    """scrypt parameters: RFC 7914's interactive-plus tier by default (32 MiB, ~0.1 s)."""
+
+    log2_n: int = 15
+    r: int = 8
+    p: int = 1
+
+    def __post_init__(self) -> None:
+        # Bounds keep a crafted archive from demanding gigabytes (N <= 2^20, r <= 16).
+        if not (10 <= self.log2_n <= 20 and 1 <= self.r <= 16 and 1 <= self.p <= 4):
+            raise InvalidArgument("scrypt parameters out of range")
+
+    def derive(self, passphrase: str, salt: bytes) -> bytes:
+        """The 32-byte key-encryption key for ``passphrase`` and ``salt``."""
+        # OpenSSL's default memory cap (32 MiB) is exactly N=2**15, r=8 and
+        # fails it; allow the documented 128*N*r*p working set plus slack.
+        maxmem = 128 * (1 << self.log2_n) * self.r * (self.p + 1) + (1 << 20)
+        return hashlib.scrypt(
+            passphrase.encode("utf-8"),
+            salt=salt,
+            n=1 << self.log2_n,
+            r=self.r,
+            p=self.p,
+            maxmem=maxmem,
+            dklen=DATA_KEY_LEN,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    """Protect the backup data key for the holder of an RSA-3072+ private key."""
+
+    public_key: rsa.RSAPublicKey
+
+    @classmethod
+    def from_pem(cls, pem: str | bytes) -> Recipient:
+        return cls(load_recipient(pem, "recipient_public_key"))
+
+
+@dataclass(frozen=True, slots=True)
+class Passphrase:
+    """Protect the backup data key with a passphrase (scrypt)."""
+
+    passphrase: str = field(repr=False)
+    cost: ScryptCost = field(default_factory=ScryptCost)
+
+    def __post_init__(self) -> None:
+        if not self.passphrase:
+            raise InvalidArgument("the passphrase must not be empty", {"field": "passphrase"})
+
+
+Protector = Recipient | Passphrase
+
+
+def _fingerprint(public: rsa.RSAPublicKey) -> bytes:
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).digest()
+
+
+def _protect(protector: Protector, data_key: bytes) -> tuple[int, bytes]:
+    if isinstance(protector, Recipient):
+        public = protector.public_key
+        return PROTECTOR_RSA, _fingerprint(public) + public.encrypt(data_key, _oaep())
+    salt = os.urandom(SALT_LEN)
+    cost = protector.cost
+    kek = protector.cost.derive(protector.passphrase, salt)
+    wrapped = keywrap.aes_key_wrap_with_padding(kek, data_key)
+    return PROTECTOR_SCRYPT, bytes([cost.log2_n, cost.r, cost.p]) + salt + wrapped
+
+
+def _recover(kind: int, block: bytes, unlock: rsa.RSAPrivateKey | str) -> bytearray:
+    """The backup data key from the protector block."""
+    if kind == PROTECTOR_RSA:
+        if not isinstance(unlock, rsa.RSAPrivateKey):
+            raise InvalidArgument("this archive is protected for a recipient key: give its private key")
+        if block[:32] != _fingerprint(unlock.public_key()):
+            raise InvalidArgument("this archive was made for another recipient key")
+        try:
+            key = bytearray(unlock.decrypt(block[32:], _oaep()))
+        except ValueError:
+            raise DecryptionFailed("the backup archive is altered or damaged") from None
+    elif kind == PROTECTOR_SCRYPT:
+        if not isinstance(unlock, str):
+            raise InvalidArgument("this archive is protected by a passphrase: give the passphrase")
+        if len(block) < 3 + SALT_LEN + 8:
+            raise DecryptionFailed("the backup archive is altered or damaged")
+        try:
+            cost = ScryptCost(block[0], block[1], block[2])
+        except InvalidArgument:
+            raise DecryptionFailed("the backup archive is altered or damaged") from None
+        kek = cost.derive(unlock, block[3 : 3 + SALT_LEN])
+        try:
+            key = bytearray(keywrap.aes_key_unwrap_with_padding(kek, block[3 + SALT_LEN :]))
+        except keywrap.InvalidUnwrap:
+            raise DecryptionFailed("wrong passphrase, or the backup archive is altered") from None
+    else:
+        raise DecryptionFailed("not a keybroker backup archive (unknown protector)")
+    if len(key) != DATA_KEY_LEN:
+        raise DecryptionFailed("the backup archive is altered or damaged")
+    return key
+
+
+# --- key records ---------------------------------------------------------------------
+
+
+def _key_record(key: Key, materials: dict[int, bytearray]) -> dict[str, Any]:
+    versions = []
+    for v in key.versions:
+        entry: dict[str, Any] = {
+            "number": v.number,
+            "state": v.state.value,
+            "created_at": v.created_at,
+            "uses": v.uses,
+            "origin": v.origin,
+        }
+        exported = materials.get(v.number)
+        if exported is not None:
+            # msgpack packs a bytearray as bin without another copy in Python.
+            entry["material"] = exported
+        elif v.material:
+            entry["ref"] = v.material
+        versions.append(entry)
+    return {
+        "id": key.id,
+        "name": key.name,
+        "type": key.type.value,
+        "protection": key.protection,
+        "classification": key.classification.value,
+        "state": key.state.value,
+        "prior_state": None if key.prior_state is None else key.prior_state.value,
+        "primary_version": key.primary_version,
+        "min_decrypt_version": key.min_decrypt_version,
+        "created_at": key.created_at,
+        "updated_at": key.updated_at,
+        "rotation_period_s": key.rotation_period_s,
+        "max_uses_per_version": key.max_uses_per_version,
+        "exportable": key.exportable,
+        "labels": dict(key.labels),
+        "destroy_at": key.destroy_at,
+        "activate_at": key.activate_at,
+        "deactivate_at": key.deactivate_at,
+        "origin": key.origin,
+        "versions": versions,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class ArchivedKey:
+    """One key as the archive holds it: the key (material empty) and per-version contents."""
+
+    key: Key
+    # version -> raw material (software custody) ...
+    materials: dict[int, bytes] = field(repr=False)
+    # ... or the backend's opaque reference (HSM: material stays in the token).
+    references: dict[int, bytes] = field(repr=False)
+
+    @property
+    def by_reference(self) -> bool:
+        return bool(self.references)
+
+
+def _key_from_record(record: dict[str, Any]) -> ArchivedKey:
+    try:
+        versions = []
+        materials: dict[int, bytes] = {}
+        references: dict[int, bytes] = {}
+        for v in record["versions"]:
+            number = int(v["number"])
+            if "material" in v:
+                materials[number] = bytes(v["material"])
+            elif "ref" in v:
+                references[number] = bytes(v["ref"])
+            versions.append(
+                Version(
+                    number=number,
+                    state=VersionState(v["state"]),
+                    created_at=int(v["created_at"]),
+                    uses=int(v["uses"]),
+                    origin=str(v["origin"]),
+                )
+            )
+        key = Key(
+            id=bytes(record["id"]),
+            name=str(record["name"]),
+            type=KeyType(record["type"]),
+            protection=str(record["protection"]),
+            classification=Classification(record["classification"]),
+            state=KeyState(record["state"]),
+            versions=tuple(versions),
+            primary_version=int(record["primary_version"]),
+            min_decrypt_version=int(record["min_decrypt_version"]),
+            created_at=int(record["created_at"]),
+            updated_at=int(record["updated_at"]),
+            rotation_period_s=int(record["rotation_period_s"]),
+            max_uses_per_version=record["max_uses_per_version"],
+            exportable=bool(record["exportable"]),
+            labels={str(k): str(v) for k, v in record["labels"].items()},
+            destroy_at=record["destroy_at"],
+            prior_state=None if record["prior_state"] is None else KeyState(record["prior_state"]),
+            activate_at=record["activate_at"],
+            deactivate_at=record["deactivate_at"],
+            origin=str(record["origin"]),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError):
+        # Authenticated yet malformed: written by a different (newer) format.
+        raise InvalidArgument("the backup archive holds a key record this keybroker cannot read") from None
+    return ArchivedKey(key, materials, references)
+
+
+# --- creating ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BackupSummary:
+    keys: int
+    by_reference: tuple[str, ...]
+    archive_bytes: int
+
+
+async def collect_keys(service: KeyService, names: Sequence[str] | None) -> list[Key]:
+    """The keys to back up: the named ones (each must exist), or every key.
+
+    Raises:
+        NotFound: a named key does not exist.
+    """
+    if names is not None:
+        return [await service.get(name) for name in dict.fromkeys(names)]
+    found: list[Key] = []
+    after: str | None = None
+    while True:
+        page = await service.list(prefix="", state=None, limit=PAGE, after=after)
+        found += page
+        if len(page) < PAGE:
+            return found
+        after = page[-1].name
+
+
+async def create_backup(
+    service: KeyService,
+    keys: Sequence[Key],
+    protector: Protector,
+    dst: IO[bytes],
+    *,
+    node: str = "",
+    segment_size: int = DEFAULT_SEGMENT_SIZE,
+    progress: Progress | None = None,
+    now: int | None = None,
+) -> BackupSummary:
+    """Write an archive of ``keys`` to ``dst``.
+
+    Args:
+        service: exports material through its backends.
+        keys: what to back up.
+        protector: who can open it (recipient public key, or passphrase).
+        dst: a binary file object.
+        node: the broker's node name, recorded in the manifest.
+        segment_size: payload bytes per sealed segment.
+        progress: called with (keys done, keys in all) while collecting.
+        now: creation time (default: the service's clock).
+
+    Returns:
+        The number of keys, the names of keys carried by reference, and the
+        archive size.
+
+    Resource handling:
+        The payload (raw material included) is built in memory and zeroed as
+        soon as it is sealed.
+    """
+    created = service.now() if now is None else now
+    data_key = bytearray(os.urandom(DATA_KEY_LEN))
+    # scrypt (~0.1 s) and RSA must not stall the event loop.
+    kind, block = await trio.to_thread.run_sync(_protect, protector, bytes(data_key))
+    archive_id = os.urandom(16)
+    header = _FIXED.pack(MAGIC, FORMAT, kind, segment_size, archive_id, created, len(block)) + block
+    payload = io.BytesIO()
+    packer = msgpack.Packer(use_bin_type=True)
+    payload.write(packer.pack({"format": FORMAT, "created_at": created, "node": node, "keys": len(keys)}))
+    by_reference: list[str] = []
+    for index, key in enumerate(keys):
+        materials = await _export_versions(service, key)
+        if materials is None:
+            by_reference.append(key.name)
+        try:
+            payload.write(packer.pack(_key_record(key, materials or {})))
+        finally:
+            for raw in (materials or {}).values():
+                raw[:] = bytes(len(raw))
+        if progress is not None:
+            progress(index + 1, len(keys))
+    dst.write(header)
+    payload.seek(0)
+    try:
+        with KeySlot(data_key, archive_id, 0) as slot:
+            digest = hashlib.sha256(header).digest()
+            sealed = await trio.to_thread.run_sync(
+                lambda: seal_segments(slot, digest, segment_size, payload, dst)
+            )
+    finally:
+        view = payload.getbuffer()
+        view[:] = bytes(len(view))
+        view.release()
+    segments = max(1, -(-sealed // segment_size))
+    return BackupSummary(len(keys), tuple(by_reference), len(header) + sealed + segments * SEGMENT_OVERHEAD)
+
+
+async def _export_versions(service: KeyService, key: Key) -> dict[int, bytearray] | None:
+    """Each live version's raw material, or None when the key's custody keeps it (by reference)."""
+    live = [v for v in key.versions if v.material]
+    export = getattr(service.backends.get(key.protection), "export_material", None)
+    if not live:
+        return {}
+    if export is None:
+        return None
+    materials: dict[int, bytearray] = {}
+    for version in live:
+        try:
+            materials[version.number] = await export(key.ref(version.number))
+        except InvalidArgument:
+            # This custody keeps its material (an HSM): carry references only.
+            for raw in materials.values():
+                raw[:] = bytes(len(raw))
+            return None
+    return materials
+
+
+# --- restoring -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Archive:
+    """A verified, decoded archive."""
+
+    created_at: int
+    node: str
+    keys: list[ArchivedKey] = field(repr=False)
+
+
+def open_archive(src: IO[bytes], unlock: rsa.RSAPrivateKey | str) -> Archive:
+    """Verify and decode a whole archive. Nothing is trusted before every segment checks out.
+
+    Args:
+        src: the archive.
+        unlock: the recipient's RSA private key, or the passphrase.
+
+    Raises:
+        DecryptionFailed: altered, truncated or extended anywhere, or the wrong passphrase.
+        InvalidArgument: the wrong kind of unlock, another recipient's archive,
+            or a format this keybroker cannot read.
+    """
+    fixed = src.read(_FIXED.size)
+    if len(fixed) != _FIXED.size:
+        raise DecryptionFailed("not a keybroker backup archive (too short)")
+    magic, fmt, kind, segment_size, archive_id, _created, block_len = _FIXED.unpack(fixed)
+    if magic != MAGIC:
+        raise DecryptionFailed("not a keybroker backup archive")
+    if fmt != FORMAT:
+        raise DecryptionFailed(f"unknown backup archive format {fmt}")
+    block = src.read(block_len)
+    if len(block) != block_len:
+        raise DecryptionFailed("the backup archive is truncated")
+    header = fixed + block
+    data_key = _recover(kind, block, unlock)
+    plain = io.BytesIO()
+    try:
+        with KeySlot(data_key, archive_id, 0) as slot:
+            open_segments(slot, hashlib.sha256(header).digest(), segment_size, src, plain)
+    except DecryptionFailed:
+        _wipe(plain)
+        raise DecryptionFailed("the backup archive is altered, truncated or damaged") from None
+    except InvalidArgument:
+        _wipe(plain)
+        raise DecryptionFailed("the backup archive is altered or damaged") from None
+    try:
+        unpacker = msgpack.Unpacker(io.BytesIO(plain.getbuffer()), raw=False, strict_map_key=False)
+        manifest = next(unpacker)
+        keys = [_key_from_record(record) for record in unpacker]
+    except (StopIteration, ValueError, msgpack.UnpackException):
+        raise InvalidArgument("the backup archive's contents cannot be read") from None
+    finally:
+        _wipe(plain)
+    if not isinstance(manifest, dict) or manifest.get("keys") != len(keys):
+        raise InvalidArgument("the backup archive's manifest does not match its contents")
+    return Archive(int(manifest.get("created_at", 0)), str(manifest.get("node", "")), keys)
+
+
+def _wipe(buffer: io.BytesIO) -> None:
+    try:
+        view = buffer.getbuffer()
+    except BufferError:
+        return
+    view[:] = bytes(len(view))
+    view.release()
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreSummary:
+    restored: tuple[str, ...]
+    # Keys held by reference (HSM) whose custody is not configured here.
+    skipped: tuple[str, ...]
+
+
+async def restore_keys(
+    service: KeyService, archive: Archive, *, progress: Callable[[int, int], None] | None = None
+) -> RestoreSummary:
+    """Bring back every key of a verified archive, with the same ids, versions, states and metadata.
+
+    Each software version's material is handed to the backend's
+    ``import_material`` (wrapping it under this broker's root key). A key
+    held by reference is restored only when a backend of its protection is
+    configured (the same token, which still holds the material); otherwise it
+    is listed as skipped.
+
+    Raises:
+        AlreadyExists: a key's name or id is taken here (checked for every
+            key before any is written).
+    """
+    for item in archive.keys:
+        if await service.find(item.key.name) is not None or await service.store.get_key_by_id(item.key.id):
+            raise AlreadyExists(
+                f"key {item.key.name!r} (or its id) already exists; restore into a fresh data directory"
+            )
+    restored: list[str] = []
+    skipped: list[str] = []
+    total = len(archive.keys)
+    for index, item in enumerate(archive.keys):
+        key = item.key
+        backend = service.backends.get(key.protection)
+        if item.by_reference:
+            if backend is None:
+                skipped.append(key.name)
+                continue
+            blobs = item.references
+        else:
+            importer = getattr(backend, "import_material", None) if backend is not None else None
+            if item.materials and importer is None:
+                skipped.append(key.name)
+                continue
+            blobs = {}
+            for number, material in item.materials.items():
+                assert importer is not None
+                blobs[number] = await importer(key.id, number, key.type, bytearray(material))
+        versions = tuple(replace(v, material=blobs.get(v.number, b"")) for v in key.versions)
+        await service.restore_key(replace(key, versions=versions, revision=1))
+        restored.append(key.name)
+        if progress is not None:
+            progress(index + 1, total)
+    return RestoreSummary(tuple(restored), tuple(skipped))

@@ -1,0 +1,226 @@
+"""Backups: archive of keys restored into a fresh data directory; tampering refused whole."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from cryptography.hazmat.primitives import serialization
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from broker.app import open_broker, serve_broker
+from broker.backup import Passphrase, Recipient, ScryptCost, collect_keys, create_backup, open_archive
+from broker.backup_cli import UsageError, run_backup_create, run_backup_restore
+from broker.config import parse_config
+from broker.errors import BrokerError, DecryptionFailed, InvalidArgument
+from broker.keys import Classification, KeyType
+from tests.conftest import Caller, ConfigFactory
+from tests.distribution._fakes import TokenPlugin, rsa_key
+
+# Cheap scrypt for tests: the format records the cost, so any cost restores.
+CHEAP = ScryptCost(log2_n=10, r=8, p=1)
+
+
+def public_pem(bits: int = 3072) -> str:
+    public = rsa_key(bits).public_key()
+    return public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+
+
+async def populate(admin: Caller) -> dict[str, Any]:
+    """Keys in many states and types; returns what to check after a restore."""
+    made: dict[str, Any] = {"ct": {}, "sig": {}, "mac": {}}
+    await admin("key.create", name="app/aes", type="aes256-gcm", labels={"team": "a"}, rotation_period_s=3600)
+    made["ct"]["v1"] = (await admin("encrypt", key="app/aes", plaintext=b"one", aad=b"x"))["ciphertext"]
+    await admin("key.rotate", name="app/aes")
+    made["ct"]["v2"] = (await admin("encrypt", key="app/aes", plaintext=b"two"))["ciphertext"]
+    await admin("key.compromise", name="app/aes", version=1)
+    await admin("key.create", name="app/hmac", type="hmac-sha256")
+    made["mac"] = (await admin("mac", key="app/hmac", message=b"m"))["mac"]
+    await admin("key.create", name="app/ec", type="ecdsa-p256", exportable=True)
+    made["sig"] = (await admin("sign", key="app/ec", message=b"m"))["signature"]
+    await admin("key.create", name="app/ed", type="ed25519", activate=False)
+    await admin("key.create", name="app/off", type="aes256-gcm")
+    made["ct"]["off"] = (await admin("encrypt", key="app/off", plaintext=b"off"))["ciphertext"]
+    await admin("key.deactivate", name="app/off")
+    await admin("key.create", name="app/gone", type="aes256-gcm")
+    await admin("key.schedule_destroy", name="app/gone", pending_days=7)
+    return made
+
+
+async def test_backup_over_rpc_restores_everything(make_config: ConfigFactory, owner: str) -> None:
+    async with open_broker(make_config(name="old"), run_scheduler=False) as old:
+        admin = Caller(old, owner)
+        made = await populate(admin)
+        before = {k["name"]: k for k in (await admin("key.list"))["keys"]}
+        out = await admin("backup.create", recipient_public_key=public_pem())
+        assert out["keys"] == len(before) and out["by_reference"] == [] and out["format"] == 1
+        archive = out["archive"]
+        with pytest.raises(BrokerError) as denied:
+            await Caller(old, "uid:4242")("backup.create", recipient_public_key=public_pem())
+        assert denied.value.code == "permission_denied"
+        for bad in ({}, {"recipient_public_key": public_pem(), "passphrase": "x"}):
+            with pytest.raises(BrokerError) as wrong:
+                await admin("backup.create", **bad)
+            assert wrong.value.code == "invalid_argument"
+        with pytest.raises(BrokerError) as small:
+            await admin("backup.create", recipient_public_key=public_pem(2048))
+        assert small.value.code == "invalid_argument"
+    target = make_config(name="new")
+    path = target.data_dir.parent / "archive.kbbk"
+    path.write_bytes(archive)
+    result = await run_backup_restore(target, path, rsa_key())
+    assert sorted(result["restored"]) == sorted(before) and result["skipped"] == []
+    async with open_broker(target, run_scheduler=False) as new:
+        admin = Caller(new, owner)
+        after = {k["name"]: k for k in (await admin("key.list"))["keys"]}
+        assert after == before
+        assert (await admin("decrypt", ciphertext=made["ct"]["v2"]))["plaintext"] == b"two"
+        opened = await admin("decrypt", ciphertext=made["ct"]["v1"], aad=b"x", allow_compromised=True)
+        assert opened["plaintext"] == b"one"
+        assert (await admin("decrypt", ciphertext=made["ct"]["off"]))["plaintext"] == b"off"
+        assert (await admin("verify", key="app/ec", message=b"m", signature=made["sig"]))["valid"]
+        assert (await admin("verify_mac", key="app/hmac", message=b"m", mac=made["mac"]))["valid"]
+    # A data directory that is not fresh is refused.
+    with pytest.raises(UsageError):
+        await run_backup_restore(target, path, rsa_key())
+
+
+async def test_passphrase_and_selected_keys(make_config: ConfigFactory, owner: str) -> None:
+    config = make_config(name="old")
+    async with open_broker(config, run_scheduler=False) as old:
+        admin = Caller(old, owner)
+        await admin("key.create", name="a", type="aes256-gcm")
+        await admin("key.create", name="b", type="aes256-gcm")
+        sealed = (await admin("encrypt", key="b", plaintext=b"kept"))["ciphertext"]
+        keys = await collect_keys(old.service, ["b"])
+        out = io.BytesIO()
+        await create_backup(old.service, keys, Passphrase("correct horse", CHEAP), out)
+    with pytest.raises(DecryptionFailed):
+        open_archive(io.BytesIO(out.getvalue()), "wrong horse")
+    with pytest.raises(InvalidArgument):
+        open_archive(io.BytesIO(out.getvalue()), rsa_key())
+    path = config.data_dir.parent / "b.kbbk"
+    path.write_bytes(out.getvalue())
+    target = make_config(name="new")
+    assert (await run_backup_restore(target, path, "correct horse"))["restored"] == ["b"]
+    async with open_broker(target, run_scheduler=False) as new:
+        assert (await Caller(new, owner)("decrypt", ciphertext=sealed))["plaintext"] == b"kept"
+        assert await new.service.find("a") is None
+
+
+async def test_hsm_keys_travel_by_reference(make_config: ConfigFactory, owner: str) -> None:
+    config = make_config(name="old")
+    async with open_broker(config, run_scheduler=False, extra_plugins=[TokenPlugin()]) as old:
+        admin = Caller(old, owner)
+        await admin("key.create", name="soft", type="aes256-gcm")
+        await admin("key.create", name="tok", type="ecdsa-p256", protection="hsm")
+        out = await admin("backup.create", passphrase="pw")
+        assert out["by_reference"] == ["tok"]
+        tok = await admin("key.get", name="tok")
+    path = config.data_dir.parent / "a.kbbk"
+    path.write_bytes(out["archive"])
+    plain = make_config(name="plain")
+    assert await run_backup_restore(plain, path, "pw") == {"restored": ["soft"], "skipped": ["tok"]}
+    with_token = make_config(name="token")
+    restored = await run_backup_restore(with_token, path, "pw", extra_plugins=[TokenPlugin()])
+    assert restored == {"restored": ["soft", "tok"], "skipped": []}
+    async with open_broker(with_token, run_scheduler=False, extra_plugins=[TokenPlugin()]) as new:
+        assert await Caller(new, owner)("key.get", name="tok") == tok
+
+
+@pytest.fixture(scope="module")
+def small_archive() -> bytes:
+    async def make() -> bytes:
+        with tempfile.TemporaryDirectory(prefix="kb-", dir="/tmp") as tmp:
+            async with open_broker(parse_config({}, data_dir=Path(tmp) / "d"), run_scheduler=False) as b:
+                await b.service.create(
+                    name="k",
+                    key_type=KeyType.AES256_GCM,
+                    protection="software",
+                    classification=Classification.INTERNAL,
+                    activate=True,
+                    rotation_period_s=0,
+                    max_uses_per_version=None,
+                    exportable=False,
+                    labels={},
+                )
+                out = io.BytesIO()
+                keys = await collect_keys(b.service, None)
+                await create_backup(b.service, keys, Passphrase("pw", CHEAP), out, segment_size=64)
+                return out.getvalue()
+
+    return trio.run(make)
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_flipped_byte_refuses_the_whole_archive(small_archive: bytes, data: st.DataObject) -> None:
+    position = data.draw(st.integers(0, len(small_archive) - 1))
+    tampered = bytearray(small_archive)
+    tampered[position] ^= data.draw(st.integers(1, 255))
+    with pytest.raises((DecryptionFailed, InvalidArgument)):
+        open_archive(io.BytesIO(bytes(tampered)), "pw")
+
+
+def test_truncated_or_extended_archive_is_refused(small_archive: bytes) -> None:
+    assert len(open_archive(io.BytesIO(small_archive), "pw").keys) == 1
+    for cut in (len(small_archive) - 1, len(small_archive) - 80, 40, 10):
+        with pytest.raises(DecryptionFailed):
+            open_archive(io.BytesIO(small_archive[:cut]), "pw")
+    with pytest.raises(DecryptionFailed):
+        open_archive(io.BytesIO(small_archive + b"\x00" * 80), "pw")
+
+
+async def test_tampered_archive_restores_nothing(make_config: ConfigFactory, small_archive: bytes) -> None:
+    target = make_config(name="new")
+    path = target.data_dir.parent / "t.kbbk"
+    path.write_bytes(small_archive[:-20] + bytes([small_archive[-20] ^ 1]) + small_archive[-19:])
+    with pytest.raises(DecryptionFailed):
+        await run_backup_restore(target, path, "pw")
+    assert not target.data_dir.exists()
+    assert [p for p in target.data_dir.parent.iterdir() if "restoring" in p.name] == []
+
+
+@pytest.mark.slow
+async def test_thousand_keys_restore_into_a_fresh_data_dir(make_config: ConfigFactory, owner: str) -> None:
+    config = make_config(name="old")
+    names = [f"bulk/{i:04d}" for i in range(1000)]
+    sealed: dict[str, bytes] = {}
+    started = time.perf_counter()
+    async with open_broker(config, run_scheduler=False) as old:
+        admin = Caller(old, owner)
+        for name in names:
+            await admin("key.create", name=name, type="aes256-gcm")
+            sealed[name] = (await admin("encrypt", key=name, plaintext=name.encode()))["ciphertext"]
+    created = time.perf_counter()
+    archive = config.data_dir.parent / "bulk.kbbk"
+    summary = await run_backup_create(config, Recipient.from_pem(public_pem()), archive, None)
+    backed_up = time.perf_counter()
+    assert summary["keys"] == 1000
+    target = make_config(name="new")
+    result = await run_backup_restore(target, archive, rsa_key())
+    restored = time.perf_counter()
+    assert len(result["restored"]) == 1000
+    async with open_broker(target, run_scheduler=False) as new:
+        admin = Caller(new, owner)
+        for name in names:
+            assert (await admin("decrypt", ciphertext=sealed[name]))["plaintext"] == name.encode()
+    print(
+        f"\n1000 keys: create+encrypt {created - started:.1f}s, backup {backed_up - created:.2f}s "
+        f"({summary['bytes']:,} bytes), restore {restored - backed_up:.1f}s, "
+        f"decrypt all {time.perf_counter() - restored:.1f}s"
+    )
+    # The offline backup refuses while a broker serves the directory.
+    async with trio.open_nursery() as nursery:
+        info = await nursery.start(serve_broker, config)
+        with pytest.raises(UsageError):
+            await run_backup_create(config, Recipient.from_pem(public_pem()), archive, None)
+        info.shutdown.set()
