@@ -18,6 +18,9 @@ class EventKind(StrEnum):
     DESTROY_CANCELLED = "destroy_cancelled"
     DESTROYED = "destroyed"
     COMPROMISED = "compromised"
+    # A certificate issued with the key (a CA key) nears its expiry; the
+    # event carries the certificate's serial.
+    CERTIFICATE_EXPIRING = "certificate_expiring"
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,13 +30,18 @@ class KeyEvent:
     version: int
     ts: int
     state: str
+    # Only for certificate_expiring: the certificate's serial (hex).
+    serial: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """The payload of a ``key.event`` notification."""
-        return {
+        wire: dict[str, Any] = {
             "name": self.name,
             "event": self.event.value,
             "version": self.version,
             "ts": self.ts,
             "state": self.state,
         }
+        if self.serial is not None:
+            wire["serial"] = self.serial
+        return wire

@@ -13,11 +13,14 @@ import io
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from cryptography.hazmat.primitives import serialization
+
 from .backup import Passphrase, Protector, Recipient, collect_keys, create_backup
-from .calls import NAME, PERIOD, USES, VERSION, Call, Kind, Method
+from .calls import KEY, NAME, PERIOD, USES, VERSION, Call, Kind, Method
+from .certs import DAY, ca_certificate, issue_certificate, list_certificates, policy_of
 from .errors import InvalidArgument, PermissionDenied
 from .keys import Classification, KeyType, check_name
-from .params import Field, as_bin, as_bool, as_enum, as_labels, as_str
+from .params import Field, as_bin, as_bool, as_enum, as_int, as_labels, as_str
 from .transfer import (
     WRAPPING_ALGORITHM,
     load_recipient,
@@ -144,7 +147,11 @@ async def _backup_create(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any
         raise InvalidArgument(
             "give exactly one of recipient_public_key and passphrase", {"field": "recipient_public_key"}
         )
-    protector: Protector = Recipient.from_pem(recipient_pem) if passphrase is None else Passphrase(passphrase)
+    protector: Protector
+    if isinstance(recipient_pem, str):
+        protector = Recipient.from_pem(recipient_pem)
+    else:
+        protector = Passphrase(str(passphrase))
     d.authorize_no_key(call)
     names = args.get("names")
     if names is not None:
@@ -165,6 +172,51 @@ async def _backup_create(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any
         "by_reference": list(summary.by_reference),
         "format": 1,
     }
+
+
+async def _cert_ca(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+    ca = await d.key_for(call, args["ca_key"])
+    cert = await ca_certificate(d.service, ca, policy_of(d.service))
+    version, _ = await d.service.public_pem(ca, None)
+    call.version = version
+    return {
+        "ca_key": ca.name,
+        "version": version,
+        "pem": cert.public_bytes(serialization.Encoding.PEM).decode(),
+        "not_after": int(cert.not_valid_after_utc.timestamp()),
+    }
+
+
+async def _cert_issue(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+    ca = await d.key_for(call, args["ca_key"])
+    policy = policy_of(d.service)
+    _, record = await issue_certificate(d.service, ca, args["csr"], args.get("validity_days"), policy)
+    call.version = record.ca_version
+    call.details["serial"] = record.serial
+    ca_cert = await ca_certificate(d.service, ca, policy)
+    return {
+        **record.to_wire(),
+        "ca_pem": ca_cert.public_bytes(serialization.Encoding.PEM).decode(),
+    }
+
+
+async def _cert_list(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+    ca_name = args.get("ca_key")
+    if ca_name is not None:
+        await d.key_for(call, ca_name)
+    else:
+        d.authorize_no_key(call)
+    days = args.get("expiring_within_days")
+    records, cursor = await list_certificates(
+        d.service,
+        ca_key=ca_name,
+        expiring_within_s=None if days is None else days * DAY,
+        after=args.get("cursor"),
+        limit=args["limit"],
+    )
+    visible = [r for r in records if ca_name is not None or d.allowed(call, r.ca_key, None, "cert.list")]
+    call.details["count"] = len(visible)
+    return {"certificates": [r.to_wire() for r in visible], "cursor": cursor}
 
 
 DISTRIBUTION_METHODS: Mapping[str, Method] = {
@@ -201,5 +253,24 @@ DISTRIBUTION_METHODS: Mapping[str, Method] = {
             "passphrase": Field(as_str),
         },
         _backup_create,
+    ),
+    "cert.ca": Method({"ca_key": KEY}, _cert_ca),
+    "cert.issue": Method(
+        {
+            "ca_key": KEY,
+            "csr": Field(as_str, required=True),
+            "validity_days": Field(as_int(1, 100 * 366)),
+        },
+        _cert_issue,
+    ),
+    "cert.list": Method(
+        {
+            "ca_key": Field(as_str),
+            "expiring_within_days": Field(as_int(0, 100 * 366)),
+            "limit": Field(as_int(1, 1000), default=100),
+            "cursor": Field(as_str),
+        },
+        _cert_list,
+        Kind.READ,
     ),
 }

@@ -18,7 +18,9 @@ from enum import StrEnum
 import trio
 
 from .audit import AuditLog
+from .certs import DAY, certificates_to_warn, mark_warned, policy_of
 from .errors import BrokerError
+from .events import EventKind, KeyEvent
 from .keys import Key, KeyState
 from .lifecycle import Transition, next_rotation_at
 from .metrics import Metrics
@@ -31,6 +33,8 @@ log = logging.getLogger("keybroker.scheduler")
 PRINCIPAL = "scheduler"
 # Keys read from the store per page while looking for due work.
 PAGE = 500
+# Certificates are looked at hourly: their expiry windows are days long.
+CERT_CHECK_INTERVAL_S = 3600
 
 
 class Action(StrEnum):
@@ -89,6 +93,7 @@ class Scheduler:
         self.audit = audit
         self.is_leader = is_leader
         self.metrics = metrics or Metrics()
+        self._certs_checked_at = -CERT_CHECK_INTERVAL_S
 
     async def run_once(self) -> int:
         """Apply everything due now; returns the number of actions applied.
@@ -104,8 +109,50 @@ class Scheduler:
             for key in keys:
                 applied += await self._apply_due(key)
             if len(keys) < PAGE:
-                return applied
+                break
             after = keys[-1].name
+        await self._certificates_expiring()
+        return applied
+
+    async def _certificates_expiring(self) -> None:
+        """Announce issued certificates entering their expiry window, once each.
+
+        At most every :data:`CERT_CHECK_INTERVAL_S` (certificates expire in
+        days, not seconds); each announcement (a ``certificate_expiring`` key
+        event on the CA key, and an audit record) is remembered in the
+        certificate's inventory record, so a restart does not repeat it.
+        """
+        now = self.service.now()
+        if now - self._certs_checked_at < CERT_CHECK_INTERVAL_S:
+            return
+        self._certs_checked_at = now
+        try:
+            window = policy_of(self.service).expiry_warning_days * DAY
+            warnings = await certificates_to_warn(self.service, window)
+        except BrokerError as exc:
+            log.warning("certificate expiry check failed: %s", exc.code)
+            return
+        for record in warnings:
+            ca = await self.service.find(record.ca_key)
+            self.service.emit_event(
+                KeyEvent(
+                    record.ca_key,
+                    EventKind.CERTIFICATE_EXPIRING,
+                    record.ca_version,
+                    now,
+                    ca.state.value if ca is not None else "",
+                    serial=record.serial,
+                )
+            )
+            await self.audit.record(
+                principal=PRINCIPAL,
+                op="cert.expiring",
+                outcome="allowed",
+                key=record.ca_key,
+                version=record.ca_version,
+                details={"serial": record.serial, "not_after": record.not_after},
+            )
+            await mark_warned(self.service, record)
 
     async def _apply_due(self, key: Key) -> int:
         applied = 0
