@@ -53,11 +53,12 @@ h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 18px; margin: 28px 0 8p
 .status.ok { background: #e3f4ec; color: #00543d; } .status.bad { background: #fbe6dc; color: #7a2b00; }
 table { border-collapse: collapse; margin: 6px 0 12px; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-align: top; }
-#keys, #versions, #violations { font-size: 13px; } td { overflow-wrap: anywhere; }
+#keys, #versions, #violations { font-size: 13px; }
 th { background: #f2f2f2; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.bad td { background: #fdf1eb; }
 .counts { display: flex; gap: 24px; flex-wrap: wrap; }
-.label { display: inline-block; background: #eef; border-radius: 3px; padding: 0 4px; margin: 1px; }
+.label { display: inline-block; background: #eef; border-radius: 3px; padding: 0 4px; margin: 1px;
+         overflow-wrap: anywhere; }
 .chart { overflow-x: auto; } .note { color: #555; font-size: 12px; }
 svg text { font: 11px system-ui, sans-serif; fill: #222; }
 """
