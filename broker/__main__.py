@@ -13,6 +13,7 @@ import trio
 from . import __version__
 from .app import serve_broker
 from .audit import audit_verify_main
+from .backup_cli import add_backup_commands
 from .cli import add_client_commands
 from .config import load_config
 from .errors import BrokerError
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=_audit_verify)
 
     add_client_commands(commands)
+    add_backup_commands(commands)
     add_report_parser(commands)
     return parser
 

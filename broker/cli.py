@@ -39,7 +39,10 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from .client import Client, ConnectionLost, client_ssl_context
-from .errors import BrokerError
+from .errors import BrokerError, InvalidArgument
+from .progress import ProgressBar
+from .stream import DEFAULT_SEGMENT_SIZE, decrypt_file, encrypt_file
+from .stream import MAGIC as STREAM_MAGIC
 
 __all__ = [
     "EXIT_OK",
@@ -58,6 +61,8 @@ EXIT_USAGE: Final = 2
 EXIT_UNAVAILABLE: Final = 3
 
 SOCKET_ENV: Final = "KEYBROKER_SOCKET"
+# Stream segment size when --segment-size is not given (tests use tiny ones).
+SEGMENT_SIZE_ENV: Final = "KEYBROKER_STREAM_SEGMENT_SIZE"
 DEFAULT_SOCKET: Final = Path("data") / "keybroker.sock"
 DEFAULT_TLS_PORT: Final = 7443
 # key.list's own default page size; the CLI walks the pages.
@@ -513,8 +518,91 @@ def _key_public(client: Client, args: argparse.Namespace) -> int:
 # -- key use -------------------------------------------------------------------
 
 
+def _is_path(path: str | None) -> bool:
+    return path not in (None, "-")
+
+
+def _stream_segment_size(args: argparse.Namespace) -> int:
+    if args.segment_size is not None:
+        return int(args.segment_size)
+    from_env = os.environ.get(SEGMENT_SIZE_ENV)
+    if from_env is None:
+        return DEFAULT_SEGMENT_SIZE
+    try:
+        return int(from_env)
+    except ValueError:
+        raise UsageError(f"{SEGMENT_SIZE_ENV} must be a number of bytes") from None
+
+
+def _file_errors(exc: OSError) -> UsageError | None:
+    """A UsageError for a failure on a local file (it names one); None for the connection."""
+    if exc.filename is None:
+        return None
+    return UsageError(f"{exc.filename}: {exc.strerror or exc}")
+
+
+def _stream_encrypt(client: Client, args: argparse.Namespace, in_path: str, out_path: str) -> int:
+    source, target = Path(in_path), Path(out_path)
+    if not source.is_file():
+        raise UsageError(f"cannot read {source}: not a readable file")
+    bar = ProgressBar("encrypt")
+    try:
+        result = encrypt_file(
+            client,
+            args.key,
+            source,
+            target,
+            segment_size=_stream_segment_size(args),
+            aad=_aad(args) or b"",
+            progress=bar,
+        )
+    except OSError as exc:
+        raise _file_errors(exc) or exc from None
+    except InvalidArgument as exc:
+        if exc.details.get("field") == "segment_size":
+            raise UsageError(exc.message) from None
+        raise
+    finally:
+        bar.close()
+    if args.json:
+        _print_json({"key": args.key, "format": "stream", "out": str(target), **result})
+    return EXIT_OK
+
+
+def _stream_decrypt(client: Client, args: argparse.Namespace, in_path: str, out_path: str | None) -> int:
+    if not _is_path(out_path):
+        raise UsageError(
+            "a stream decrypts into a file (give OUT): plaintext is released only once the whole "
+            "stream has verified"
+        )
+    assert out_path is not None
+    bar = ProgressBar("decrypt")
+    try:
+        result = decrypt_file(client, Path(in_path), Path(out_path), aad=_aad(args) or b"", progress=bar)
+    except OSError as exc:
+        raise _file_errors(exc) or exc from None
+    finally:
+        bar.close()
+    if args.json:
+        _print_json({"format": "stream", "out": out_path, **result})
+    return EXIT_OK
+
+
+def _starts_a_stream(path: str | None) -> bool:
+    if not _is_path(path):
+        return False
+    try:
+        with open(str(path), "rb") as fh:
+            return fh.read(len(STREAM_MAGIC)) == STREAM_MAGIC
+    except OSError:
+        return False  # reported by the envelope path's own read
+
+
 def _encrypt(client: Client, args: argparse.Namespace) -> int:
     in_path, out_path = _in_out(args)
+    if not args.envelope and _is_path(in_path) and _is_path(out_path):
+        assert in_path is not None and out_path is not None
+        return _stream_encrypt(client, args, in_path, out_path)
     if out_path in (None, "-") and not args.json and sys.stdout.isatty():
         raise UsageError("refusing to write a binary envelope to a terminal: give OUT, redirect, or --json")
     out = _Output(out_path)
@@ -528,6 +616,9 @@ def _encrypt(client: Client, args: argparse.Namespace) -> int:
 
 def _decrypt(client: Client, args: argparse.Namespace) -> int:
     in_path, out_path = _in_out(args)
+    if _starts_a_stream(in_path):
+        assert in_path is not None
+        return _stream_decrypt(client, args, in_path, out_path)
     out = _Output(out_path)
     try:
         ciphertext = _read_input(in_path)
@@ -850,12 +941,24 @@ def add_client_commands(subparsers: Any) -> None:
     _key_name(public)
     public.add_argument("--version", type=int, metavar="V", help="this version (default: primary)")
 
-    encrypt = _verb(subparsers, "encrypt", _encrypt, common, "encrypt IN (or stdin) into an envelope")
+    encrypt = _verb(
+        subparsers,
+        "encrypt",
+        _encrypt,
+        common,
+        "encrypt file IN into a segmented stream OUT under one data key (any size, flat memory); "
+        "with stdin, stdout or --envelope, into one envelope",
+    )
     encrypt.add_argument("--key", required=True, metavar="KEY", help="key name")
     _io_options(encrypt)
     _aad_options(encrypt)
+    encrypt.add_argument("--envelope", action="store_true",
+                         help="one format-1 envelope (whole input in one request) instead of a stream")
+    encrypt.add_argument("--segment-size", type=int, metavar="BYTES",
+                         help=f"stream segment size (default {DEFAULT_SEGMENT_SIZE}, or ${SEGMENT_SIZE_ENV})")
 
-    decrypt = _verb(subparsers, "decrypt", _decrypt, common, "decrypt an envelope from IN (or stdin)")
+    decrypt = _verb(subparsers, "decrypt", _decrypt, common,
+                    "decrypt a stream (file IN to file OUT) or an envelope from IN (or stdin)")
     _io_options(decrypt)
     _aad_options(decrypt)
     decrypt.add_argument("--allow-compromised", action="store_true",

@@ -15,7 +15,8 @@ Format 1::
       10  16  stream id (random)
       26  2   length L of the wrapped data key (uint16, big-endian)
       28  L   wrapped data key: the format-1 envelope ``datakey`` returned,
-              sealed with aad = "keybroker/stream/v1" || stream id
+              sealed with aad = "keybroker/stream/v1" || stream id || the
+              caller's aad (if any; not stored)
     segments, one after another, each
       12      nonce (random)
       n       AES-256-GCM ciphertext (n = S for every segment but the last,
@@ -103,9 +104,13 @@ _SEGMENT_AAD = struct.Struct(">32sQB")
 Progress = Callable[[int, int | None], None]
 
 
-def datakey_aad(stream_id: bytes) -> bytes:
-    """The aad the stream's data key is wrapped (``datakey``) and opened (``decrypt``) with."""
-    return DATAKEY_AAD_PREFIX + stream_id
+def datakey_aad(stream_id: bytes, aad: bytes = b"") -> bytes:
+    """The aad the stream's data key is wrapped (``datakey``) and opened (``decrypt``) with.
+
+    A caller's own ``aad`` (not stored in the file, like an envelope's) is
+    bound there too: the stream then opens only with the same ``aad``.
+    """
+    return DATAKEY_AAD_PREFIX + stream_id + aad
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,6 +367,7 @@ def encrypt_file(
     dst: str | os.PathLike[str],
     *,
     segment_size: int = DEFAULT_SEGMENT_SIZE,
+    aad: bytes = b"",
     progress: Progress | None = None,
 ) -> dict[str, int]:
     """Encrypt the file ``src`` into ``dst`` under one data key of ``key``.
@@ -371,6 +377,7 @@ def encrypt_file(
         key: the name of an aes256-gcm key (the caller needs ``datakey`` on it).
         src / dst: input and output paths; ``dst`` is replaced atomically.
         segment_size: plaintext bytes per segment.
+        aad: additional data the stream is bound to (needed again to decrypt).
         progress: called with (input bytes done, input size).
 
     Returns:
@@ -384,7 +391,7 @@ def encrypt_file(
     source, target = Path(src), Path(dst)
     stream_id = os.urandom(STREAM_ID_LEN)
     StreamHeader(segment_size, stream_id, b"\x00")  # check the size before asking the broker
-    reply = client.datakey(key, count=1, bytes=32, plaintext=True, aad=datakey_aad(stream_id))
+    reply = client.datakey(key, count=1, bytes=32, plaintext=True, aad=datakey_aad(stream_id, aad))
     item = reply["keys"][0]
     data_key = bytearray(item["plaintext"])
     header = StreamHeader(segment_size, stream_id, item["wrapped"])
@@ -400,9 +407,12 @@ def decrypt_file(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
     *,
+    aad: bytes = b"",
     progress: Progress | None = None,
 ) -> dict[str, object]:
     """Decrypt a stream made by :func:`encrypt_file` into ``dst`` (one ``decrypt`` call).
+
+    ``aad`` must be what the stream was encrypted with.
 
     Returns:
         ``{"bytes": plaintext bytes, "key": key name, "version": key version}``.
@@ -416,7 +426,7 @@ def decrypt_file(
     source, target = Path(src), Path(dst)
     with source.open("rb") as reader:
         header, raw = StreamHeader.read(reader)
-        opened = client.decrypt(header.wrapped_key, aad=datakey_aad(header.stream_id))
+        opened = client.decrypt(header.wrapped_key, aad=datakey_aad(header.stream_id, aad))
         data_key = bytearray(opened["plaintext"])
         with KeySlot(data_key, header.stream_id, 0) as slot, atomic_output(target) as out:
             total = _size_of(source)

@@ -107,12 +107,15 @@ async def test_encrypt_decrypt_files_and_pipes(sock: Path, short_tmp: Path) -> N
     plaintext = bytes(range(256)) * 3
     (short_tmp / "plain.bin").write_bytes(plaintext)
 
-    # Files: positional IN OUT.
+    # Files: positional IN OUT (a segmented stream; --envelope for one envelope).
     sealed = await kb("encrypt", "--key", "cli/enc", "--aad", "ctx", short_tmp / "plain.bin",
                       short_tmp / "sealed.bin", socket=sock)
     assert sealed.code == 0 and sealed.out == b"", sealed.err
-    envelope = (short_tmp / "sealed.bin").read_bytes()
-    assert envelope[:3] == b"KB\x01"
+    assert (short_tmp / "sealed.bin").read_bytes()[:4] == b"KBST"
+    one = await kb("encrypt", "--key", "cli/enc", "--envelope", short_tmp / "plain.bin",
+                   short_tmp / "one.bin", socket=sock)
+    assert one.code == 0 and (short_tmp / "one.bin").read_bytes()[:3] == b"KB\x01"
+    (short_tmp / "one.bin").unlink()
     opened = await kb("decrypt", "--aad", "ctx", "--in", short_tmp / "sealed.bin",
                       "--out", short_tmp / "opened.bin", socket=sock)
     assert opened.code == 0, opened.err

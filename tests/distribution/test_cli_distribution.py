@@ -1,0 +1,168 @@
+"""``keybroker encrypt|decrypt`` streams and ``keybroker backup create|restore`` as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+from cryptography.hazmat.primitives import serialization
+
+from broker.app import open_broker
+from broker.client import Client
+from broker.config import parse_config
+from broker.server import ServerInfo
+from broker.stream import SEGMENT_OVERHEAD, StreamHeader
+from tests.conftest import Caller
+from tests.distribution._fakes import rsa_key
+
+SEG = 100
+
+
+def _command() -> list[str]:
+    script = shutil.which("keybroker", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "broker"]
+
+
+KEYBROKER = _command()
+
+
+@dataclass
+class Result:
+    code: int
+    out: bytes
+    err: str
+
+
+async def kb(*args: str | Path, socket: Path | None = None, env: dict[str, str] | None = None) -> Result:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("KEYBROKER_")}
+    if socket is not None:
+        environ["KEYBROKER_SOCKET"] = str(socket)
+    environ.update(env or {})
+    with trio.fail_after(60):
+        proc = await trio.run_process(
+            [*KEYBROKER, *map(str, args)], capture_stdout=True, capture_stderr=True, check=False, env=environ
+        )
+    return Result(proc.returncode, proc.stdout, proc.stderr.decode())
+
+
+def split(blob: bytes) -> tuple[bytes, list[bytes]]:
+    header_len = len(StreamHeader(SEG, bytes(16), b"x").pack()) - 1 + int.from_bytes(blob[26:28], "big")
+    step = SEG + SEGMENT_OVERHEAD
+    body = blob[header_len:]
+    return blob[:header_len], [body[i : i + step] for i in range(0, len(body), step)]
+
+
+async def test_stream_round_trip_and_tampering(served: ServerInfo, short_tmp: Path) -> None:
+    sock = served.socket_path
+    with Client(sock) as client:
+        await trio.to_thread.run_sync(client.key_create, "cli/stream", "aes256-gcm")
+    small = {"KEYBROKER_STREAM_SEGMENT_SIZE": str(SEG)}
+    plain, sealed, opened = short_tmp / "plain", short_tmp / "sealed", short_tmp / "opened"
+    data = os.urandom(10 * SEG + 37)
+    plain.write_bytes(data)
+    done = await kb("encrypt", "--key", "cli/stream", "--aad", "ctx", plain, sealed, socket=sock, env=small)
+    assert done.code == 0, done.err
+    blob = sealed.read_bytes()
+    header, segments = split(blob)
+    assert blob[:4] == b"KBST" and len(segments) == 11
+    back = await kb("decrypt", "--aad", "ctx", sealed, opened, "--json", socket=sock)
+    assert back.code == 0, back.err
+    assert opened.read_bytes() == data and json.loads(back.out)["bytes"] == len(data)
+    opened.unlink()
+
+    bad = short_tmp / "bad"
+    tampered = {
+        "truncated": header + b"".join(segments[:-1]),
+        "swapped": header + segments[1] + segments[0] + b"".join(segments[2:]),
+        "flipped": blob[:500] + bytes([blob[500] ^ 0x04]) + blob[501:],
+    }
+    for what, content in tampered.items():
+        bad.write_bytes(content)
+        result = await kb("decrypt", "--aad", "ctx", bad, opened, socket=sock)
+        assert result.code == 1, (what, result.err)
+        assert result.err.startswith("keybroker: decryption_failed"), (what, result.err)
+        assert not opened.exists(), what
+    wrong_aad = await kb("decrypt", "--aad", "other", sealed, opened, socket=sock)
+    assert wrong_aad.code == 1 and not opened.exists()
+    to_stdout = await kb("decrypt", "--aad", "ctx", sealed, socket=sock)
+    assert to_stdout.code == 2 and to_stdout.out == b""
+
+    empty, empty_sealed = short_tmp / "empty", short_tmp / "empty.kbst"
+    empty.write_bytes(b"")
+    flag = await kb(
+        "encrypt", "--key", "cli/stream", "--segment-size", "64", empty, empty_sealed, socket=sock
+    )
+    assert flag.code == 0, flag.err
+    assert (await kb("decrypt", empty_sealed, opened, socket=sock)).code == 0
+    assert opened.read_bytes() == b""
+    too_small = await kb("encrypt", "--key", "cli/stream", "--segment-size", "1", plain, sealed, socket=sock)
+    assert too_small.code == 2
+    missing = await kb("encrypt", "--key", "cli/stream", short_tmp / "absent", sealed, socket=sock)
+    assert missing.code == 2
+
+
+async def test_backup_cli_round_trip(short_tmp: Path, owner: str) -> None:
+    old, new = short_tmp / "old", short_tmp / "new"
+    async with open_broker(parse_config({}, data_dir=old), run_scheduler=False) as broker:
+        admin = Caller(broker, owner)
+        await admin("key.create", name="b/1", type="aes256-gcm")
+        await admin("key.create", name="b/2", type="hmac-sha256")
+        sealed = (await admin("encrypt", key="b/1", plaintext=b"restored"))["ciphertext"]
+    secret = short_tmp / "pass"
+    secret.write_text("a long backup passphrase\n")
+    archive = short_tmp / "all.kbbk"
+    made = await kb("backup", "create", "--data-dir", old, "--passphrase-file", secret, archive)
+    assert made.code == 0, made.err
+    assert "backed up 2 key(s)" in made.out.decode()
+    restored = await kb("backup", "restore", "--data-dir", new, "--passphrase-file", secret, archive)
+    assert restored.code == 0, restored.err
+    assert "restored 2 key(s)" in restored.out.decode()
+    async with open_broker(parse_config({}, data_dir=new), run_scheduler=False) as broker:
+        opened = await Caller(broker, owner)("decrypt", ciphertext=sealed)
+        assert opened["plaintext"] == b"restored"
+    again = await kb("backup", "restore", "--data-dir", new, "--passphrase-file", secret, archive)
+    assert again.code == 2 and "fresh" in again.err
+
+    recipient = short_tmp / "recipient.pem"
+    identity = short_tmp / "identity.pem"
+    key = rsa_key()
+    recipient.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    identity.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    one = short_tmp / "one.kbbk"
+    made = await kb("backup", "create", "--data-dir", old, "--recipient", recipient, "--key", "b/2", one)
+    assert made.code == 0, made.err
+    blob = one.read_bytes()
+    one.write_bytes(blob[:-5] + bytes([blob[-5] ^ 1]) + blob[-4:])
+    refused = await kb("backup", "restore", "--data-dir", short_tmp / "t", "--identity", identity, one)
+    assert refused.code == 1 and refused.err.startswith("keybroker: decryption_failed")
+    assert not (short_tmp / "t").exists()
+    one.write_bytes(blob)
+    ok = await kb("backup", "restore", "--data-dir", short_tmp / "t", "--identity", identity, one)
+    assert ok.code == 0 and "restored 1 key(s)" in ok.out.decode(), ok.err
+    absent = await kb(
+        "backup", "create", "--data-dir", short_tmp / "nope", "--passphrase-file", secret, archive
+    )
+    assert absent.code == 2
+
+
+@pytest.mark.parametrize("flag", ["--recipient", "--identity"])
+async def test_backup_cli_usage_errors(short_tmp: Path, flag: str) -> None:
+    junk = short_tmp / "junk.pem"
+    junk.write_text("not a key")
+    verb = "create" if flag == "--recipient" else "restore"
+    result = await kb("backup", verb, "--data-dir", short_tmp / "d", flag, junk, short_tmp / "archive")
+    assert result.code == 2, result.err
