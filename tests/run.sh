@@ -16,6 +16,7 @@ command -v softhsm2-util >/dev/null || missing+=(softhsm2)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
+command -v valgrind >/dev/null || missing+=(valgrind)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v rsyslogd >/dev/null || [ -x /usr/sbin/rsyslogd ] || missing+=(rsyslog)
 if [ ${#missing[@]} -gt 0 ]; then
