@@ -484,7 +484,7 @@ class KeySlot:
         ptr = self._handle()
         if n == 0:
             return []
-        if n == 1 and isinstance(aad, _BYTES_LIKE):
+        if n == 1 and type(items[0]) is bytes and isinstance(aad, _BYTES_LIKE):
             return [self.seal(items[0], aad)]  # fewer conversions than the batch call
         if _all_large(items, ROUTE_MIN_BYTES):
             return [self._seal_large(x, a) for x, a in zip(items, _aad_list(aad, n), strict=True)]
