@@ -52,7 +52,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Final
 
@@ -119,7 +119,7 @@ class StreamHeader:
 
     segment_size: int
     stream_id: bytes
-    wrapped_key: bytes
+    wrapped_key: bytes = field(repr=False)
 
     def __post_init__(self) -> None:
         if not MIN_SEGMENT_SIZE <= self.segment_size <= MAX_SEGMENT_SIZE:
