@@ -302,6 +302,50 @@ class _Api(Generic[R]):
         """``{approvals, required, done}``."""
         return self.call("approve", {"request_id": request_id})
 
+    def key_export(self, name: str, public_key: str, version: int | None = None) -> R:
+        """Material wrapped for the recipient's RSA public key (PEM); see docs/distribution.md."""
+        return self.call("key.export", _params(name=name, public_key=public_key, version=version))
+
+    def key_import_params(self, type: str) -> R:
+        """``{import_token, public_key, expires_at, ...}`` for one import."""
+        return self.call("key.import_params", {"type": type})
+
+    def key_import(self, import_token: str, wrapped: bytes, name: str, type: str, **opts: Any) -> R:
+        """Store wrapped material as a new key (or, ``new_version=True``, a new version)."""
+        return self.call(
+            "key.import",
+            _params(import_token=import_token, wrapped=wrapped, name=name, type=type, **opts),
+        )
+
+    def backup_create(
+        self,
+        *,
+        recipient_public_key: str | None = None,
+        passphrase: str | None = None,
+        names: list[str] | None = None,
+    ) -> R:
+        """An encrypted, authenticated archive of the keys (admins only)."""
+        return self.call(
+            "backup.create",
+            _params(recipient_public_key=recipient_public_key, passphrase=passphrase, names=names),
+        )
+
+    def cert_ca(self, ca_key: str) -> R:
+        """A self-signed CA certificate for a signing key held by the broker."""
+        return self.call("cert.ca", {"ca_key": ca_key})
+
+    def cert_issue(self, ca_key: str, csr: str, validity_days: int | None = None) -> R:
+        """A certificate for ``csr`` (PEM) signed by ``ca_key``."""
+        return self.call("cert.issue", _params(ca_key=ca_key, csr=csr, validity_days=validity_days))
+
+    def cert_list(self, ca_key: str | None = None, expiring_within_days: int | None = None) -> R:
+        """Certificates issued, with their expiry."""
+        return self.call("cert.list", _params(ca_key=ca_key, expiring_within_days=expiring_within_days))
+
+    def report(self, days: int | None = None) -> R:
+        """The compliance report (admins)."""
+        return self.call("report", _params(days=days))
+
 
 def _key_events(note: Notification) -> list[dict[str, Any]]:
     if note.method != "key.event":

@@ -54,15 +54,15 @@ _USE = [
     "mac",
     "verify_mac",
 ]
-_READ = ["key.get", "key.list", "key.public", "subscribe"]
+_READ = ["key.get", "key.list", "key.public", "subscribe", "cert.ca"]
 
 BUILTIN_ROLES: Mapping[str, tuple[str, ...]] = {
     # Every operation on every key it is granted.
     "admin": ("*",),
     # An application: use keys and read their metadata, no lifecycle changes.
     "app": (*_USE, *_READ),
-    # Read-only: inventory and public keys.
-    "auditor": tuple(_READ),
+    # Read-only: inventory, public keys, certificates and the compliance report.
+    "auditor": (*_READ, "cert.list", "report"),
 }
 
 

@@ -64,3 +64,11 @@ def test_deny_wins() -> None:
 def test_config_errors(section: dict[str, object]) -> None:
     with pytest.raises(InvalidArgument):
         policy(**section)
+
+
+def test_auditor_reads_inventory_certificates_and_report_only() -> None:
+    p = policy(grants=[{"principals": ["aud"], "roles": ["auditor"], "keys": ["*"]}])
+    for op, key in (("report", None), ("cert.list", None), ("cert.ca", "ca"), ("key.get", "k")):
+        assert ask(p, "aud", op, key) is Decision.ALLOW, op
+    for op in ("encrypt", "key.rotate", "cert.issue", "key.export", "backup.create", "approve"):
+        assert ask(p, "aud", op) is None, op
