@@ -114,7 +114,8 @@ def _uri_san(cert: x509.Certificate) -> str | None:
         return None
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     spiffe = [u for u in uris if u.startswith("spiffe://")]
-    return (spiffe or uris or [None])[0]
+    chosen = spiffe or uris
+    return chosen[0] if chosen else None
 
 
 def _common_name(cert: x509.Certificate) -> str | None:

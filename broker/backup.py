@@ -318,7 +318,7 @@ async def collect_keys(service: KeyService, names: Sequence[str] | None) -> list
     found: list[Key] = []
     after: str | None = None
     while True:
-        page = await service.list(prefix="", state=None, limit=PAGE, after=after)
+        page = await service.list_keys(prefix="", state=None, limit=PAGE, after=after)
         found += page
         if len(page) < PAGE:
             return found

@@ -65,7 +65,10 @@ async def _decrypt(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
         raise DecryptionFailed()
     grant = d.service.process_grant(key, header.version, allow_compromised=args["allow_compromised"])
     call.alarm = grant.alarm
-    plaintext = (await d.service.decrypt(key, header.version, [envelope], args.get("aad", b"")))[0]
+    opened: list[bytes | None] = await d.service.decrypt(
+        key, header.version, [envelope], args.get("aad", b"")
+    )
+    plaintext = opened[0]
     if plaintext is None:
         raise DecryptionFailed()
     return {"plaintext": plaintext, "key": key.name, "version": header.version}
@@ -81,9 +84,9 @@ async def _decrypt_batch(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any
     failed = DecryptionFailed().to_wire()
     for key, version, indexes in groups:
         opened = await d.service.decrypt(key, version, [envelopes[i] for i in indexes], _pick(aad, indexes))
-        for index, plaintext in zip(indexes, opened, strict=True):
-            plaintexts[index] = plaintext
-            if plaintext is None:
+        for index, item in zip(indexes, opened, strict=True):
+            plaintexts[index] = item
+            if item is None:
                 errors[index] = failed
     call.details["items"] = len(envelopes)
     call.details["failed"] = sum(e is not None for e in errors)
@@ -107,9 +110,9 @@ async def _rewrap_batch(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
             for index in indexes:
                 errors[index] = exc.to_wire()
             continue
-        for index, envelope in zip(indexes, sealed, strict=True):
-            out[index] = envelope
-            if envelope is None:
+        for index, rewrapped in zip(indexes, sealed, strict=True):
+            out[index] = rewrapped
+            if rewrapped is None:
                 errors[index] = failed
     call.details["items"] = len(envelopes)
     call.details["failed"] = sum(e is not None for e in errors)
@@ -133,11 +136,13 @@ async def _datakey(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
 
 
 def _signed_data(key: Key, args: dict[str, Any]) -> tuple[bytes, bool]:
-    message, digest = args.get("message"), args.get("digest")
+    message: bytes | None = args.get("message")
+    digest: bytes | None = args.get("digest")
     if (message is None) == (digest is None):
         raise InvalidArgument("give exactly one of message and digest", {"field": "message"})
-    if digest is None:
+    if message is not None:
         return message, False
+    assert digest is not None
     if key.type is KeyType.ED25519:
         raise InvalidArgument("ed25519 signs messages only, not digests", {"field": "digest"})
     if len(digest) != SHA256_LEN:

@@ -62,7 +62,7 @@ async def _key_get(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
 
 async def _key_list(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
     d.authorize_no_key(call)
-    keys = await d.service.list(
+    keys = await d.service.list_keys(
         prefix=args["prefix"], state=args.get("state"), limit=args["limit"], after=args.get("cursor")
     )
     visible = [k for k in keys if d.allowed(call, k.name, k, "key.get")]

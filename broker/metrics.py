@@ -124,7 +124,7 @@ class Metrics:
         counts = dict.fromkeys((state.value for state in KeyState), 0)
         after: str | None = None
         while True:
-            keys = await service.list(prefix="", state=None, limit=PAGE, after=after)
+            keys = await service.list_keys(prefix="", state=None, limit=PAGE, after=after)
             for key in keys:
                 counts[key.state.value] += 1
             if len(keys) < PAGE:

@@ -323,7 +323,8 @@ def encode_response(msgid: int, error: Any, result: Any, packer: msgpack.Packer 
     Raises:
         TypeError / ValueError: ``result`` or ``error`` is not msgpack-encodable.
     """
-    return (packer or _PACKER).pack([RESPONSE, msgid, error, result])
+    packed: bytes = (packer or _PACKER).pack([RESPONSE, msgid, error, result])
+    return packed
 
 
 def encode_request(
@@ -334,7 +335,8 @@ def encode_request(
     Raises:
         TypeError / ValueError: a parameter is not msgpack-encodable.
     """
-    return (packer or _PACKER).pack([REQUEST, msgid, method, [params]])
+    packed: bytes = (packer or _PACKER).pack([REQUEST, msgid, method, [params]])
+    return packed
 
 
 def encode_notification(method: str, params: list[Any], packer: msgpack.Packer | None = None) -> bytes:
@@ -343,7 +345,8 @@ def encode_notification(method: str, params: list[Any], packer: msgpack.Packer |
     Raises:
         TypeError / ValueError: a parameter is not msgpack-encodable.
     """
-    return (packer or _PACKER).pack([NOTIFICATION, method, params])
+    packed: bytes = (packer or _PACKER).pack([NOTIFICATION, method, params])
+    return packed
 
 
 def new_packer() -> msgpack.Packer:

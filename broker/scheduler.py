@@ -105,7 +105,7 @@ class Scheduler:
         applied = 0
         after: str | None = None
         while True:
-            keys = await self.service.list(prefix="", state=None, limit=PAGE, after=after)
+            keys = await self.service.list_keys(prefix="", state=None, limit=PAGE, after=after)
             for key in keys:
                 applied += await self._apply_due(key)
             if len(keys) < PAGE:

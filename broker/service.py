@@ -165,7 +165,9 @@ class KeyService:
             raise NotFound("no key with the id named in the envelope")
         return self._remember(key)
 
-    async def list(self, *, prefix: str, state: KeyState | None, limit: int, after: str | None) -> list[Key]:
+    async def list_keys(
+        self, *, prefix: str, state: KeyState | None, limit: int, after: str | None
+    ) -> list[Key]:
         return await self.store.list_keys(prefix=prefix, state=state, after=after, limit=limit)
 
     def metadata(self, key: Key) -> dict[str, Any]:
@@ -445,7 +447,6 @@ class KeyService:
         if found.state is VersionState.DESTROYED:
             raise InvalidState(f"key {key.name!r}: version {number} is destroyed")
         return number, await self.backend(key).public_pem(key.ref(number))
-
 
     # --- export, import, restore -------------------------------------------------
 
