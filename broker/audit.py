@@ -95,6 +95,9 @@ FANOUT_CLOSE_GRACE_S: Final = 2.0
 # How long shutdown waits for the primary's last batch and for sinks to
 # close, even when the surrounding scope is already cancelled.
 CLOSE_TIMEOUT_S: Final = 10.0
+# At most this many scheduling rounds are spent gathering a commit: enough
+# for a burst of pipelined requests to reach the log, never an unbounded wait.
+LINGER_ROUNDS: Final = 8
 
 
 # --- reading the file sink's log (keybroker audit verify) ------------------
@@ -493,9 +496,14 @@ class AuditLog:
                         self._wakeup = trio.Event()
                         continue
                     # Let every task that is ready to run add its record
-                    # first: pipelined requests then share one write and one
-                    # fsync instead of trickling in a few per commit.
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    # first: while a scheduling round still adds records,
+                    # give it another, so pipelined requests share one write
+                    # and one fsync instead of trickling in a few per commit.
+                    for _ in range(LINGER_ROUNDS):
+                        queued = len(self._batch.entries)
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                        if len(self._batch.entries) == queued:
+                            break
                     batch, self._batch = self._batch, _Batch()
                     await self._commit(batch)
         finally:
