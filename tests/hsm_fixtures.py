@@ -90,27 +90,45 @@ class SoftToken:
         return {"module": self.module, "token_label": self.label, "pin_env": self.pin_env, **overrides}
 
 
+# Each test module that imports the fixture registers its own copy of it, and
+# pytest caches a session-scoped fixture per definition: without this shared
+# state, a second module would initialize a second token that the already
+# initialized module never sees. Counted so the last user cleans up.
+_shared: SoftToken | None = None
+_users = 0
+_previous_conf: str | None = None
+
+
 @pytest.fixture(scope="session")
 def softhsm() -> Iterator[SoftToken]:
     """One initialized SoftHSM2 token for the whole test session."""
+    global _shared, _users, _previous_conf  # noqa: PLW0603 - one token per process, see above
     module = softhsm_module()
     require(module is not None, "SoftHSM2 (softhsm2-util and libsofthsm2.so)")
     require(pkcs11_importable(), "python-pkcs11 (pip install -e '.[hsm]')")
     assert module is not None
-    directory = Path(tempfile.mkdtemp(prefix="kb-hsm-", dir="/tmp"))
-    previous = os.environ.get("SOFTHSM2_CONF")
-    try:
+    if _shared is None:
+        directory = Path(tempfile.mkdtemp(prefix="kb-hsm-", dir="/tmp"))
         conf = init_token(directory)
+        _previous_conf = os.environ.get("SOFTHSM2_CONF")
         os.environ["SOFTHSM2_CONF"] = str(conf)
         os.environ[PIN_ENV] = USER_PIN
-        yield SoftToken(module=module, label=TOKEN_LABEL, directory=directory, conf=conf, pin=USER_PIN)
+        _shared = SoftToken(module=module, label=TOKEN_LABEL, directory=directory, conf=conf, pin=USER_PIN)
+    _users += 1
+    try:
+        yield _shared
     finally:
-        os.environ.pop(PIN_ENV, None)
-        if previous is None:
-            os.environ.pop("SOFTHSM2_CONF", None)
-        else:
-            os.environ["SOFTHSM2_CONF"] = previous
-        shutil.rmtree(directory, ignore_errors=True)
+        _users -= 1
+        if _users == 0:
+            os.environ.pop(PIN_ENV, None)
+            if _previous_conf is None:
+                os.environ.pop("SOFTHSM2_CONF", None)
+            else:
+                os.environ["SOFTHSM2_CONF"] = _previous_conf
+            shutil.rmtree(_shared.directory, ignore_errors=True)
+            # The module stays initialized on this token for the process's
+            # life; a later token in the same process could not be used.
+            _shared = None
 
 
 _LIST_OBJECTS = r"""

@@ -28,8 +28,8 @@ under it on purpose, in three places, each for a measured reason:
    logs out) and the first one that finds the application logged out calls
    ``C_Login`` here; CKR_USER_ALREADY_LOGGED_IN from a concurrent opener is
    success.
-3. **C_GetSessionInfo / C_CloseAllSessions**: to tell a dead session from a
-   bad ciphertext (SoftHSM2 reports a GCM tag mismatch as
+3. **C_GetSessionInfo, C_CloseSession, C_CloseAllSessions**: to tell a dead
+   session from a bad ciphertext (SoftHSM2 reports a GCM tag mismatch as
    CKR_GENERAL_ERROR), and for fault tests and independent session counts.
 
 Nothing here logs or keeps a PIN; :func:`login` takes it for one call.
@@ -37,6 +37,7 @@ Nothing here logs or keeps a PIN; :func:`login` takes it for one call.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import threading
 from typing import Any, Final
@@ -95,6 +96,7 @@ class _FunctionList(ctypes.Structure):
 
 _Initialize = ctypes.CFUNCTYPE(CK_RV, ctypes.POINTER(_InitArgs))
 _CloseAll = ctypes.CFUNCTYPE(CK_RV, CK_ULONG)
+_CloseSession = ctypes.CFUNCTYPE(CK_RV, CK_ULONG)
 _GetSessionInfo = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(_SessionInfo))
 _Login = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, CK_ULONG, ctypes.c_char_p, CK_ULONG)
 
@@ -120,6 +122,7 @@ class Cryptoki:
         table = functions.contents
         self._initialize = _Initialize(table.C_Initialize)
         self._close_all = _CloseAll(table.C_CloseAllSessions)
+        self._close_session = _CloseSession(table.C_CloseSession)
         self._session_info = _GetSessionInfo(table.C_GetSessionInfo)
         self._login = _Login(table.C_Login)
 
@@ -159,8 +162,16 @@ class Cryptoki:
             _check(rv, "C_Login")
 
     def close_all_sessions(self, slot_id: int) -> None:
-        """C_CloseAllSessions: every session of this process on the slot (fault tests)."""
+        """C_CloseAllSessions: every session of this process on the slot (fault tests).
+
+        Only while no thread is inside a call on one of them: SoftHSM2 2.6
+        frees a session under a concurrent call (measured: SIGSEGV).
+        """
         _check(self._close_all(slot_id), "C_CloseAllSessions")
+
+    def close_session(self, handle: int) -> None:
+        """C_CloseSession behind python-pkcs11's back (fault tests); same caveat."""
+        _check(self._close_session(handle), "C_CloseSession")
 
     def live_sessions(self, handles: range) -> int:
         """How many of ``handles`` are open sessions, asking the module itself.
@@ -199,7 +210,7 @@ _ERRORS: dict[int, type[pkcs11.PKCS11Error]] = {
 }
 
 
-class _Library(_pkcs11.lib):  # type: ignore[misc]
+class _Library(_pkcs11.lib):
     """python-pkcs11's ``lib`` whose ``initialize`` passes CKF_OS_LOCKING_OK (see module docstring)."""
 
     def initialize(self) -> None:
@@ -247,6 +258,25 @@ def load_library(path: str) -> tuple[Any, Cryptoki]:
         cryptoki.initialize()
         _cryptokis[path] = cryptoki
         library = _Library(path)
+        if not _libraries:
+            atexit.register(_release_libraries)
         _libraries[path] = library
         cache[path] = library
         return library, cryptoki
+
+
+def _release_libraries() -> None:
+    """Drop the library objects while the interpreter is still whole.
+
+    python-pkcs11's ``lib.__dealloc__`` calls back into Python (``unload``);
+    left to interpreter teardown it fails there ("Error in sys.excepthook",
+    seen when other atexit work such as hypothesis's runs first). The module
+    itself stays mapped (the ctypes handle) and is not finalized: a worker
+    thread might still be inside a call.
+    """
+    cache: dict[str, Any] = pkcs11._loaded
+    with _load_lock:
+        for path in list(_libraries):
+            if cache.get(path) is _libraries[path]:
+                del cache[path]
+        _libraries.clear()

@@ -264,6 +264,11 @@ class SessionPool:
     def closed(self) -> bool:
         return self._users == 0
 
+    @property
+    def idle(self) -> tuple[Lease, ...]:
+        """The sessions not on loan right now (for diagnostics and fault tests)."""
+        return tuple(self._idle)
+
     # --- loans ---------------------------------------------------------------
 
     async def run(self, fn: Callable[[Lease], _T]) -> _T:

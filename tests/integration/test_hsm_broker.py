@@ -1,0 +1,206 @@
+"""HSM keys through the wire protocol: a broker serving its Unix socket with the
+pkcs11 plugin on a real SoftHSM2 token, driven by ``broker.client.AsyncClient``.
+
+The broker is assembled as ``broker.app.serve_broker`` assembles it
+(``open_broker`` + ``broker.server.serve``), because the destroy step calls the
+service's ``lifecycle(name, Transition.DESTROY)`` directly: the grace period
+would otherwise take days.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
+from broker.app import Broker, open_broker
+from broker.client import AsyncClient
+from broker.config import Config
+from broker.errors import BrokerError
+from broker.lifecycle import Transition
+from broker.server import serve
+from tests import hsm_fixtures
+from tests.conftest import ConfigFactory
+from tests.hsm_fixtures import SoftToken, token_objects
+
+softhsm = hsm_fixtures.softhsm  # the session's SoftHSM2 token fixture
+
+pytestmark = pytest.mark.slow
+
+
+@asynccontextmanager
+async def serving(config: Config) -> AsyncIterator[tuple[Broker, AsyncClient]]:
+    async with open_broker(config) as broker, trio.open_nursery() as nursery:
+        info = await nursery.start(serve, config, broker.dispatcher)
+        try:
+            async with AsyncClient(info.socket_path) as client:
+                yield broker, client
+        finally:
+            await info.drain()
+
+
+def hsm_config(make_config: ConfigFactory, token: SoftToken, **top: Any) -> Config:
+    return make_config({"plugins": {"pkcs11": token.section(pool_size=2)}, **top})
+
+
+async def fails(call: Any, code: str) -> BrokerError:
+    with pytest.raises(BrokerError) as info:
+        await call
+    assert info.value.code == code, info.value.message
+    return info.value
+
+
+def envelope_fields(envelope: bytes) -> tuple[bytes, int, int, bytes, int]:
+    """(magic, format, algorithm, key id, version), parsed here, not by broker.envelope."""
+    magic, fmt, alg, key_id, version = struct.unpack(">2sBB16sI", envelope[:24])
+    return magic, fmt, alg, key_id, version
+
+
+async def test_every_operation_of_hsm_keys(make_config: ConfigFactory, softhsm: SoftToken) -> None:
+    config = hsm_config(make_config, softhsm)
+    async with serving(config) as (broker, client):
+        made = {}
+        for key_type in ("aes256-gcm", "hmac-sha256", "ecdsa-p256", "ed25519", "rsa-3072"):
+            meta = await client.key_create(f"h/{key_type}", key_type, protection="hsm")
+            assert meta["protection"] == "hsm" and meta["type"] == key_type and meta["state"] == "active"
+            made[key_type] = meta
+
+        # --- envelopes
+        aes = made["aes256-gcm"]
+        sealed = await client.encrypt("h/aes256-gcm", b"secret", aad=b"ctx")
+        ct = sealed["ciphertext"]
+        assert envelope_fields(ct) == (b"KB", 1, 1, aes["id"], 1) and len(ct) == 36 + 6 + 16
+        opened = await client.decrypt(ct, aad=b"ctx")
+        assert opened == {"plaintext": b"secret", "key": "h/aes256-gcm", "version": 1}
+        await fails(client.decrypt(ct, aad=b"wrong"), "decryption_failed")
+        items = [os.urandom(n) for n in (0, 1, 32, 1000)]
+        batch = await client.encrypt_batch("h/aes256-gcm", items, aad=b"b")
+        assert [len(c) for c in batch["ciphertexts"]] == [len(i) + 52 for i in items]
+        back = await client.decrypt_batch([*batch["ciphertexts"], b"junk"], aad=b"b")
+        assert back["plaintexts"][:4] == items and back["plaintexts"][4] is None
+        assert back["errors"][4]["code"] == "decryption_failed"
+
+        # --- rotation and rewrap
+        rotated = await client.key_rotate("h/aes256-gcm")
+        assert rotated["primary_version"] == 2
+        rewrapped = await client.rewrap_batch(batch["ciphertexts"], aad=b"b")
+        assert all(envelope_fields(c)[4] == 2 for c in rewrapped["ciphertexts"])
+        assert (await client.decrypt_batch(rewrapped["ciphertexts"], aad=b"b"))["plaintexts"] == items
+        assert (await client.decrypt(ct, aad=b"ctx"))["version"] == 1  # old version still opens
+
+        # --- data keys
+        dk = await client.datakey("h/aes256-gcm", count=3, bytes=24, aad=b"dk")
+        assert dk["version"] == 2
+        for entry in dk["keys"]:
+            assert len(entry["plaintext"]) == 24
+            assert (await client.decrypt(entry["wrapped"], aad=b"dk"))["plaintext"] == entry["plaintext"]
+
+        # --- signatures, verified independently against key.public
+        message = b"signed through the broker"
+        for key_type in ("ecdsa-p256", "ed25519", "rsa-3072"):
+            name = f"h/{key_type}"
+            signature = (await client.sign(name, message=message))["signature"]
+            pem = (await client.key_public(name))["pem"]
+            public = serialization.load_pem_public_key(pem.encode() if isinstance(pem, str) else pem)
+            if key_type == "ecdsa-p256":
+                assert isinstance(public, ec.EllipticCurvePublicKey)
+                public.verify(signature, message, ec.ECDSA(hashes.SHA256()))  # DER per PROTOCOL.md
+                digest_sig = (await client.sign(name, digest=hashlib.sha256(message).digest()))["signature"]
+                public.verify(digest_sig, message, ec.ECDSA(hashes.SHA256()))
+            elif key_type == "ed25519":
+                assert isinstance(public, ed25519.Ed25519PublicKey)
+                public.verify(signature, message)
+            else:
+                assert isinstance(public, rsa.RSAPublicKey) and public.key_size == 3072
+                pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+                public.verify(signature, message, pss, hashes.SHA256())
+            assert (await client.verify(name, signature, message=message))["valid"] is True
+            assert (await client.verify(name, signature, message=message + b"!"))["valid"] is False
+
+        # --- MACs
+        tag = (await client.mac("h/hmac-sha256", b"m"))["mac"]
+        assert len(tag) == 32
+        assert (await client.verify_mac("h/hmac-sha256", b"m", tag))["valid"] is True
+        assert (await client.verify_mac("h/hmac-sha256", b"n", tag))["valid"] is False
+        await client.key_rotate("h/hmac-sha256")
+        assert (await client.verify_mac("h/hmac-sha256", b"m", tag))["valid"] is True  # checks v1 too
+        assert (await client.mac("h/hmac-sha256", b"m"))["mac"] != tag
+
+        # --- schedule_destroy, then destroy: the token objects are gone
+        object_ids = []
+        for key_type in ("aes256-gcm", "ecdsa-p256"):
+            name = f"h/{key_type}"
+            stored = await broker.service.get(name)
+            object_ids += [v.material[4:] for v in stored.versions]
+        before = await trio.to_thread.run_sync(token_objects, softhsm, object_ids)
+        assert all(before[i] for i in object_ids)  # 2 AES versions, 1 EC pair: present until destroy
+        for key_type in ("aes256-gcm", "ecdsa-p256"):
+            name = f"h/{key_type}"
+            meta = await client.key_schedule_destroy(name, pending_days=7)
+            assert meta["state"] == "destroy_pending" and meta["destroy_at"]
+            await broker.service.lifecycle(name, Transition.DESTROY)
+            assert (await client.key_get(name))["state"] == "destroyed"
+        found = await trio.to_thread.run_sync(token_objects, softhsm, object_ids)
+        assert found and all(objects == [] for objects in found.values())
+        await fails(client.decrypt(ct, aad=b"ctx"), "invalid_state")
+        await fails(client.key_public("h/ecdsa-p256"), "invalid_state")
+        # Keys of the other types are untouched.
+        still = (await client.sign("h/ed25519", message=b"x"))["signature"]
+        assert (await client.verify("h/ed25519", still, message=b"x"))["valid"] is True
+
+
+async def test_hsm_ciphertexts_look_like_software_ones(
+    make_config: ConfigFactory, softhsm: SoftToken
+) -> None:
+    async with serving(hsm_config(make_config, softhsm)) as (_, client):
+        await client.key_create("soft", "aes256-gcm")
+        await client.key_create("tok", "aes256-gcm", protection="hsm")
+        for n in (0, 17, 4096):
+            soft = (await client.encrypt("soft", b"\x00" * n))["ciphertext"]
+            tok = (await client.encrypt("tok", b"\x00" * n))["ciphertext"]
+            assert len(soft) == len(tok) == n + 52
+            assert envelope_fields(soft)[:3] == envelope_fields(tok)[:3] == (b"KB", 1, 1)
+
+
+async def test_root_of_trust_on_the_token(make_config: ConfigFactory, softhsm: SoftToken) -> None:
+    section = softhsm.section(pool_size=2, root_key_label="kb-test-root-broker")
+    config = make_config({"root": "pkcs11", "plugins": {"pkcs11": section}})
+    async with serving(config) as (_, client):
+        await client.key_create("sw/aes", "aes256-gcm")
+        await client.key_create("sw/ec", "ecdsa-p256")
+        await client.key_create("sw/mac", "hmac-sha256")
+        ct = (await client.encrypt("sw/aes", b"kept across restarts", aad=b"a"))["ciphertext"]
+        signature = (await client.sign("sw/ec", message=b"m"))["signature"]
+        tag = (await client.mac("sw/mac", b"m"))["mac"]
+        await client.key_create("tok", "aes256-gcm", protection="hsm")
+        tok_ct = (await client.encrypt("tok", b"hsm"))["ciphertext"]
+    assert not (config.data_dir / "root.key").exists()
+    # A restarted broker unwraps the software keys under the same token root key.
+    async with serving(config) as (_, client):
+        assert (await client.decrypt(ct, aad=b"a"))["plaintext"] == b"kept across restarts"
+        assert (await client.verify("sw/ec", signature, message=b"m"))["valid"] is True
+        assert (await client.verify_mac("sw/mac", b"m", tag))["valid"] is True
+        assert (await client.decrypt(tok_ct))["plaintext"] == b"hsm"
+    assert not any(p.name == "root.key" for p in config.data_dir.rglob("*"))
+    # Under another token root key the wrapped material does not open.
+    other = make_config(
+        {"root": "pkcs11", "plugins": {"pkcs11": softhsm.section(root_key_label="kb-test-root-other")}},
+        name="data",
+    )
+    async with serving(other) as (_, client):
+        await fails(client.decrypt(ct, aad=b"a"), "unavailable")
+
+
+async def test_hsm_protection_needs_the_section(make_config: ConfigFactory, softhsm: SoftToken) -> None:
+    async with serving(make_config()) as (broker, client):
+        assert "hsm" not in broker.backends
+        err = await fails(client.key_create("k", "aes256-gcm", protection="hsm"), "invalid_argument")
+        assert "hsm" in err.message.lower()
