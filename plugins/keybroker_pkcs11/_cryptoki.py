@@ -37,7 +37,6 @@ Nothing here logs or keeps a PIN; :func:`login` takes it for one call.
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import threading
 from typing import Any, Final
@@ -258,25 +257,13 @@ def load_library(path: str) -> tuple[Any, Cryptoki]:
         cryptoki.initialize()
         _cryptokis[path] = cryptoki
         library = _Library(path)
-        if not _libraries:
-            atexit.register(_release_libraries)
+        # Never deallocated: python-pkcs11's lib.__dealloc__ looks up
+        # ``self.unload`` and, on this Python subclass, fails with
+        # AttributeError (printed at interpreter exit as "Error in
+        # sys.excepthook"). The module stays loaded for the process's life
+        # anyway (the ctypes handle), and C_Finalize is deliberately not
+        # called: a worker thread may still be inside a call at exit.
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(library))
         _libraries[path] = library
         cache[path] = library
         return library, cryptoki
-
-
-def _release_libraries() -> None:
-    """Drop the library objects while the interpreter is still whole.
-
-    python-pkcs11's ``lib.__dealloc__`` calls back into Python (``unload``);
-    left to interpreter teardown it fails there ("Error in sys.excepthook",
-    seen when other atexit work such as hypothesis's runs first). The module
-    itself stays mapped (the ctypes handle) and is not finalized: a worker
-    thread might still be inside a call.
-    """
-    cache: dict[str, Any] = pkcs11._loaded
-    with _load_lock:
-        for path in list(_libraries):
-            if cache.get(path) is _libraries[path]:
-                del cache[path]
-        _libraries.clear()

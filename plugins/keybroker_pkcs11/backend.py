@@ -34,6 +34,7 @@ import contextlib
 import hashlib
 import hmac
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar, final
 
@@ -53,11 +54,12 @@ from broker.envelope import HEADER_LEN, NONCE_LEN, OVERHEAD, TAG_LEN, pack_heade
 from broker.errors import InvalidArgument, InvalidState, Unavailable
 from broker.keys import HSM, KeyType, VersionRef
 
-from .pool import SESSION_ERRORS, Lease, SessionPool
+from .pool import SESSION_ERRORS, Coalescer, Lease, SessionPool
 
 __all__ = ["MATERIAL_PREFIX", "REQUIRED_MECHANISMS", "Pkcs11Backend", "material_for", "object_id_of"]
 
 _T = TypeVar("_T")
+_R = TypeVar("_R")
 
 # Material blob: a tag naming this format, then the version's CKA_ID.
 MATERIAL_PREFIX: Final = b"KBH\x01"
@@ -68,6 +70,13 @@ PSS_SALT_LEN: Final = 32
 TAG_BITS: Final = TAG_LEN * 8
 # DER of the Ed25519 curve OID 1.3.101.112, as CKA_EC_PARAMS (RFC 8410).
 ED25519_PARAMS: Final = bytes.fromhex("06032b6570")
+# Batches up to this many items share loans with concurrent callers' (see
+# pool.Coalescer); larger ones are worth a loan of their own.
+COALESCE_MAX_ITEMS: Final = 64
+# A search that meets a session copy being made retries this often, this
+# much later (the copy settles within microseconds).
+_FIND_ATTEMPTS: Final = 3
+_FIND_RETRY_S: Final = 0.001
 # Messages at least this long are checked (hashed) off the trio thread.
 INLINE_MAX_MESSAGE: Final = 64 * 1024
 
@@ -134,6 +143,7 @@ class Pkcs11Backend:
         self._copy = copy_secret_keys
         self._mechanisms: frozenset[int] | None = None
         self._public: dict[bytes, _PublicKey] = {}
+        self._coalescer: Coalescer[tuple[bytes, bytes], Any] = Coalescer(pool)
         # CKA_IDs destroyed by this broker; every session drops its cached
         # objects of them (their handles are already invalid) when next lent.
         self._destroyed: set[bytes] = set()
@@ -274,12 +284,9 @@ class Pkcs11Backend:
         if not pairs:
             return []
         prefix = pack_header(ref.key_id, ref.version, bytes(NONCE_LEN))[: HEADER_LEN - NONCE_LEN]
-
-        def work(lease: Lease) -> list[bytes]:
-            key = self._secret(lease, object_id)
-            return _seal_all(key, prefix, pairs)
-
-        return await self._run_keyed([object_id], work)
+        return await self._batch(
+            "seal", object_id, pairs, lambda _, key, items: _seal_all(key, prefix, items)
+        )
 
     async def decrypt(self, ref: VersionRef, envelopes: Sequence[bytes], aad: Aad) -> list[bytes | None]:
         """Open each envelope on the token; None for an item that fails.
@@ -291,12 +298,12 @@ class Pkcs11Backend:
         if not pairs:
             return []
         prefix = pack_header(ref.key_id, ref.version, bytes(NONCE_LEN))[: HEADER_LEN - NONCE_LEN]
-
-        def work(lease: Lease) -> list[bytes | None]:
-            key = self._secret(lease, object_id)
-            return [_open(lease, key, prefix, env, ad) for env, ad in pairs]
-
-        return await self._run_keyed([object_id], work)
+        return await self._batch(
+            "open",
+            object_id,
+            pairs,
+            lambda lease, key, items: [_open(lease, key, prefix, e, a) for e, a in items],
+        )
 
     async def rewrap(
         self, old: VersionRef, new: VersionRef, envelopes: Sequence[bytes], aad: Aad
@@ -450,10 +457,10 @@ class Pkcs11Backend:
             self._public[object_id] = public
         return public
 
-    async def _run_keyed(self, object_ids: Sequence[bytes], fn: Callable[[Lease], _T]) -> _T:
-        """Run ``fn`` on a lease; a key handle gone stale (destroyed meanwhile,
-        or removed behind our back) drops the session's cached objects of
-        those versions and reports the version destroyed or missing."""
+    def _keyed(self, object_ids: Sequence[bytes], fn: Callable[[Lease], _T]) -> Callable[[Lease], _T]:
+        """``fn`` made safe against key handles gone stale (destroyed meanwhile,
+        or removed behind our back): the session drops its cached objects of
+        those versions, and the caller hears "destroyed" or "missing"."""
 
         def work(lease: Lease) -> _T:
             try:
@@ -464,7 +471,32 @@ class Pkcs11Backend:
                     lease.cache.pop((object_id, ObjectClass.PRIVATE_KEY), None)
                 raise self._missing(object_ids[0]) from None
 
-        return await self._run(work)
+        return work
+
+    async def _run_keyed(self, object_ids: Sequence[bytes], fn: Callable[[Lease], _T]) -> _T:
+        return await self._run(self._keyed(object_ids, fn))
+
+    async def _batch(
+        self,
+        op: str,
+        object_id: bytes,
+        pairs: list[tuple[bytes, bytes]],
+        work: Callable[[Lease, Any, list[tuple[bytes, bytes]]], list[_R]],
+    ) -> list[_R]:
+        """Run ``work(lease, key, pairs)`` with this session's object of the secret key.
+
+        Small batches go through the coalescer (concurrent callers on the same
+        version share a loan); a large batch is a loan of its own.
+        """
+        if self._closed:
+            raise Unavailable("the hsm backend is closed")
+
+        def on_lease(lease: Lease, items: list[tuple[bytes, bytes]]) -> list[_R]:
+            return self._keyed([object_id], lambda ls: work(ls, self._secret(ls, object_id), items))(lease)
+
+        if len(pairs) <= COALESCE_MAX_ITEMS:
+            return await self._coalescer.run((object_id, op), pairs, on_lease)
+        return await self.pool.run(lambda lease: on_lease(lease, pairs))
 
     def _sync(self, lease: Lease) -> None:
         """Drop this session's cached objects of versions destroyed since its last loan."""
@@ -515,15 +547,23 @@ def _token_mechanisms(lease: Lease) -> frozenset[Any]:
 
 
 def _find(session: Any, object_class: ObjectClass, object_id: bytes, missing: Exception) -> Any:
-    """The one token object of a class with CKA_ID ``object_id`` (session copies share the id)."""
-    found = list(
-        session.get_objects({Attribute.CLASS: object_class, Attribute.ID: object_id, Attribute.TOKEN: True})
-    )
-    if not found:
-        raise missing
-    if len(found) > 1:
-        raise Unavailable("several token objects share one key version's CKA_ID")
-    return found[0]
+    """The one token object of a class with CKA_ID ``object_id``.
+
+    Session copies share the id and the search asks for CKA_TOKEN true, but
+    SoftHSM2 2.6 can still return a copy that another session is making
+    right then (C_CopyObject registers the object before it applies the
+    template; measured under load). So the results are checked again here,
+    and a search that still sees two is repeated once the copy has settled.
+    """
+    query = {Attribute.CLASS: object_class, Attribute.ID: object_id, Attribute.TOKEN: True}
+    for _ in range(_FIND_ATTEMPTS):
+        found = [obj for obj in session.get_objects(query) if obj[Attribute.TOKEN]]
+        if not found:
+            raise missing
+        if len(found) == 1:
+            return found[0]
+        time.sleep(_FIND_RETRY_S)
+    raise Unavailable("several token objects share one key version's CKA_ID")
 
 
 def _generate(session: Any, key_type: KeyType, object_id: bytes, label: str) -> _PublicKey | None:

@@ -13,8 +13,9 @@ How a call runs (:meth:`SessionPool.run`):
 2. Take an idle session, or open (and if needed log in) a new one while
    holding the loan, so that never more than ``size`` sessions are open.
 3. Run the caller's function with the session in a worker thread
-   (``trio.to_thread.run_sync``): token calls block, and python-pkcs11
-   releases the GIL around them. A whole batch is one loan.
+   (:func:`in_worker_thread`, the primitive under ``trio.to_thread.run_sync``):
+   token calls block, and python-pkcs11 releases the GIL around them. A
+   whole batch is one loan.
 4. Give the session back. One that failed with a session or device error
    (:data:`SESSION_ERRORS`) is closed and the call retried on a *fresh*
    session, up to ``retries`` times within the same deadline; when the token
@@ -34,10 +35,13 @@ parallel; that needs the module initialized with CKF_OS_LOCKING_OK, which
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Final, Protocol, TypeVar, final
+from functools import partial
+from typing import Any, Final, Generic, Protocol, TypeVar, final
 
+import outcome
 import trio
 from pkcs11 import PKCS11Error
 from pkcs11.exceptions import (
@@ -63,6 +67,7 @@ __all__ = [
     "DEFAULT_RETRIES",
     "DEFAULT_WAIT_TIMEOUT_S",
     "SESSION_ERRORS",
+    "Coalescer",
     "Lease",
     "PoolCounters",
     "SessionPool",
@@ -213,9 +218,6 @@ class SessionPool:
         self.retries = retries
         self.counters = PoolCounters(size)
         self._loans = trio.CapacityLimiter(size)
-        # Worker threads for token calls, separate from trio's default
-        # limiter so that other subsystems' threads cannot starve the pool.
-        self._threads = trio.CapacityLimiter(size)
         self._idle: list[Lease] = []
         self._users = 0
         self._numbered = 0
@@ -258,7 +260,7 @@ class SessionPool:
         with trio.CancelScope(shield=True):
             for lease in idle:
                 self.counters.open -= 1
-                await trio.to_thread.run_sync(self.source.close, lease.session, limiter=self._threads)
+                await in_worker_thread(partial(self.source.close, lease.session))
 
     @property
     def closed(self) -> bool:
@@ -294,6 +296,7 @@ class SessionPool:
         """
         if self._users == 0:
             raise Unavailable("the PKCS#11 session pool is closed")
+        await trio.lowlevel.checkpoint_if_cancelled()
         deadline = trio.current_time() + self.wait_timeout_s
         fresh = False
         attempt = 0
@@ -301,7 +304,7 @@ class SessionPool:
             lease = await self._borrow(deadline, fresh=fresh)
             failure: PKCS11Error | None = None
             try:
-                return await trio.to_thread.run_sync(fn, lease, limiter=self._threads)
+                return await in_worker_thread(partial(fn, lease))
             except SESSION_ERRORS as exc:
                 self.counters.errors += 1
                 failure = exc
@@ -319,13 +322,19 @@ class SessionPool:
 
     async def _borrow(self, deadline: float, *, fresh: bool) -> Lease:
         counters = self.counters
-        if self._loans.available_tokens == 0:
+        try:
+            # The common case costs no trip through the scheduler; waiters
+            # queued before us still come first (acquire_nowait respects them).
+            self._loans.acquire_nowait()
+        except trio.WouldBlock:
             counters.waits += 1
-        with trio.move_on_at(deadline) as scope:
-            await self._loans.acquire()
-        if scope.cancelled_caught:
-            counters.timeouts += 1
-            raise Unavailable(f"no PKCS#11 session became free within {self.wait_timeout_s:g} s")
+            with trio.move_on_at(deadline) as scope:
+                await self._loans.acquire()
+            if scope.cancelled_caught:
+                counters.timeouts += 1
+                raise Unavailable(
+                    f"no PKCS#11 session became free within {self.wait_timeout_s:g} s"
+                ) from None
         try:
             if self._idle and not fresh:
                 lease = self._idle.pop()
@@ -338,7 +347,7 @@ class SessionPool:
                     counters.open -= 1
                     counters.replacements += 1
                     with trio.CancelScope(shield=True):
-                        await trio.to_thread.run_sync(self.source.close, stale.session, limiter=self._threads)
+                        await in_worker_thread(partial(self.source.close, stale.session))
                 lease = await self._open_lease()
         except BaseException:
             self._loans.release()
@@ -357,7 +366,7 @@ class SessionPool:
         try:
             # Not abandoned on cancel: the session it opens comes back to us
             # and reaches the caller's finally, instead of leaking.
-            session = await trio.to_thread.run_sync(self.source.open, limiter=self._threads)
+            session = await in_worker_thread(self.source.open)
         except Unavailable:
             counters.open_failures += 1
             raise
@@ -381,13 +390,181 @@ class SessionPool:
                     counters.replacements += 1
                 lease.cache.clear()
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self.source.close, lease.session, limiter=self._threads)
+                    await in_worker_thread(partial(self.source.close, lease.session))
             else:
                 self._idle.append(lease)
         finally:
             # Released only after the close: a new session may open only
             # once the old one is gone, so at most `size` are ever open.
             self._loans.release()
+
+
+_Item = TypeVar("_Item")
+_Out = TypeVar("_Out")
+
+
+@final
+class _Request(Generic[_Item, _Out]):
+    __slots__ = ("done", "error", "items", "result", "taken", "wake")
+
+    def __init__(self, items: list[_Item]) -> None:
+        self.items = items
+        self.taken = False
+        self.done = False
+        self.result: list[_Out] = []
+        self.error: BaseException | None = None
+        self.wake = trio.Event()
+
+
+@final
+class _Group(Generic[_Item, _Out]):
+    __slots__ = ("pending", "runners")
+
+    def __init__(self) -> None:
+        self.pending: list[_Request[_Item, _Out]] = []
+        self.runners = 0
+
+
+@final
+class Coalescer(Generic[_Item, _Out]):
+    """Concurrent small batches of the same kind (one key version, one
+    operation) share loans: a caller that finds the group's runners busy
+    queues its items, and the next loan processes everyone's at once.
+
+    Why: a token call on SoftHSM2 costs ~5-20 µs, a trip to a worker thread
+    and back several times that, so eight callers sending one item each are
+    bound by the trips, not by the token (measured: 2-2.5x the single-item
+    throughput). Up to ``pool.size`` loans run per group at once, so one
+    busy key still spreads over the pool's sessions.
+
+    Args:
+        pool: the session pool.
+        max_items: at most this many items go into one loan.
+
+    Cancellation: a caller cancelled before its items were taken leaves the
+        queue; once taken, the loan finishes and its share is discarded. A
+        runner cancelled while waiting for a loan puts the batch it took back
+        and wakes a waiter to run it.
+    """
+
+    def __init__(self, pool: SessionPool, *, max_items: int = 4096) -> None:
+        self.pool = pool
+        self.max_items = max_items
+        self._groups: dict[object, _Group[_Item, _Out]] = {}
+
+    async def run(
+        self, key: object, items: list[_Item], work: Callable[[Lease, list[_Item]], list[_Out]]
+    ) -> list[_Out]:
+        """``work(lease, all_items)`` over this and concurrent callers' items; this caller's results.
+
+        ``work`` must return one result per item, in order, and must not
+        depend on which caller an item came from.
+
+        Raises:
+            Unavailable: as :meth:`SessionPool.run` (also when the batch this
+                caller's items were in failed that way), or no loan took the
+                items before the pool's deadline.
+        """
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group()
+        request: _Request[_Item, _Out] = _Request(items)
+        group.pending.append(request)
+        deadline = trio.current_time() + self.pool.wait_timeout_s
+        try:
+            while not request.done:
+                if group.runners < self.pool.size and not request.taken:
+                    group.runners += 1
+                    try:
+                        await self._drain(group, work)
+                    finally:
+                        group.runners -= 1
+                        # Work handed back (a cancelled runner) needs a runner.
+                        waiting = next((r for r in group.pending if not r.taken and r is not request), None)
+                        if waiting is not None:
+                            waiting.wake.set()
+                    continue
+                if request.wake.is_set():
+                    request.wake = trio.Event()
+                with trio.move_on_at(math.inf if request.taken else deadline):
+                    await request.wake.wait()
+                if not request.done and not request.taken and trio.current_time() >= deadline:
+                    raise Unavailable(f"no PKCS#11 session became free within {self.pool.wait_timeout_s:g} s")
+        finally:
+            if not request.taken:
+                with contextlib.suppress(ValueError):
+                    group.pending.remove(request)
+            if not group.pending and group.runners == 0 and self._groups.get(key) is group:
+                del self._groups[key]
+        if request.error is not None:
+            raise request.error
+        return request.result
+
+    async def _drain(
+        self, group: _Group[_Item, _Out], work: Callable[[Lease, list[_Item]], list[_Out]]
+    ) -> None:
+        while group.pending:
+            batch: list[_Request[_Item, _Out]] = []
+            count = 0
+            while group.pending and (not batch or count + len(group.pending[0].items) <= self.max_items):
+                request = group.pending.pop(0)
+                request.taken = True
+                batch.append(request)
+                count += len(request.items)
+            items = [item for request in batch for item in request.items]
+            try:
+                results = await self.pool.run(partial(_apply, work, items))
+            except Exception as exc:
+                for request in batch:
+                    request.error = exc
+                    request.done = True
+                    request.wake.set()
+                continue
+            except BaseException:
+                # Cancelled before the batch ran: hand it back untouched.
+                for request in batch:
+                    request.taken = False
+                group.pending[:0] = batch
+                raise
+            offset = 0
+            for request in batch:
+                end = offset + len(request.items)
+                request.result = results[offset:end]
+                offset = end
+                request.done = True
+                request.wake.set()
+
+
+def _apply(work: Callable[[Lease, list[_Item]], list[_Out]], items: list[_Item], lease: Lease) -> list[_Out]:
+    return work(lease, items)
+
+
+async def in_worker_thread(fn: Callable[[], _T]) -> _T:
+    """``fn()`` in a cached worker thread; the trio loop keeps running meanwhile.
+
+    The same primitive ``trio.to_thread.run_sync`` is built on
+    (``trio.lowlevel.start_thread_soon``), without what a pool loan does not
+    need: a second limiter (the loan already bounds the threads to the pool
+    size), context copying and thread naming. Measured on the reference
+    machine, that halves the trio-side cost of a small token call.
+
+    Cancellation: a token call cannot be interrupted, so the thread is never
+    abandoned: the caller waits for it, and the cancellation is delivered at
+    its next checkpoint (which is how a loan always comes back).
+    """
+    task = trio.lowlevel.current_task()
+    token = trio.lowlevel.current_trio_token()
+
+    def deliver(result: outcome.Outcome[_T]) -> None:
+        token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+    trio.lowlevel.start_thread_soon(fn, deliver)
+
+    def abort(raise_cancel: object) -> trio.lowlevel.Abort:
+        return trio.lowlevel.Abort.FAILED
+
+    result: _T = await trio.lowlevel.wait_task_rescheduled(abort)
+    return result
 
 
 def _nothing(lease: Lease) -> None:
