@@ -37,10 +37,12 @@ from broker.client import Client
 TARGETS = {"batch_vs_pyca": 1.5, "sequential_vs_echo": 0.5, "pipelined_vs_echo": 0.06, "p99_over_p50": 3.0}
 
 
-def _start_broker(directory: Path) -> subprocess.Popen[bytes]:
+def _start_broker(directory: Path, config: Path | None = None) -> subprocess.Popen[bytes]:
+    """``python -m broker serve`` on ``directory/data`` (and a TOML ``config``), once its socket exists."""
     data = directory / "data"
+    args = [sys.executable, "-m", "broker", "serve", "--data-dir", str(data), "--log-level", "warning"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "broker", "serve", "--data-dir", str(data), "--log-level", "warning"],
+        args if config is None else [*args, "--config", str(config)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
