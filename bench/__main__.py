@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("name", help="benchmark module under bench/, e.g. envelope")
     parser.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)  # extra options go to benchmarks that take argv
     if not re.fullmatch(r"[a-z][a-z0-9_]*", args.name):
         parser.error("benchmark names are lowercase identifiers")
     try:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         if exc.name == f"bench.{args.name}":
             parser.error(f"no benchmark named {args.name!r}")
         raise
-    result = module.run(quick=args.quick)
+    result = module.run(quick=args.quick, **({"argv": extra} if extra else {}))
     result.setdefault("name", args.name)
     result.setdefault("command", "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(format_table(result["columns"], result["rows"]))
