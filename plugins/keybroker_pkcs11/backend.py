@@ -20,6 +20,11 @@ Design notes:
   lives inside the token like the original). Copies die with their session;
   ``destroy`` removes them together with the token object. A token that
   refuses the copy is used through the token object.
+- Batches of up to ``COALESCE_MAX_ITEMS`` items go through a
+  :class:`~keybroker_pkcs11.pool.Coalescer`: concurrent callers of one
+  version and operation share a loan (measured: twice the single-item
+  throughput on SoftHSM2, where the trip to a worker thread costs more than
+  the token call). Larger batches are a loan of their own.
 - ECDSA signs a SHA-256 digest computed in Python (CKM_ECDSA), and the raw
   r||s the token returns becomes DER (PROTOCOL.md). RSA-3072 signs with
   CKM_RSA_PKCS_PSS over the digest, SHA-256/MGF1-SHA-256/salt 32.
@@ -31,30 +36,34 @@ Design notes:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import hmac
 import os
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar, final
 
 import trio
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
-from pkcs11 import MGF, Attribute, Mechanism, MechanismFlag, ObjectClass, PKCS11Error
-from pkcs11 import KeyType as P11KeyType
-from pkcs11.exceptions import GeneralError, KeyHandleInvalid, ObjectHandleInvalid
-from pkcs11.mechanisms import GCMParams
-from pkcs11.util.ec import encode_named_curve_parameters
+from cryptography.hazmat.primitives import serialization
+from pkcs11 import Attribute, Mechanism, ObjectClass, PKCS11Error
+from pkcs11.exceptions import KeyHandleInvalid, ObjectHandleInvalid
 
 from broker.backend import Aad
-from broker.envelope import HEADER_LEN, NONCE_LEN, OVERHEAD, TAG_LEN, pack_header
+from broker.envelope import HEADER_LEN, NONCE_LEN, pack_header
 from broker.errors import InvalidArgument, InvalidState, Unavailable
 from broker.keys import HSM, KeyType, VersionRef
 
-from .pool import SESSION_ERRORS, Coalescer, Lease, SessionPool
+from ._tokenops import (
+    PublicKey,
+    find,
+    generate,
+    open_envelope,
+    read_public,
+    seal_all,
+    sign,
+    token_mechanisms,
+    verifier,
+)
+from .coalesce import Coalescer
+from .pool import SESSION_ERRORS, Lease, SessionPool
 
 __all__ = ["MATERIAL_PREFIX", "REQUIRED_MECHANISMS", "Pkcs11Backend", "material_for", "object_id_of"]
 
@@ -66,17 +75,9 @@ MATERIAL_PREFIX: Final = b"KBH\x01"
 OBJECT_ID_LEN: Final = 16
 KEY_ID_LEN: Final = 16
 SHA256_LEN: Final = 32
-PSS_SALT_LEN: Final = 32
-TAG_BITS: Final = TAG_LEN * 8
-# DER of the Ed25519 curve OID 1.3.101.112, as CKA_EC_PARAMS (RFC 8410).
-ED25519_PARAMS: Final = bytes.fromhex("06032b6570")
 # Batches up to this many items share loans with concurrent callers' (see
 # pool.Coalescer); larger ones are worth a loan of their own.
 COALESCE_MAX_ITEMS: Final = 64
-# A search that meets a session copy being made retries this often, this
-# much later (the copy settles within microseconds).
-_FIND_ATTEMPTS: Final = 3
-_FIND_RETRY_S: Final = 0.001
 # Messages at least this long are checked (hashed) off the trio thread.
 INLINE_MAX_MESSAGE: Final = 64 * 1024
 
@@ -88,16 +89,6 @@ REQUIRED_MECHANISMS: Final[dict[KeyType, tuple[Mechanism, ...]]] = {
     KeyType.ED25519: (Mechanism.EC_EDWARDS_KEY_PAIR_GEN, Mechanism.EDDSA),
     KeyType.RSA_3072: (Mechanism.RSA_PKCS_KEY_PAIR_GEN, Mechanism.RSA_PKCS_PSS),
 }
-
-# Private and secret parts: generated inside, never readable outside.
-_PRIVATE_TEMPLATE: Final = {
-    Attribute.SENSITIVE: True,
-    Attribute.EXTRACTABLE: False,
-    Attribute.PRIVATE: True,
-}
-_PUBLIC_TEMPLATE: Final = {Attribute.PRIVATE: False}
-_SIGN_VERIFY: Final = MechanismFlag.SIGN | MechanismFlag.VERIFY
-_PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 
 def material_for(object_id: bytes) -> bytes:
@@ -142,7 +133,7 @@ class Pkcs11Backend:
         self.pool = pool
         self._copy = copy_secret_keys
         self._mechanisms: frozenset[int] | None = None
-        self._public: dict[bytes, _PublicKey] = {}
+        self._public: dict[bytes, PublicKey] = {}
         self._coalescer: Coalescer[tuple[bytes, bytes], Any] = Coalescer(pool)
         # CKA_IDs destroyed by this broker; every session drops its cached
         # objects of them (their handles are already invalid) when next lent.
@@ -168,7 +159,7 @@ class Pkcs11Backend:
         await self.pool.open()
         self._opened = True
         try:
-            mechanisms = await self.pool.run(_token_mechanisms)
+            mechanisms = await self.pool.run(token_mechanisms)
         except BaseException:
             await self.aclose()
             raise
@@ -213,8 +204,8 @@ class Pkcs11Backend:
         object_id = os.urandom(OBJECT_ID_LEN)
         label = f"keybroker/{key_id.hex()}/v{version}"
 
-        def work(lease: Lease) -> _PublicKey | None:
-            return _generate(lease.session, key_type, object_id, label)
+        def work(lease: Lease) -> PublicKey | None:
+            return generate(lease.session, key_type, object_id, label)
 
         public = await self._run(work)
         if public is not None:
@@ -284,9 +275,7 @@ class Pkcs11Backend:
         if not pairs:
             return []
         prefix = pack_header(ref.key_id, ref.version, bytes(NONCE_LEN))[: HEADER_LEN - NONCE_LEN]
-        return await self._batch(
-            "seal", object_id, pairs, lambda _, key, items: _seal_all(key, prefix, items)
-        )
+        return await self._batch("seal", object_id, pairs, lambda _, key, items: seal_all(key, prefix, items))
 
     async def decrypt(self, ref: VersionRef, envelopes: Sequence[bytes], aad: Aad) -> list[bytes | None]:
         """Open each envelope on the token; None for an item that fails.
@@ -302,7 +291,7 @@ class Pkcs11Backend:
             "open",
             object_id,
             pairs,
-            lambda lease, key, items: [_open(lease, key, prefix, e, a) for e, a in items],
+            lambda lease, key, items: [open_envelope(lease, key, prefix, e, a) for e, a in items],
         )
 
     async def rewrap(
@@ -325,10 +314,8 @@ class Pkcs11Backend:
             new_key = self._secret(lease, new_id)
             out: list[bytes | None] = []
             for env, ad in pairs:
-                plaintext = _open(lease, old_key, old_prefix, env, ad)
-                out.append(
-                    None if plaintext is None else _seal_all(new_key, new_prefix, [(plaintext, ad)])[0]
-                )
+                plaintext = open_envelope(lease, old_key, old_prefix, env, ad)
+                out.append(None if plaintext is None else seal_all(new_key, new_prefix, [(plaintext, ad)])[0])
             return out
 
         return await self._run_keyed([old_id, new_id], work)
@@ -358,7 +345,7 @@ class Pkcs11Backend:
 
         def work(lease: Lease) -> bytes:
             key = self._private(lease, object_id)
-            return _sign(key, key_type, data, prehashed)
+            return sign(key, key_type, data, prehashed)
 
         return await self._run_keyed([object_id], work)
 
@@ -378,7 +365,7 @@ class Pkcs11Backend:
         if prehashed and len(data) != SHA256_LEN:
             raise InvalidArgument(f"a digest must be a {SHA256_LEN}-byte SHA-256")
         public = await self._public_key(ref, object_id)
-        check = _verifier(public, bytes(data), bytes(signature), prehashed)
+        check = verifier(public, bytes(data), bytes(signature), prehashed)
         if len(data) < INLINE_MAX_MESSAGE:
             return check()
         return await trio.to_thread.run_sync(check)
@@ -442,16 +429,14 @@ class Pkcs11Backend:
             raise Unavailable("the hsm backend is closed")
         return await self.pool.run(fn)
 
-    async def _public_key(self, ref: VersionRef, object_id: bytes) -> _PublicKey:
+    async def _public_key(self, ref: VersionRef, object_id: bytes) -> PublicKey:
         public = self._public.get(object_id)
         if public is None:
             key_type = ref.key_type
             missing = self._missing(object_id)
 
-            def work(lease: Lease) -> _PublicKey:
-                return _read_public(
-                    _find(lease.session, ObjectClass.PUBLIC_KEY, object_id, missing), key_type
-                )
+            def work(lease: Lease) -> PublicKey:
+                return read_public(find(lease.session, ObjectClass.PUBLIC_KEY, object_id, missing), key_type)
 
             public = await self._run(work)
             self._public[object_id] = public
@@ -511,7 +496,7 @@ class Pkcs11Backend:
         slot = (object_id, ObjectClass.SECRET_KEY)
         key = lease.cache.get(slot)
         if key is None:
-            key = _find(lease.session, ObjectClass.SECRET_KEY, object_id, self._missing(object_id))
+            key = find(lease.session, ObjectClass.SECRET_KEY, object_id, self._missing(object_id))
             if self._copy:
                 try:
                     key = key.copy({Attribute.TOKEN: False})
@@ -527,7 +512,7 @@ class Pkcs11Backend:
         slot = (object_id, ObjectClass.PRIVATE_KEY)
         key = lease.cache.get(slot)
         if key is None:
-            key = _find(lease.session, ObjectClass.PRIVATE_KEY, object_id, self._missing(object_id))
+            key = find(lease.session, ObjectClass.PRIVATE_KEY, object_id, self._missing(object_id))
             lease.cache[slot] = key
         return key
 
@@ -537,159 +522,6 @@ class Pkcs11Backend:
         return Unavailable(
             "the token holds no object for this key version (was it created on another token?)"
         )
-
-
-# --- token work (runs in worker threads) ---------------------------------------------
-
-
-def _token_mechanisms(lease: Lease) -> frozenset[Any]:
-    return frozenset(lease.session.token.slot.get_mechanisms())
-
-
-def _find(session: Any, object_class: ObjectClass, object_id: bytes, missing: Exception) -> Any:
-    """The one token object of a class with CKA_ID ``object_id``.
-
-    Session copies share the id and the search asks for CKA_TOKEN true, but
-    SoftHSM2 2.6 can still return a copy that another session is making
-    right then (C_CopyObject registers the object before it applies the
-    template; measured under load). So the results are checked again here,
-    and a search that still sees two is repeated once the copy has settled.
-    """
-    query = {Attribute.CLASS: object_class, Attribute.ID: object_id, Attribute.TOKEN: True}
-    for _ in range(_FIND_ATTEMPTS):
-        found = [obj for obj in session.get_objects(query) if obj[Attribute.TOKEN]]
-        if not found:
-            raise missing
-        if len(found) == 1:
-            return found[0]
-        time.sleep(_FIND_RETRY_S)
-    raise Unavailable("several token objects share one key version's CKA_ID")
-
-
-def _generate(session: Any, key_type: KeyType, object_id: bytes, label: str) -> _PublicKey | None:
-    common: dict[str, Any] = {"id": object_id, "label": label, "store": True}
-    if key_type is KeyType.AES256_GCM:
-        session.generate_key(
-            P11KeyType.AES, 256, capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
-            template=_PRIVATE_TEMPLATE, **common,
-        )  # fmt: skip
-        return None
-    if key_type is KeyType.HMAC_SHA256:
-        session.generate_key(
-            P11KeyType.GENERIC_SECRET, 256, mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
-            capabilities=_SIGN_VERIFY, template=_PRIVATE_TEMPLATE, **common,
-        )  # fmt: skip
-        return None
-    pair: dict[str, Any] = {
-        "capabilities": _SIGN_VERIFY,
-        "private_template": _PRIVATE_TEMPLATE,
-        "public_template": _PUBLIC_TEMPLATE,
-        **common,
-    }
-    if key_type is KeyType.RSA_3072:
-        public, _ = session.generate_keypair(P11KeyType.RSA, 3072, **pair)
-    elif key_type is KeyType.ECDSA_P256:
-        params = session.create_domain_parameters(
-            P11KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True
-        )
-        public, _ = params.generate_keypair(**pair)
-    else:
-        params = session.create_domain_parameters(
-            P11KeyType.EC_EDWARDS, {Attribute.EC_PARAMS: ED25519_PARAMS}, local=True
-        )
-        public, _ = params.generate_keypair(mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN, **pair)
-    return _read_public(public, key_type)
-
-
-def _read_public(public: Any, key_type: KeyType) -> _PublicKey:
-    if key_type is KeyType.RSA_3072:
-        n = int.from_bytes(public[Attribute.MODULUS], "big")
-        e = int.from_bytes(public[Attribute.PUBLIC_EXPONENT], "big")
-        return rsa.RSAPublicNumbers(e, n).public_key()
-    point = _unwrap_octet_string(bytes(public[Attribute.EC_POINT]))
-    if key_type is KeyType.ED25519:
-        return ed25519.Ed25519PublicKey.from_public_bytes(point)
-    return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
-
-
-def _unwrap_octet_string(value: bytes) -> bytes:
-    """CKA_EC_POINT is a DER OCTET STRING per PKCS#11 2.40; some tokens give the raw point."""
-    if len(value) >= 2 and value[0] == 0x04 and value[1] == len(value) - 2 and value[1] < 0x80:
-        return value[2:]
-    if len(value) >= 3 and value[0] == 0x04 and value[1] == 0x81 and value[2] == len(value) - 3:
-        return value[3:]
-    return value
-
-
-def _seal_all(key: Any, prefix: bytes, pairs: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
-    out: list[bytes] = []
-    append = out.append
-    urandom = os.urandom
-    for item, ad in pairs:
-        nonce = urandom(NONCE_LEN)
-        header = prefix + nonce
-        sealed = key.encrypt(
-            item, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, header + ad, TAG_BITS)
-        )
-        append(header + sealed)
-    return out
-
-
-def _open(lease: Lease, key: Any, prefix: bytes, envelope: bytes, ad: bytes) -> bytes | None:
-    if len(envelope) < OVERHEAD or not envelope.startswith(prefix):
-        return None
-    header = envelope[:HEADER_LEN]
-    params = GCMParams(header[-NONCE_LEN:], header + ad, TAG_BITS)
-    try:
-        return bytes(key.decrypt(envelope[HEADER_LEN:], mechanism=Mechanism.AES_GCM, mechanism_param=params))
-    except GeneralError:
-        # SoftHSM2 reports a tag mismatch as CKR_GENERAL_ERROR, which is also
-        # how a lost device looks: only a live session makes it a bad item.
-        if not lease.alive():
-            raise
-        return None
-    except SESSION_ERRORS:
-        raise
-    except PKCS11Error:
-        return None  # CKR_ENCRYPTED_DATA_INVALID and friends: this item fails
-
-
-def _sign(key: Any, key_type: KeyType, data: bytes, prehashed: bool) -> bytes:
-    if key_type is KeyType.ED25519:
-        return bytes(key.sign(data, mechanism=Mechanism.EDDSA))
-    digest = data if prehashed else hashlib.sha256(data).digest()
-    if key_type is KeyType.ECDSA_P256:
-        raw = bytes(key.sign(digest, mechanism=Mechanism.ECDSA))
-        half = len(raw) // 2
-        return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
-    return bytes(
-        key.sign(
-            digest,
-            mechanism=Mechanism.RSA_PKCS_PSS,
-            mechanism_param=(Mechanism.SHA256, MGF.SHA256, PSS_SALT_LEN),
-        )
-    )
-
-
-def _verifier(public: _PublicKey, data: bytes, signature: bytes, prehashed: bool) -> Callable[[], bool]:
-    def check() -> bool:
-        try:
-            if isinstance(public, ed25519.Ed25519PublicKey):
-                public.verify(signature, data)
-            else:
-                algorithm: hashes.HashAlgorithm | Prehashed = (
-                    Prehashed(hashes.SHA256()) if prehashed else hashes.SHA256()
-                )
-                if isinstance(public, ec.EllipticCurvePublicKey):
-                    public.verify(signature, data, ec.ECDSA(algorithm))
-                else:
-                    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=PSS_SALT_LEN)
-                    public.verify(signature, data, pss, algorithm)
-        except InvalidSignature:
-            return False
-        return True
-
-    return check
 
 
 # --- argument checks ---------------------------------------------------------------------

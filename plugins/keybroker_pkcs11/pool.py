@@ -21,6 +21,10 @@ How a call runs (:meth:`SessionPool.run`):
    session, up to ``retries`` times within the same deadline; when the token
    is gone the open fails and the caller gets ``Unavailable``.
 
+:class:`~keybroker_pkcs11.coalesce.Coalescer` sits in front of :meth:`SessionPool.run` for small
+batches: concurrent callers on one key version share a loan, because on a
+fast token the thread trip costs more than the token call.
+
 Cancellation: a cancelled waiter simply leaves the queue. A token call cannot
 be interrupted, so the worker thread is never abandoned: the cancellation is
 delivered when the call returns, and the session goes back to the pool.
@@ -35,11 +39,10 @@ parallel; that needs the module initialized with CKF_OS_LOCKING_OK, which
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, Final, Generic, Protocol, TypeVar, final
+from typing import Any, Final, Protocol, TypeVar, final
 
 import outcome
 import trio
@@ -67,12 +70,12 @@ __all__ = [
     "DEFAULT_RETRIES",
     "DEFAULT_WAIT_TIMEOUT_S",
     "SESSION_ERRORS",
-    "Coalescer",
     "Lease",
     "PoolCounters",
     "SessionPool",
     "SessionSource",
     "TokenSessions",
+    "in_worker_thread",
 ]
 
 _T = TypeVar("_T")
@@ -397,146 +400,6 @@ class SessionPool:
             # Released only after the close: a new session may open only
             # once the old one is gone, so at most `size` are ever open.
             self._loans.release()
-
-
-_Item = TypeVar("_Item")
-_Out = TypeVar("_Out")
-
-
-@final
-class _Request(Generic[_Item, _Out]):
-    __slots__ = ("done", "error", "items", "result", "taken", "wake")
-
-    def __init__(self, items: list[_Item]) -> None:
-        self.items = items
-        self.taken = False
-        self.done = False
-        self.result: list[_Out] = []
-        self.error: BaseException | None = None
-        self.wake = trio.Event()
-
-
-@final
-class _Group(Generic[_Item, _Out]):
-    __slots__ = ("pending", "runners")
-
-    def __init__(self) -> None:
-        self.pending: list[_Request[_Item, _Out]] = []
-        self.runners = 0
-
-
-@final
-class Coalescer(Generic[_Item, _Out]):
-    """Concurrent small batches of the same kind (one key version, one
-    operation) share loans: a caller that finds the group's runners busy
-    queues its items, and the next loan processes everyone's at once.
-
-    Why: a token call on SoftHSM2 costs ~5-20 µs, a trip to a worker thread
-    and back several times that, so eight callers sending one item each are
-    bound by the trips, not by the token (measured: 2-2.5x the single-item
-    throughput). Up to ``pool.size`` loans run per group at once, so one
-    busy key still spreads over the pool's sessions.
-
-    Args:
-        pool: the session pool.
-        max_items: at most this many items go into one loan.
-
-    Cancellation: a caller cancelled before its items were taken leaves the
-        queue; once taken, the loan finishes and its share is discarded. A
-        runner cancelled while waiting for a loan puts the batch it took back
-        and wakes a waiter to run it.
-    """
-
-    def __init__(self, pool: SessionPool, *, max_items: int = 4096) -> None:
-        self.pool = pool
-        self.max_items = max_items
-        self._groups: dict[object, _Group[_Item, _Out]] = {}
-
-    async def run(
-        self, key: object, items: list[_Item], work: Callable[[Lease, list[_Item]], list[_Out]]
-    ) -> list[_Out]:
-        """``work(lease, all_items)`` over this and concurrent callers' items; this caller's results.
-
-        ``work`` must return one result per item, in order, and must not
-        depend on which caller an item came from.
-
-        Raises:
-            Unavailable: as :meth:`SessionPool.run` (also when the batch this
-                caller's items were in failed that way), or no loan took the
-                items before the pool's deadline.
-        """
-        group = self._groups.get(key)
-        if group is None:
-            group = self._groups[key] = _Group()
-        request: _Request[_Item, _Out] = _Request(items)
-        group.pending.append(request)
-        deadline = trio.current_time() + self.pool.wait_timeout_s
-        try:
-            while not request.done:
-                if group.runners < self.pool.size and not request.taken:
-                    group.runners += 1
-                    try:
-                        await self._drain(group, work)
-                    finally:
-                        group.runners -= 1
-                        # Work handed back (a cancelled runner) needs a runner.
-                        waiting = next((r for r in group.pending if not r.taken and r is not request), None)
-                        if waiting is not None:
-                            waiting.wake.set()
-                    continue
-                if request.wake.is_set():
-                    request.wake = trio.Event()
-                with trio.move_on_at(math.inf if request.taken else deadline):
-                    await request.wake.wait()
-                if not request.done and not request.taken and trio.current_time() >= deadline:
-                    raise Unavailable(f"no PKCS#11 session became free within {self.pool.wait_timeout_s:g} s")
-        finally:
-            if not request.taken:
-                with contextlib.suppress(ValueError):
-                    group.pending.remove(request)
-            if not group.pending and group.runners == 0 and self._groups.get(key) is group:
-                del self._groups[key]
-        if request.error is not None:
-            raise request.error
-        return request.result
-
-    async def _drain(
-        self, group: _Group[_Item, _Out], work: Callable[[Lease, list[_Item]], list[_Out]]
-    ) -> None:
-        while group.pending:
-            batch: list[_Request[_Item, _Out]] = []
-            count = 0
-            while group.pending and (not batch or count + len(group.pending[0].items) <= self.max_items):
-                request = group.pending.pop(0)
-                request.taken = True
-                batch.append(request)
-                count += len(request.items)
-            items = [item for request in batch for item in request.items]
-            try:
-                results = await self.pool.run(partial(_apply, work, items))
-            except Exception as exc:
-                for request in batch:
-                    request.error = exc
-                    request.done = True
-                    request.wake.set()
-                continue
-            except BaseException:
-                # Cancelled before the batch ran: hand it back untouched.
-                for request in batch:
-                    request.taken = False
-                group.pending[:0] = batch
-                raise
-            offset = 0
-            for request in batch:
-                end = offset + len(request.items)
-                request.result = results[offset:end]
-                offset = end
-                request.done = True
-                request.wake.set()
-
-
-def _apply(work: Callable[[Lease, list[_Item]], list[_Out]], items: list[_Item], lease: Lease) -> list[_Out]:
-    return work(lease, items)
 
 
 async def in_worker_thread(fn: Callable[[], _T]) -> _T:
