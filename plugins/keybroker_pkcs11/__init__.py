@@ -33,24 +33,25 @@ backed up and shown in diffs); a ``pin`` option is refused.
 
 from __future__ import annotations
 
+import importlib
 import os
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from broker.backend import Backend, RootKey
 from broker.config import Config
 from broker.errors import InvalidArgument
 from broker.hookspecs import hookimpl
 
-from .backend import Pkcs11Backend as Pkcs11Backend
-from .pool import DEFAULT_POOL_SIZE, DEFAULT_WAIT_TIMEOUT_S, TokenSessions
-from .pool import PoolCounters as PoolCounters
-from .pool import SessionPool as SessionPool
-from .rootkey import DEFAULT_ROOT_LABEL
-from .rootkey import TokenRootKey as TokenRootKey
+from ._defaults import DEFAULT_POOL_SIZE, DEFAULT_ROOT_LABEL, DEFAULT_WAIT_TIMEOUT_S
+
+if TYPE_CHECKING:
+    from .backend import Pkcs11Backend
+    from .pool import PoolCounters, SessionPool
+    from .rootkey import TokenRootKey
 
 __all__ = [
     "PLUGIN_NAME",
@@ -66,6 +67,33 @@ __all__ = [
 
 # The name this plugin is registered under, hence its config section.
 PLUGIN_NAME: Final = "pkcs11"
+# python-pkcs11 is the optional `hsm` extra; the plugin is registered in every
+# installation, so importing it must not need the binding. The classes that
+# do load on first use (module __getattr__) or when [plugins.pkcs11] is set.
+_LAZY: Final = {
+    "Pkcs11Backend": "backend",
+    "SessionPool": "pool",
+    "PoolCounters": "pool",
+    "TokenRootKey": "rootkey",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def _binding_available() -> None:
+    try:
+        importlib.import_module("pkcs11")
+    except ImportError:
+        raise InvalidArgument(
+            f"config: [plugins.{PLUGIN_NAME}] needs python-pkcs11 (pip install 'keybroker[hsm]')"
+        ) from None
+
+
 _OPTIONS: Final = frozenset(
     {"module", "token_label", "pin_env", "pin_file", "pool_size", "wait_timeout_s", "root_key_label"}
 )
@@ -171,7 +199,14 @@ def _read_pin(options: Mapping[str, Any], where: str) -> bytes:
 
 
 def open_pool(settings: Pkcs11Settings) -> SessionPool:
-    """A (not yet opened) session pool for these settings."""
+    """A (not yet opened) session pool for these settings.
+
+    Raises:
+        InvalidArgument: python-pkcs11 is not installed.
+    """
+    _binding_available()
+    from .pool import SessionPool, TokenSessions  # noqa: PLC0415 - optional binding
+
     source = TokenSessions(settings.module, settings.token_label, settings.pin)
     return SessionPool(source, size=settings.pool_size, wait_timeout_s=settings.wait_timeout_s)
 
@@ -188,7 +223,10 @@ def kb_root_key(config: Config) -> RootKey | None:
     if not config.section(PLUGIN_NAME):
         raise InvalidArgument(f'config: root = "{PLUGIN_NAME}" needs a [plugins.{PLUGIN_NAME}] section')
     settings = Pkcs11Settings.from_config(config)
-    return TokenRootKey(open_pool(settings), label=settings.root_key_label)
+    pool = open_pool(settings)
+    from .rootkey import TokenRootKey  # noqa: PLC0415 - optional binding
+
+    return TokenRootKey(pool, label=settings.root_key_label)
 
 
 @hookimpl
@@ -197,6 +235,11 @@ def kb_backends(config: Config, root: RootKey) -> Sequence[Backend]:
     pool when the root of trust is on the same token."""
     if not config.section(PLUGIN_NAME):
         return []
+    settings = Pkcs11Settings.from_config(config)
+    _binding_available()
+    from .backend import Pkcs11Backend  # noqa: PLC0415 - optional binding
+    from .rootkey import TokenRootKey  # noqa: PLC0415
+
     if isinstance(root, TokenRootKey):
         return [Pkcs11Backend(root.pool)]
-    return [Pkcs11Backend(open_pool(Pkcs11Settings.from_config(config)))]
+    return [Pkcs11Backend(open_pool(settings))]

@@ -64,6 +64,7 @@ from pkcs11.exceptions import (
 from broker.errors import Unavailable
 
 from ._cryptoki import USER_STATES, Cryptoki, load_library
+from ._defaults import DEFAULT_POOL_SIZE, DEFAULT_WAIT_TIMEOUT_S
 
 __all__ = [
     "DEFAULT_POOL_SIZE",
@@ -80,13 +81,6 @@ __all__ = [
 
 _T = TypeVar("_T")
 
-# Four sessions keep two cores busy with room for one slow call (key
-# generation, RSA) without starving the rest; most tokens allow far more.
-DEFAULT_POOL_SIZE: Final = 4
-# Long enough to ride out a burst queued behind a few RSA key generations
-# (0.1-2 s each on SoftHSM2), short enough that a client's own timeout is
-# not what ends the wait.
-DEFAULT_WAIT_TIMEOUT_S: Final = 5.0
 # A failed call is retried on a fresh session at most this often: once covers
 # a session closed behind our back, twice also a stale idle one met next.
 DEFAULT_RETRIES: Final = 2

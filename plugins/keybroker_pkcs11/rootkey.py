@@ -23,11 +23,11 @@ from pkcs11.mechanisms import GCMParams
 from broker.envelope import HEADER_LEN, NONCE_LEN, OVERHEAD, TAG_LEN, pack_header, parse_header
 from broker.errors import DecryptionFailed, InvalidState, Unavailable
 
+from ._defaults import DEFAULT_ROOT_LABEL
 from .pool import SESSION_ERRORS, Lease, SessionPool
 
 __all__ = ["DEFAULT_ROOT_LABEL", "TokenRootKey"]
 
-DEFAULT_ROOT_LABEL: Final = "keybroker-root"
 ROOT_ID_LEN: Final = 16
 # The root key is never re-keyed in place; its envelopes carry version 1.
 ROOT_VERSION: Final = 1

@@ -59,8 +59,10 @@ async def backend_on(
     token: SoftToken, *, size: int, wait: float = 5.0, switchable: bool = False
 ) -> AsyncIterator[Any]:
     plugin = _plugin()
+    from keybroker_pkcs11.pool import TokenSessions  # noqa: PLC0415
+
     settings = plugin.Pkcs11Settings.from_mapping(token.section())
-    source: Any = plugin.pool.TokenSessions(settings.module, settings.token_label, settings.pin)
+    source: Any = TokenSessions(settings.module, settings.token_label, settings.pin)
     if switchable:
         source = SwitchableSource(source)
     backend = plugin.Pkcs11Backend(plugin.SessionPool(source, size=size, wait_timeout_s=wait))

@@ -299,3 +299,30 @@ async def test_wrong_pin_is_unavailable_and_not_retried(
     # The next attempt does not even try: repeated wrong PINs lock tokens.
     with pytest.raises(Unavailable, match="restart"):
         await backend.open()
+
+
+def test_plugin_loads_without_python_pkcs11(tmp_path: Path) -> None:
+    """The plugin is registered in every installation; without the `hsm` extra it
+    still imports, offers nothing, and says what is missing once configured."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    code = """
+import sys
+sys.modules["pkcs11"] = None  # as if python-pkcs11 were not installed
+from pathlib import Path
+import keybroker_pkcs11 as plugin
+from broker.config import parse_config
+from broker.errors import InvalidArgument
+data = Path(sys.argv[1])
+assert plugin.kb_backends(config=parse_config({}, data_dir=data), root=object()) == []
+assert plugin.kb_root_key(config=parse_config({}, data_dir=data)) is None
+section = {"module": "/x.so", "token_label": "t", "pin_env": "HOME"}
+try:
+    plugin.kb_backends(config=parse_config({"plugins": {"pkcs11": section}}, data_dir=data), root=object())
+except InvalidArgument as exc:
+    assert "python-pkcs11" in exc.message, exc.message
+else:
+    raise AssertionError("configured without the binding must fail")
+"""
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=60, env=dict(os.environ))
