@@ -72,7 +72,7 @@ def draw(curves: dict[str, dict[str, float]], path: Path, note: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
+    fig, ax = plt.subplots(figsize=(12, 6.5), dpi=110)
     for name, points in curves.items():
         sizes = [int(n) for n in points]
         style: dict[str, Any] = (
@@ -81,11 +81,12 @@ def draw(curves: dict[str, dict[str, float]], path: Path, note: str) -> None:
         ax.plot(sizes, list(points.values()), marker="o", label=name, **style)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xticks(SIZES, [f"{n:,}" for n in SIZES])
     ax.set_xlabel("items per call (batch size); peers without a batch call loop over the items")
     ax.set_ylabel("items encrypted per second (32-byte items)")
     ax.set_title("keybroker vs peers: encryption throughput by batch size")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.text(0.01, 0.005, note, fontsize=7, color="0.35")
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)

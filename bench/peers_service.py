@@ -97,38 +97,40 @@ def measure(
     kmip_requests = 300 if quick else 1_000
     payload = bytes(32)
     workers = Workers(endpoint, CONCURRENT)
-    with Client(socket_path) as kb, client(endpoint) as kmip:
-        kb.key_create(KEY, "aes256-gcm")
-        uid = active_key(kmip)
-        params = gcm_parameters()
+    try:
+        with Client(socket_path) as kb, client(endpoint) as kmip:
+            kb.key_create(KEY, "aes256-gcm")
+            uid = active_key(kmip)
+            params = gcm_parameters()
 
-        def kmip_encrypt() -> object:
-            return kmip.encrypt(payload, uid=uid, cryptographic_parameters=params)
+            def kmip_encrypt() -> object:
+                return kmip.encrypt(payload, uid=uid, cryptographic_parameters=params)
 
-        def kmip_items() -> None:
-            for item in items[:kmip_requests]:
-                kmip.encrypt(item, uid=uid, cryptographic_parameters=params)
+            def kmip_items() -> None:
+                for item in items[:kmip_requests]:
+                    kmip.encrypt(item, uid=uid, cryptographic_parameters=params)
 
-        def kb_concurrent(op: str) -> Callable[[], float]:
-            return lambda: trio.run(concurrent_rate, socket_path, op, CONCURRENT, seconds)
+            def kb_concurrent(op: str) -> Callable[[], float]:
+                return lambda: trio.run(concurrent_rate, socket_path, op, CONCURRENT, seconds)
 
-        samplers: dict[str, Callable[[], float]] = {
-            "keybroker|create x1": lambda: rate(lambda: kb.key_create(_key_name(), "aes256-gcm"), 1, seconds),
-            "pykmip|create x1": lambda: rate(lambda: kmip.create(*aes256()), 1, seconds),
-            "keybroker|create x8": kb_concurrent("create"),
-            "pykmip|create x8": lambda: workers.rate("create", uid, seconds),
-            "keybroker|encrypt x1": lambda: rate(lambda: kb.encrypt(KEY, payload), 1, seconds),
-            "pykmip|encrypt x1": lambda: rate(kmip_encrypt, 1, seconds),
-            "keybroker|encrypt x8": kb_concurrent("encrypt"),
-            "pykmip|encrypt x8": lambda: workers.rate("encrypt", uid, seconds),
-            "keybroker|ping x1": lambda: rate(kb.ping, 1, seconds),
-            "keybroker|batch items": lambda: rate(lambda: kb.encrypt_batch(KEY, items), BATCH, seconds),
-            "pykmip|batch items": lambda: rate(kmip_items, kmip_requests, 0.0),
-        }
-        try:
+            samplers: dict[str, Callable[[], float]] = {
+                "keybroker|create x1": lambda: rate(
+                    lambda: kb.key_create(_key_name(), "aes256-gcm"), 1, seconds
+                ),
+                "pykmip|create x1": lambda: rate(lambda: kmip.create(*aes256()), 1, seconds),
+                "keybroker|create x8": kb_concurrent("create"),
+                "pykmip|create x8": lambda: workers.rate("create", uid, seconds),
+                "keybroker|encrypt x1": lambda: rate(lambda: kb.encrypt(KEY, payload), 1, seconds),
+                "pykmip|encrypt x1": lambda: rate(kmip_encrypt, 1, seconds),
+                "keybroker|encrypt x8": kb_concurrent("encrypt"),
+                "pykmip|encrypt x8": lambda: workers.rate("encrypt", uid, seconds),
+                "keybroker|ping x1": lambda: rate(kb.ping, 1, seconds),
+                "keybroker|batch items": lambda: rate(lambda: kb.encrypt_batch(KEY, items), BATCH, seconds),
+                "pykmip|batch items": lambda: rate(kmip_items, kmip_requests, 0.0),
+            }
             medians, samples = interleaved(samplers, repeats)
-        finally:
-            workers.close()
+    finally:
+        workers.close()
     return {
         "medians": medians,
         "samples": samples,
