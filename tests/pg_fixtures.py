@@ -102,6 +102,10 @@ class PgServer:
     def data(self) -> Path:
         return self.root / "data"
 
+    @property
+    def log(self) -> str:
+        return str(self.root / "server.log")
+
     def dsn(self, dbname: str = "postgres") -> str:
         """A DSN over TCP loopback (the path where keepalives and timeouts apply)."""
         return f"host={self.host} port={self.port} user=postgres dbname={dbname}"
@@ -120,15 +124,16 @@ class PgServer:
             f"-c listen_addresses={self.host} -p {self.port} -c unix_socket_directories={self.root} "
             "-c fsync=on -c synchronous_commit=on -c shared_buffers=32MB -c max_connections=60"
         )
-        log = str(self.root / "server.log")
-        self.ctl("-l", log, "-w", "-t", str(START_TIMEOUT_S), "-o", options, "start")
+        self.ctl("-l", self.log, "-w", "-t", str(START_TIMEOUT_S), "-o", options, "start")
 
     def stop(self, mode: str = "fast") -> None:
         self.ctl("-m", mode, "-w", "stop")
 
     def restart(self, mode: str = "fast") -> None:
         """``pg_ctl restart -m MODE``: every session ends; the server is back when this returns."""
-        self.ctl("-m", mode, "-w", "-t", str(START_TIMEOUT_S), "restart")
+        # -l again: without it the new server would write to pg_ctl's
+        # output, a pipe that then never closes.
+        self.ctl("-l", self.log, "-m", mode, "-w", "-t", str(START_TIMEOUT_S), "restart")
 
     def admin(self, sql: str) -> None:
         """Run one statement as the superuser in the maintenance database (autocommit)."""
