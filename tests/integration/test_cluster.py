@@ -7,6 +7,8 @@ the restart test gets a server of its own so it can restart it.
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -61,9 +63,15 @@ async def test_a_key_created_on_one_broker_is_usable_on_the_others_at_once(nodes
     opened = await call(c, "decrypt", ciphertext=sealed["ciphertext"], aad=b"ctx")
     assert opened["plaintext"] == b"hello"
     assert (await call(c, "key.get", name="shared"))["id"] == meta["id"]
-    # Each broker keeps its own audit chain, whole.
+    # Each broker keeps its own audit chain, whole, naming the broker in every record,
+    # and the command line verifies it as it is.
     for node in nodes:
         assert verify_audit_dir(node.broker.config.audit_dir).ok
+        records = (node.broker.config.audit_dir / "audit.jsonl").read_text().splitlines()
+        assert records and all(json.loads(r)["node"] == node.broker.config.node for r in records)
+    command = [sys.executable, "-m", "broker", "audit", "verify", "--data-dir", str(b.broker.config.data_dir)]
+    done = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+    assert done.returncode == 0, done.stderr
 
 
 async def test_usage_limits_hold_across_brokers_under_load(nodes: list[Node]) -> None:
