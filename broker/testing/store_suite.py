@@ -271,7 +271,12 @@ class StoreConformance:
             assert_stored(await store.get_key(key.name), key)
             assert_stored(await store.get_key_by_id(key.id), key)
 
-        @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @settings(
+            max_examples=50,
+            deadline=None,
+            # Each store plugin's subclass runs this same method on its own loop.
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors],
+        )
         @given(values=key_values())
         def round_trip(values: dict[str, Any]) -> None:
             # Every example writes to the same store: give each a fresh name and id.
@@ -280,7 +285,7 @@ class StoreConformance:
 
         await trio.to_thread.run_sync(round_trip)
 
-    @settings(max_examples=5, deadline=None)
+    @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.differing_executors])
     @given(values=key_values())
     def test_generated_keys_set_every_field(self, values: dict[str, Any]) -> None:
         # A new Key or Version field must be added to key_values() (and to every store).
