@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .calls import KEY, VERSION, Call, Method
@@ -74,49 +74,58 @@ async def _decrypt(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
     return {"plaintext": plaintext, "key": key.name, "version": header.version}
 
 
-async def _decrypt_batch(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+GroupRun = Callable[[Key, int, list[bytes], bytes | list[bytes]], Awaitable[list[bytes | None]]]
+
+
+async def _over_groups(
+    d: Dispatcher, call: Call, args: dict[str, Any], op: str, run: GroupRun, *, group_errors: bool
+) -> tuple[list[bytes | None], list[dict[str, Any] | None]]:
+    """Run ``run`` once per (key, version) group of envelopes; one result and error per item.
+
+    With ``group_errors``, a BrokerError from one group becomes that group's
+    per-item errors; otherwise it fails the call.
+    """
     envelopes = args["ciphertexts"]
     d.check_batch(len(envelopes))
     aad = args.get("aad", b"")
     _check_aad(aad, len(envelopes))
-    groups, errors = await d.open_groups(call, envelopes, aad, args["allow_compromised"], "decrypt_batch")
-    plaintexts: list[bytes | None] = [None] * len(envelopes)
-    failed = DecryptionFailed().to_wire()
-    for key, version, indexes in groups:
-        opened = await d.service.decrypt(key, version, [envelopes[i] for i in indexes], _pick(aad, indexes))
-        for index, item in zip(indexes, opened, strict=True):
-            plaintexts[index] = item
-            if item is None:
-                errors[index] = failed
-    call.details["items"] = len(envelopes)
-    call.details["failed"] = sum(e is not None for e in errors)
-    return {"plaintexts": plaintexts, "errors": errors}
-
-
-async def _rewrap_batch(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
-    envelopes = args["ciphertexts"]
-    d.check_batch(len(envelopes))
-    aad = args.get("aad", b"")
-    _check_aad(aad, len(envelopes))
-    groups, errors = await d.open_groups(call, envelopes, aad, args["allow_compromised"], "rewrap_batch")
+    groups, errors = await d.open_groups(call, envelopes, aad, args["allow_compromised"], op)
     out: list[bytes | None] = [None] * len(envelopes)
     failed = DecryptionFailed().to_wire()
     for key, version, indexes in groups:
         try:
-            _, sealed = await d.service.rewrap(
-                key, version, [envelopes[i] for i in indexes], _pick(aad, indexes)
-            )
+            results = await run(key, version, [envelopes[i] for i in indexes], _pick(aad, indexes))
         except BrokerError as exc:
+            if not group_errors:
+                raise
             for index in indexes:
                 errors[index] = exc.to_wire()
             continue
-        for index, rewrapped in zip(indexes, sealed, strict=True):
-            out[index] = rewrapped
-            if rewrapped is None:
+        for index, item in zip(indexes, results, strict=True):
+            out[index] = item
+            if item is None:
                 errors[index] = failed
     call.details["items"] = len(envelopes)
     call.details["failed"] = sum(e is not None for e in errors)
-    return {"ciphertexts": out, "errors": errors}
+    return out, errors
+
+
+async def _decrypt_batch(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+    plaintexts, errors = await _over_groups(
+        d, call, args, "decrypt_batch", d.service.decrypt, group_errors=False
+    )
+    return {"plaintexts": plaintexts, "errors": errors}
+
+
+async def _rewrap_batch(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+    async def rewrap(
+        key: Key, version: int, envs: list[bytes], aad: bytes | list[bytes]
+    ) -> list[bytes | None]:
+        _, sealed = await d.service.rewrap(key, version, envs, aad)
+        return sealed
+
+    ciphertexts, errors = await _over_groups(d, call, args, "rewrap_batch", rewrap, group_errors=True)
+    return {"ciphertexts": ciphertexts, "errors": errors}
 
 
 async def _datakey(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
