@@ -11,8 +11,9 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from json.encoder import encode_basestring as _json_str  # type: ignore[attr-defined]
 from types import MappingProxyType
 from typing import Any, Final, final
 
@@ -42,6 +43,34 @@ def _canonical(obj: Mapping[str, Any]) -> bytes:
     # Sorted keys and no whitespace make the encoding a function of the
     # values alone, so a hash over it can be recomputed from a parsed line.
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _json_opt(value: str | None) -> str:
+    return "null" if value is None else _json_str(value)
+
+
+def _split_canonical(fields: Mapping[str, Any]) -> tuple[str, str]:
+    """The canonical JSON of a record without ``hash``, cut where ``hash`` belongs.
+
+    ``(head + tail).encode()`` equals :func:`_canonical` of the same fields;
+    the record's line is ``head + '"hash":"…",' + tail``. Written out for
+    the fixed schema because ``json.dumps(sort_keys=True)`` costs more than
+    everything else the writer does per record; the property tests check it
+    against :func:`_canonical`, which verification keeps using.
+    """
+    details = fields["details"]
+    version = fields["version"]
+    head = (
+        f'{{"alarm":{"true" if fields["alarm"] else "false"},"code":{_json_opt(fields["code"])},'
+        f'"details":{_canonical(details).decode() if details else "{}"},'
+    )
+    tail = (
+        f'"key":{_json_opt(fields["key"])},"node":{_json_str(fields["node"])},"op":{_json_str(fields["op"])},'
+        f'"outcome":{_json_str(fields["outcome"])},"prev":{_json_str(fields["prev"])},'
+        f'"principal":{_json_str(fields["principal"])},"seq":{int.__repr__(fields["seq"])},'
+        f'"ts":{_json_str(fields["ts"])},"version":{"null" if version is None else int.__repr__(version)}}}'
+    )
+    return head, tail
 
 
 def _check_str(name: str, value: object, *, optional: bool = False) -> None:
@@ -152,6 +181,8 @@ class AuditRecord:
     details: Mapping[str, DetailValue]
     prev: str
     hash: str
+    # The encoded line, kept by records the writer chained (see _chain_next).
+    _line: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_int("seq", self.seq)
@@ -212,17 +243,21 @@ class AuditRecord:
         return hash(self.hash)
 
     @classmethod
-    def _trusted(cls, fields: dict[str, Any]) -> AuditRecord:
-        """Build from values this module has already checked, skipping ``__post_init__``.
+    def _chain_next(cls, fields: dict[str, Any]) -> AuditRecord:
+        """Hash ``fields`` (every field but ``hash``) and build the record, skipping ``__post_init__``.
 
         The writer's hot path: every field of a queued entry was checked when
-        :meth:`broker.audit.AuditLog.record` accepted it, and seq, prev and hash are the
-        writer's own. ``fields["details"]`` must be a private dict.
+        :meth:`broker.audit.AuditLog.record` accepted it, and seq and prev are
+        the writer's own. ``fields["details"]`` must be a private dict; it
+        gains ``hash``. The record keeps its encoded line.
         """
+        head, tail = _split_canonical(fields)
+        digest = fields["hash"] = hashlib.sha256(f"{head}{tail}".encode()).hexdigest()
         record = object.__new__(cls)
         for name, value in fields.items():
             object.__setattr__(record, name, value)
         object.__setattr__(record, "details", MappingProxyType(fields["details"]))
+        object.__setattr__(record, "_line", f'{head}"hash":"{digest}",{tail}\n'.encode())
         return record
 
     def to_dict(self) -> dict[str, Any]:
@@ -236,7 +271,8 @@ class AuditRecord:
 
     def to_json_line(self) -> bytes:
         """The canonical encoding: sorted keys, compact, UTF-8, ending in ``\\n``."""
-        return _canonical(self.to_dict()) + b"\n"
+        line = self._line
+        return line if line is not None else _canonical(self.to_dict()) + b"\n"
 
     def expected_hash(self) -> str:
         """What ``hash`` must be for the other fields (see :func:`chain_hash`)."""

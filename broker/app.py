@@ -88,7 +88,10 @@ async def open_broker(
             await backend.open()
             stack.push_async_callback(backend.aclose)
         audit = await stack.enter_async_context(
-            open_audit_log(plugins.audit_sinks(), node=config.node, clock=clock)
+            open_audit_log(
+                plugins.audit_sinks(), node=config.node, clock=clock,
+                sync_interval=config.audit.staged_interval,
+            )
         )
         service = KeyService(store=store, backends=backends, plugins=plugins, clock=clock)
         cluster = plugins.cluster(store)

@@ -27,14 +27,13 @@ are restricted to ``str``/``int``/``bool``/``None`` and ``bytes`` are refused.
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Protocol, TextIO, final
+from typing import Any, Final, Protocol, TextIO, final, runtime_checkable
 
 import trio
 
@@ -46,7 +45,6 @@ from ._audit_chain import (
     ChainHead,
     DetailValue,
     VerifyResult,
-    _canonical,
     _check_int,
     _check_str,
     _checked_details,
@@ -67,6 +65,7 @@ __all__ = [
     "AuditSink",
     "ChainHead",
     "DetailValue",
+    "StagedAuditSink",
     "VerifyResult",
     "audit_verify_main",
     "chain_hash",
@@ -207,6 +206,39 @@ class AuditSink(Protocol):
         ...
 
 
+@runtime_checkable
+class StagedAuditSink(AuditSink, Protocol):
+    """A primary sink that can hand records to the OS now and make them durable later.
+
+    With ``[audit] sync = "changes"`` (the default) the log appends every
+    record as it is made — before the request it belongs to is answered, so
+    it survives a crash of the broker process — and fsyncs in the
+    background; only records of key changes and alarms wait for the fsync
+    before their reply. A primary sink without these two methods gets every
+    record through :meth:`AuditSink.write`, durable before its reply.
+    """
+
+    def append(self, records: Sequence[AuditRecord]) -> None:
+        """Hand ``records`` to the OS (consecutive, in chain order) without waiting for the disk.
+
+        Runs on the event loop, so it must be quick: a ``write(2)`` into the
+        page cache, not an fsync.
+
+        Raises:
+            OSError: the write failed; storage is rolled back to what it was
+                before the call, as for :meth:`AuditSink.write`.
+        """
+        ...
+
+    async def sync(self) -> None:
+        """Make everything appended so far durable (fsync).
+
+        Raises:
+            OSError: the sync failed; what was appended may not be durable.
+        """
+        ...
+
+
 # --- the trio side ---------------------------------------------------------
 
 
@@ -233,6 +265,16 @@ class _Batch:
     def __init__(self) -> None:
         self.entries: list[_Entry] = []
         self.records: list[AuditRecord] | None = None  # set once durable
+        self.done = trio.Event()
+
+
+class _SyncRound:
+    """One background fsync of a staged primary and whether it succeeded."""
+
+    __slots__ = ("done", "ok")
+
+    def __init__(self) -> None:
+        self.ok = False
         self.done = trio.Event()
 
 
@@ -311,10 +353,14 @@ class _Fanout:
 class AuditLog:
     """The broker's audit log; obtain one from :func:`open_audit_log`.
 
-    Records are chained in the order :meth:`record` is called and committed
-    to the primary sink by one writer task: everything queued while the
-    previous write was in progress goes out in the next single ``write()``
-    (one fsync), then all those callers are released together.
+    Records are chained in the order :meth:`record` is called. With a
+    staged primary (:class:`StagedAuditSink`, ``sync_interval`` set) each
+    record is appended as it is made and a syncer task fsyncs in the
+    background: at once when a caller waits for durability, otherwise within
+    ``sync_interval`` seconds. Otherwise records are committed by one writer
+    task: everything queued while the previous write was in progress goes
+    out in the next single ``write()`` (one fsync), then all those callers
+    are released together.
     """
 
     def __init__(
@@ -325,8 +371,16 @@ class AuditLog:
         *,
         node: str,
         clock: Callable[[], float],
+        sync_interval: float | None = None,
     ) -> None:
         self._primary = primary
+        # Set when records are appended now and fsynced in the background.
+        self._staged = primary if sync_interval is not None and isinstance(primary, StagedAuditSink) else None
+        self._sync_interval = sync_interval or 0.0
+        self._appended = head.seq  # last record handed to the staged primary
+        self._synced = head.seq  # last record the staged primary made durable
+        self._round = _SyncRound()  # the next background fsync; waiters hold it
+        self._urgent = trio.Event()  # a caller waits for the next fsync
         self._fanouts = list(fanouts)
         self._node = node
         self._clock = clock
@@ -349,7 +403,7 @@ class AuditLog:
 
     @property
     def head(self) -> tuple[int, str]:
-        """The last durable record's (seq, hash)."""
+        """The last chained record's (seq, hash): durable, or with a staged primary appended."""
         return self._seq, self._hash
 
     @property
@@ -395,6 +449,7 @@ class AuditLog:
         code: str | None = None,
         alarm: bool = False,
         details: Mapping[str, DetailValue] | None = None,
+        durable: bool = True,
     ) -> AuditRecord:
         """Append one record and wait until it is durable in the primary sink.
 
@@ -408,6 +463,10 @@ class AuditLog:
             code: the protocol error code on failure.
             alarm: mark records an operator must look at (compromised keys).
             details: a few non-secret facts; values str/int/bool/None only.
+            durable: wait for the fsync. With a staged primary, False returns
+                as soon as the record is written to the OS (it survives a
+                crash of the broker, and is fsynced within the sync
+                interval); ignored otherwise.
 
         Returns:
             The record as written, with its seq and hash.
@@ -434,6 +493,8 @@ class AuditLog:
             principal=principal, op=op, outcome=outcome, key=key, version=version, code=code, alarm=alarm,
             details=details,
         )
+        if self._staged is not None:
+            return await self._record_staged(self._staged, entry, durable or alarm)
         batch = self._batch
         index = len(batch.entries)
         batch.entries.append(entry)
@@ -443,37 +504,109 @@ class AuditLog:
             raise Unavailable("audit log unavailable")
         return batch.records[index]
 
+    def _chain(self, entries: Sequence[_Entry]) -> list[AuditRecord]:
+        """``entries`` as records chained on the current head (the head does not move)."""
+        seq, prev = self._seq, self._hash
+        records: list[AuditRecord] = []
+        for e in entries:
+            seq += 1
+            fields: dict[str, Any] = {
+                "seq": seq, "ts": e.ts, "node": self._node, "principal": e.principal, "op": e.op,
+                "key": e.key, "version": e.version, "outcome": e.outcome, "code": e.code,
+                "alarm": e.alarm, "details": e.details, "prev": prev,
+            }
+            record = AuditRecord._chain_next(fields)
+            prev = record.hash
+            records.append(record)
+        return records
+
+    def _failed(self, exc: BaseException) -> None:
+        # Anything but OSError is a sink bug, hence the traceback.
+        if self._healthy:
+            logger.error("audit log unavailable: primary sink %s failed: %r", self._primary.name, exc,
+                         exc_info=not isinstance(exc, OSError))
+        self._healthy = False
+
+    def _succeeded(self) -> None:
+        if not self._healthy:
+            logger.warning("audit log available again (primary sink %s)", self._primary.name)
+        self._healthy = True
+
+    async def _record_staged(self, sink: StagedAuditSink, entry: _Entry, durable: bool) -> AuditRecord:
+        """Chain and append ``notes + entry`` now; wait for the fsync only if ``durable``."""
+        records = self._chain([*self._notes, entry])
+        try:
+            sink.append(records)
+        except Exception as exc:
+            # Fail closed as in _commit: the head stays on the last appended record.
+            self._failed(exc)
+            raise Unavailable("audit log unavailable") from None
+        self._seq, self._hash = records[-1].seq, records[-1].hash
+        self._appended = self._seq
+        del self._notes[:]
+        for fanout in self._fanouts:
+            fanout.push(records)
+        if not durable:
+            self._wakeup.set()
+            return records[-1]
+        sync_round = self._round
+        self._urgent.set()
+        self._wakeup.set()
+        await sync_round.done.wait()
+        if not sync_round.ok:
+            raise Unavailable("audit log unavailable")
+        return records[-1]
+
+    async def _run_syncer(self, sink: StagedAuditSink) -> None:
+        """Fsync what was appended: at once for a waiting caller, else within the interval."""
+        try:
+            with self._writer_scope:
+                while True:
+                    if self._synced == self._appended:
+                        if self._closing:
+                            return
+                        await self._wakeup.wait()
+                        self._wakeup = trio.Event()
+                        continue
+                    if not self._closing:
+                        with trio.move_on_after(self._sync_interval):
+                            await self._urgent.wait()
+                    self._urgent = trio.Event()
+                    sync_round, self._round = self._round, _SyncRound()
+                    target = self._appended
+                    try:
+                        await sink.sync()
+                    except Exception as exc:
+                        self._failed(exc)
+                        if self._closing:
+                            return  # the waiters are released below
+                    else:
+                        self._succeeded()
+                        self._writes += 1
+                        self._synced = target
+                        sync_round.ok = True
+                    sync_round.done.set()
+        finally:
+            self._closing = True
+            self._round.done.set()
+            self._writer_finished.set()
+
     async def _commit(self, batch: _Batch) -> None:
         """Chain ``notes + batch`` on the durable head and write it; always releases the waiters."""
         try:
-            entries = self._notes + batch.entries
-            seq, prev = self._seq, self._hash
-            records: list[AuditRecord] = []
-            for e in entries:
-                seq += 1
-                fields: dict[str, Any] = {
-                    "seq": seq, "ts": e.ts, "node": self._node, "principal": e.principal, "op": e.op,
-                    "key": e.key, "version": e.version, "outcome": e.outcome, "code": e.code,
-                    "alarm": e.alarm, "details": e.details, "prev": prev,
-                }
-                prev = fields["hash"] = hashlib.sha256(_canonical(fields)).hexdigest()
-                records.append(AuditRecord._trusted(fields))
+            records = self._chain(self._notes + batch.entries)
             try:
                 await self._primary.write(records)
             except Exception as exc:
                 # Fail closed: nobody is acknowledged and the head stays on the
                 # last durable record, so the next batch re-chains from there.
-                # Anything but OSError is a sink bug, hence the traceback.
-                if self._healthy:
-                    logger.error("audit log unavailable: primary sink %s failed: %r", self._primary.name, exc,
-                                 exc_info=not isinstance(exc, OSError))
-                self._healthy = False
+                self._failed(exc)
                 return
-            if not self._healthy:
-                logger.warning("audit log available again (primary sink %s)", self._primary.name)
-            self._healthy = True
+            self._succeeded()
             self._writes += 1
-            self._seq, self._hash = seq, prev
+            if records:
+                self._seq, self._hash = records[-1].seq, records[-1].hash
+            self._appended = self._synced = self._seq
             del self._notes[:]
             batch.records = records[len(records) - len(batch.entries):]
             for fanout in self._fanouts:
@@ -535,6 +668,7 @@ async def open_audit_log(
     *,
     node: str,
     clock: Callable[[], float] = time.time,
+    sync_interval: float | None = None,
 ) -> AsyncIterator[AuditLog]:
     """Open the sinks, recover the chain head and run the writer task.
 
@@ -548,6 +682,10 @@ async def open_audit_log(
         sinks: every sink the plugins provided; exactly one is primary.
         node: this broker's node name, stored in each record.
         clock: Unix time source for ``ts``.
+        sync_interval: with a :class:`StagedAuditSink` primary, append records
+            as they are made and fsync them within this many seconds (at once
+            for ``record(durable=True)``). None: every record is durable
+            before ``record`` returns.
 
     Yields:
         The :class:`AuditLog`.
@@ -577,7 +715,7 @@ async def open_audit_log(
             await _close_sink(primary)
         raise
     fanouts = [_Fanout(s) for s in others]
-    log = AuditLog(primary, fanouts, head, node=node, clock=clock)
+    log = AuditLog(primary, fanouts, head, node=node, clock=clock, sync_interval=sync_interval)
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
@@ -594,7 +732,10 @@ async def open_audit_log(
                 # if it fails or times out the note is retried with the next batch.
                 with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
                     await log._commit(_Batch())
-            nursery.start_soon(log._run_writer)
+            if log._staged is not None:
+                nursery.start_soon(log._run_syncer, log._staged)
+            else:
+                nursery.start_soon(log._run_writer)
             try:
                 yield log
             except BaseException as exc:

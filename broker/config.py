@@ -67,6 +67,16 @@ class AuditConfig:
     # When the audit sink fails, refuse everything (fail closed), or keep
     # serving metadata reads only.
     fail_open_reads: bool = False
+    # "changes": records of key changes and alarms are fsynced before their
+    # reply; key use and reads are written before it and fsynced within
+    # sync_interval_s. "always": every record is fsynced before its reply.
+    sync: str = "changes"
+    sync_interval_s: float = 0.01
+
+    @property
+    def staged_interval(self) -> float | None:
+        """The audit log's background sync interval, or None when every record syncs at once."""
+        return self.sync_interval_s if self.sync == "changes" else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +210,16 @@ def parse_config(
     resolved_dir = Path(raw_dir).absolute()
     sock = socket_path or (base / str(table["socket"]) if "socket" in table else None)
     audit_table = _take(table, "audit", dict, {})
-    _check_keys(audit_table, {"fail_open_reads"}, "[audit]")
+    _check_keys(audit_table, set(AuditConfig.__dataclass_fields__), "[audit]")
+    audit = AuditConfig(
+        fail_open_reads=bool(_take(audit_table, "fail_open_reads", bool, False)),
+        sync=_take(audit_table, "sync", str, "changes"),
+        sync_interval_s=float(_take(audit_table, "sync_interval_s", (int, float), 0.01)),
+    )
+    if audit.sync not in ("changes", "always"):
+        raise InvalidArgument('config: [audit] sync must be "changes" or "always"')
+    if not 0 < audit.sync_interval_s <= 10:
+        raise InvalidArgument("config: [audit] sync_interval_s must be in (0, 10]")
     sched = _take(table, "scheduler", dict, {})
     _check_keys(sched, set(SchedulerConfig.__dataclass_fields__), "[scheduler]")
     scheduler = SchedulerConfig(
@@ -229,7 +248,7 @@ def parse_config(
         socket_mode=_take(table, "socket_mode", int, 0o660),
         tls=_tls(table["tls"], base) if "tls" in table else None,
         limits=_limits(_take(table, "limits", dict, {})),
-        audit=AuditConfig(fail_open_reads=bool(_take(audit_table, "fail_open_reads", bool, False))),
+        audit=audit,
         scheduler=scheduler,
         metrics=metrics,
         node=_take(table, "node", str, "") or os.uname().nodename,

@@ -112,10 +112,10 @@ class Dispatcher:
             result = await entry.run(self, call, args)
         except BrokerError as exc:
             outcome = "denied" if isinstance(exc, PermissionDenied) else "error"
-            await self.record(call, outcome, exc.code)
+            await self.record(call, outcome, exc.code, durable=entry.kind is Kind.CHANGE)
             raise
         try:
-            await self.record(call, "allowed", None)
+            await self.record(call, "allowed", None, durable=entry.kind is Kind.CHANGE)
         except Unavailable:
             if entry.kind is not Kind.READ or not self.config.audit.fail_open_reads:
                 raise
@@ -128,7 +128,8 @@ class Dispatcher:
 
     # --- helpers ----------------------------------------------------------------
 
-    async def record(self, call: Call, outcome: str, code: str | None) -> None:
+    async def record(self, call: Call, outcome: str, code: str | None, *, durable: bool = True) -> None:
+        """Audit ``call``; ``durable=False`` may answer before the fsync (``[audit] sync``)."""
         await self.audit.record(
             principal=call.ctx.principal.name,
             op=call.method,
@@ -138,6 +139,7 @@ class Dispatcher:
             code=code,
             alarm=call.alarm,
             details=call.details or None,
+            durable=durable,
         )
 
     def allowed(

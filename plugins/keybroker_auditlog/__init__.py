@@ -1,9 +1,12 @@
 """Built-in primary audit sink: the hash chain as JSON lines in one file.
 
 Records are appended to ``<data_dir>/audit/audit.jsonl``, one canonical JSON
-object per line, and each batch is fsynced before :meth:`FileAuditSink.write`
-returns, so a record the broker has acknowledged survives a crash or power
-loss. ``keybroker audit verify`` reads the same file
+object per line. :meth:`FileAuditSink.write` fsyncs each batch before it
+returns; :meth:`FileAuditSink.append` writes without waiting for the disk and
+:meth:`FileAuditSink.sync` fsyncs later (the staged mode of
+:class:`broker.audit.StagedAuditSink`, ``[audit] sync = "changes"``). Either
+way a record is in the file before the broker answers the request it
+belongs to. ``keybroker audit verify`` reads the same file
 (:func:`broker.audit.verify_audit_dir`).
 
 Crash recovery: a crash in the middle of a write can leave a partial last
@@ -82,9 +85,9 @@ class FileAuditSink:
         broker on the same data directory fails to start instead of forking
         the chain; :meth:`aclose` releases it.
 
-    Blocking I/O runs in a worker thread, one batch per thread hop, through
-    the sink's own limiter so audit writes never wait behind unrelated work
-    in trio's default thread pool.
+    Fsyncs and file set-up run in a worker thread, through the sink's own
+    limiter so audit writes never wait behind unrelated work in trio's
+    default thread pool; :meth:`append` alone writes on the event loop.
     """
 
     name = "file"
@@ -128,6 +131,28 @@ class FileAuditSink:
         if not records:
             return
         await trio.to_thread.run_sync(self._write_sync, records, limiter=self._limiter)
+
+    def append(self, records: Sequence[AuditRecord]) -> None:
+        """Write ``records`` to the file without fsync (``[audit] sync = "changes"``).
+
+        A ``write(2)`` of a few hundred bytes into the page cache, done on
+        the event loop: the records survive a crash of the broker at once,
+        and a power loss once :meth:`sync` has run.
+
+        Raises:
+            OSError: the write failed (disk full, I/O error); the file is
+                truncated back to the end of the last good record first.
+        """
+        if records:
+            self._append(records, sync=False)
+
+    async def sync(self) -> None:
+        """Fsync everything appended so far (in a worker thread).
+
+        Raises:
+            OSError: the fsync failed or the sink is closed.
+        """
+        await trio.to_thread.run_sync(self._sync_open, limiter=self._limiter)
 
     async def aclose(self) -> None:
         """Close the file, releasing the lock. Idempotent."""
@@ -177,19 +202,31 @@ class FileAuditSink:
         )
 
     def _write_sync(self, records: Sequence[AuditRecord]) -> None:
+        self._append(records, sync=True)
+
+    def _open_fd(self) -> int:
         fd = self._fd
         if fd is None:
             raise OSError(errno.EBADF, "audit log is closed", str(self.path))
+        return fd
+
+    def _sync_open(self) -> None:
+        _sync(self._open_fd())
+
+    def _append(self, records: Sequence[AuditRecord], *, sync: bool) -> None:
+        fd = self._open_fd()
         if self._dirty:
             os.ftruncate(fd, self._size)
-            _sync(fd)
+            if sync:
+                _sync(fd)
             self._dirty = False
         data = b"".join(record.to_json_line() for record in records)
         try:
             # os.write on the raw descriptor: there is no user-space buffer
             # to flush, so durability is exactly the sync below.
             _write_all(fd, data)
-            _sync(fd)
+            if sync:
+                _sync(fd)
         except OSError:
             self._dirty = True
             try:

@@ -7,7 +7,7 @@ import io
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import keybroker_auditlog
@@ -21,6 +21,7 @@ from broker.audit import (
     AUDIT_FILE_NAME,
     AuditRecord,
     AuditSink,
+    StagedAuditSink,
     audit_verify_main,
     open_audit_log,
     verify_audit_dir,
@@ -146,16 +147,21 @@ def _failing_write(fd: int, data: bytes) -> None:
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+# None: every record is written with fsync; 0.01: staged appends (the default).
+SYNC_MODES = pytest.mark.parametrize("sync_interval", [None, 0.01], ids=["always", "staged"])
+
+
+@SYNC_MODES
 async def test_disk_full_is_unavailable_then_recovers(
-    audit_dir: Path, monkeypatch: pytest.MonkeyPatch
+    audit_dir: Path, monkeypatch: pytest.MonkeyPatch, sync_interval: float | None
 ) -> None:
-    async with open_audit_log([FileAuditSink(audit_dir)], node="n1") as log:
+    async with open_audit_log([FileAuditSink(audit_dir)], node="n1", sync_interval=sync_interval) as log:
         ok = await log.record(principal="p", op="a", outcome="allowed")
         size = (audit_dir / AUDIT_FILE_NAME).stat().st_size
         monkeypatch.setattr(keybroker_auditlog, "_write_all", _failing_write)
-        for _ in range(2):
+        for durable in (True, False):
             with pytest.raises(Unavailable):
-                await log.record(principal="p", op="lost", outcome="allowed")
+                await log.record(principal="p", op="lost", outcome="allowed", durable=durable)
             assert (audit_dir / AUDIT_FILE_NAME).stat().st_size == size  # partial append rolled back
         assert not log.healthy
         monkeypatch.undo()
@@ -166,10 +172,11 @@ async def test_disk_full_is_unavailable_then_recovers(
     assert result.ok and result.records == 2
 
 
+@SYNC_MODES
 async def test_failed_rollback_is_repaired_before_next_write(
-    audit_dir: Path, monkeypatch: pytest.MonkeyPatch
+    audit_dir: Path, monkeypatch: pytest.MonkeyPatch, sync_interval: float | None
 ) -> None:
-    async with open_audit_log([FileAuditSink(audit_dir)], node="n1") as log:
+    async with open_audit_log([FileAuditSink(audit_dir)], node="n1", sync_interval=sync_interval) as log:
         await log.record(principal="p", op="a", outcome="allowed")
         monkeypatch.setattr(keybroker_auditlog, "_write_all", _failing_write)
 
@@ -219,3 +226,91 @@ def test_plugin_provides_the_primary_file_sink(tmp_path: Path) -> None:
     assert as_protocol.name == "file"
     assert sink.primary
     assert sink.path == tmp_path / "audit" / AUDIT_FILE_NAME
+
+
+class GatedSink(FileAuditSink):
+    """The file sink whose fsyncs (staged or not) wait for the test to open a gate; syncs are counted."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.gate = trio.Event()
+        self.syncs = 0
+        self.fail_syncs = False
+
+    async def write(self, records: Sequence[AuditRecord]) -> None:
+        await self.gate.wait()
+        await super().write(records)
+
+    async def sync(self) -> None:
+        await self.gate.wait()
+        if self.fail_syncs:
+            raise OSError(errno.EIO, "Input/output error")
+        await super().sync()
+        self.syncs += 1
+
+
+async def test_staged_records_are_in_the_file_before_the_fsync(audit_dir: Path) -> None:
+    sink = GatedSink(audit_dir)
+    assert isinstance(sink, StagedAuditSink)
+    async with open_audit_log([sink], node="n1", sync_interval=0.01) as log:
+        used = [await log.record(principal="p", op="encrypt", outcome="allowed", durable=False)
+                for _ in range(3)]
+        # Answered with the gate shut: appended (a broker crash keeps them), not yet fsynced.
+        assert log_lines(audit_dir) == [r.to_json_line() for r in used]
+        assert sink.syncs == 0
+        changed: list[AuditRecord] = []
+
+        async def change() -> None:
+            changed.append(await log.record(principal="p", op="key.create", outcome="allowed"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(change)
+            await trio.sleep(0.05)
+            assert changed == []  # a durable record waits for its fsync
+            sink.gate.set()
+        assert sink.syncs >= 1
+        assert changed[0].seq == 4
+    result = verify_audit_dir(audit_dir)
+    assert result.ok and result.records == 4
+
+
+async def test_staged_records_are_fsynced_within_the_interval(audit_dir: Path) -> None:
+    sink = GatedSink(audit_dir)
+    sink.gate.set()
+    async with open_audit_log([sink], node="n1", sync_interval=0.02) as log:
+        for _ in range(50):
+            await log.record(principal="p", op="encrypt", outcome="allowed", durable=False)
+        with trio.fail_after(2):
+            while sink.syncs == 0:
+                await trio.sleep(0.005)
+        assert sink.syncs <= 2  # one fsync for the burst, not one per record
+        await trio.sleep(0.1)
+        syncs = sink.syncs
+        await trio.sleep(0.1)
+        assert sink.syncs == syncs  # nothing new, no fsync
+    assert verify_audit_dir(audit_dir).records == 50
+
+
+async def test_staged_fsync_failure_fails_durable_records_then_recovers(audit_dir: Path) -> None:
+    sink = GatedSink(audit_dir)
+    sink.gate.set()
+    sink.fail_syncs = True
+    async with open_audit_log([sink], node="n1", sync_interval=0.01) as log:
+        await log.record(principal="p", op="encrypt", outcome="allowed", durable=False)
+        with pytest.raises(Unavailable):
+            await log.record(principal="p", op="key.create", outcome="allowed")
+        assert not log.healthy
+        sink.fail_syncs = False
+        again = await log.record(principal="p", op="key.create", outcome="allowed")
+        assert log.healthy and again.seq == 3
+    result = verify_audit_dir(audit_dir)
+    assert result.ok and result.records == 3
+
+
+async def test_staged_log_fsyncs_what_is_left_on_close(audit_dir: Path) -> None:
+    sink = GatedSink(audit_dir)
+    sink.gate.set()
+    async with open_audit_log([sink], node="n1", sync_interval=10.0) as log:
+        await log.record(principal="p", op="encrypt", outcome="allowed", durable=False)
+        assert sink.syncs == 0
+    assert sink.syncs == 1

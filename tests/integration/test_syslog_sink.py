@@ -279,13 +279,18 @@ async def test_a_hanging_receiver_never_blocks_requests(
             sink = next(f.sink for f in broker.audit._fanouts if f.sink.name == "syslog")
             real_send = sink._send
 
+            entered = trio.Event()
+
             async def stuck(messages: Any) -> None:  # a receiver that stopped reading
+                entered.set()
                 await trio.sleep_forever()
 
             monkeypatch.setattr(sink, "_send", stuck)
             started = trio.current_time()
             for i in range(40):
                 await admin("encrypt", key="k", plaintext=b"%d" % i)
+                if i == 0:  # the sink is now stuck sending this record
+                    await _until(entered.is_set, "the sink to start sending")
             # Had requests waited for the sink, each would have taken the
             # 0.5 s send timeout (20 s in all); they waited for the local file only.
             assert trio.current_time() - started < 4.0
