@@ -67,9 +67,10 @@ class AuditConfig:
     # When the audit sink fails, refuse everything (fail closed), or keep
     # serving metadata reads only.
     fail_open_reads: bool = False
-    # "changes": records of key changes and alarms are fsynced before their
-    # reply; key use and reads are written before it and fsynced within
-    # sync_interval_s. "always": every record is fsynced before its reply.
+    # "changes": a key change waits for its "requested" record's fsync, and
+    # alarms for theirs; every other record is written before its reply and
+    # fsynced within sync_interval_s. "always": every record is fsynced
+    # before its reply.
     sync: str = "changes"
     sync_interval_s: float = 0.01
 

@@ -2,7 +2,10 @@
 
 Resource handling: the store owns two connections. Every write goes through
 the *writer*, one at a time (a ``trio.Lock``), each state change in one
-``BEGIN IMMEDIATE ... COMMIT`` transaction; reads go through a second,
+``BEGIN IMMEDIATE ... COMMIT`` transaction. Changes that arrive while one is
+being written share the next transaction (group commit: one commit, one
+fsync), each in its own savepoint, so one change failing never affects
+another and each caller learns only its own outcome; reads go through a second,
 read-only connection, each in its own read transaction so a key and its
 versions always come from the same snapshot. SQLite calls block, so each
 runs in a worker thread (``trio.to_thread.run_sync``); a connection is only
@@ -399,12 +402,120 @@ def _connect(path: Path, busy_timeout_s: float, *, read_only: bool) -> sqlite3.C
     return conn
 
 
+class _Change:
+    """One caller's change waiting for a group transaction, and its outcome."""
+
+    __slots__ = ("body", "error", "finished", "taken", "value")
+
+    def __init__(self, body: Callable[[sqlite3.Connection], object]) -> None:
+        self.body = body
+        self.taken = False  # in a transaction that is being written
+        self.finished = trio.Event()
+        self.value: object = None
+        self.error: BaseException | None = None
+
+    def outcome(self) -> object:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _write_group(conn: sqlite3.Connection, changes: Sequence[_Change]) -> None:
+    """Write ``changes`` in one IMMEDIATE transaction, each in a savepoint; record each outcome.
+
+    A change that raises is rolled back to its savepoint alone. A failure of
+    the medium that ends the whole transaction, or of the commit, fails
+    every change of the group: none of them is on disk.
+    """
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        _fail_all(changes, exc)
+        return
+    for change in changes:
+        try:
+            conn.execute("SAVEPOINT change")
+            change.value = change.body(conn)
+            conn.execute("RELEASE change")
+        except Exception as exc:
+            if not conn.in_transaction:  # SQLite rolled the whole transaction back
+                _fail_all(changes, exc)
+                return
+            conn.execute("ROLLBACK TO change")
+            conn.execute("RELEASE change")
+            change.error = _translate(exc)
+    try:
+        conn.execute("COMMIT")
+    except Exception as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        _fail_all(changes, exc)
+
+
+def _fail_all(changes: Sequence[_Change], exc: Exception) -> None:
+    error = _translate(exc)
+    for change in changes:
+        change.value, change.error = None, error
+
+
+def _translate(exc: Exception) -> BaseException:
+    """What the caller of a failed change sees: Unavailable for the medium, else the error itself."""
+    if isinstance(exc, sqlite3.Error):
+        return _unavailable(exc) or exc
+    return exc
+
+
 class _Connection:
     """One sqlite3 connection, used by one worker thread at a time."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn: sqlite3.Connection | None = conn
         self.lock = trio.Lock()
+        self._queued: list[_Change] = []
+
+    async def change(self, body: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``body`` in a write transaction shared with the changes queued beside it.
+
+        The caller holding the lock writes every change queued so far in
+        one transaction; later callers find theirs done.
+
+        Cancellation: before its change is taken into a transaction, a
+        caller leaves and nothing is written; after, it waits (shielded)
+        for the outcome and returns it, so a change is never written behind
+        the back of a caller that saw it fail. The cancellation is delivered
+        at the caller's next checkpoint.
+        """
+        change = _Change(body)
+        self._queued.append(change)
+        try:
+            await self.lock.acquire()
+        except BaseException:
+            if not change.taken:
+                self._queued.remove(change)
+                raise
+            with trio.CancelScope(shield=True):
+                await change.finished.wait()
+            return change.outcome()  # type: ignore[return-value]
+        try:
+            if not change.taken:
+                await self._write_queued()
+        finally:
+            self.lock.release()
+        return change.outcome()  # type: ignore[return-value]
+
+    async def _write_queued(self) -> None:
+        changes, self._queued = self._queued, []
+        for queued in changes:
+            queued.taken = True
+        try:
+            conn = self.conn
+            if conn is None:
+                _fail_all(changes, Unavailable("the key store is closed"))
+            else:
+                await trio.to_thread.run_sync(_write_group, conn, changes)
+        finally:
+            for queued in changes:
+                queued.finished.set()
 
     async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         async with self.lock:
@@ -425,8 +536,8 @@ def _translated(fn: Callable[[], _T]) -> _T:
     try:
         return fn()
     except sqlite3.Error as exc:
-        error = _unavailable(exc)
-        if error is None:
+        error = _translate(exc)
+        if error is exc:
             raise
         raise error from None
 
@@ -508,9 +619,7 @@ class SQLiteStore:
             AlreadyExists: the name (or the id) is taken.
             Unavailable: the database cannot be written.
         """
-        await self._write_conn().run(
-            lambda c: _in_transaction(c, "BEGIN IMMEDIATE", lambda t: _insert(t, key))
-        )
+        await self._write_conn().change(lambda c: _insert(c, key))
 
     async def replace_key(self, key: Key, *, expected_revision: int) -> None:
         """Write ``key`` (all fields and versions) if the stored revision is ``expected_revision``.
@@ -527,9 +636,7 @@ class SQLiteStore:
             Unavailable: the database cannot be written.
         """
         writer = self._write_conn()
-        erased = await writer.run(
-            lambda c: _in_transaction(c, "BEGIN IMMEDIATE", lambda t: _replace(t, key, expected_revision))
-        )
+        erased = await writer.change(lambda c: _replace(c, key, expected_revision))
         if erased:
             # Outside the change's transaction, so a crash here cannot undo
             # the erasure. Best effort: the change is committed, and a reader
@@ -555,11 +662,7 @@ class SQLiteStore:
         """
         if count < 0:
             raise ValueError("count must not be negative")
-        return await self._write_conn().run(
-            lambda c: _in_transaction(
-                c, "BEGIN IMMEDIATE", lambda t: _reserve(t, key_id, version, count, limit)
-            )
-        )
+        return await self._write_conn().change(lambda c: _reserve(c, key_id, version, count, limit))
 
     # --- reads -----------------------------------------------------------------
 
@@ -603,15 +706,11 @@ class SQLiteStore:
         """
         check_document_ref(kind, doc_id)
         blob = bytes(body)
-        await self._write_conn().run(
-            lambda c: _in_transaction(
-                c,
-                "BEGIN IMMEDIATE",
-                lambda t: t.execute(
-                    "INSERT INTO documents (kind, id, body) VALUES (?, ?, ?) "
-                    "ON CONFLICT (kind, id) DO UPDATE SET body = excluded.body",
-                    (kind, doc_id, blob),
-                ),
+        await self._write_conn().change(
+            lambda c: c.execute(
+                "INSERT INTO documents (kind, id, body) VALUES (?, ?, ?) "
+                "ON CONFLICT (kind, id) DO UPDATE SET body = excluded.body",
+                (kind, doc_id, blob),
             )
         )
 

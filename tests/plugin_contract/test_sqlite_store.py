@@ -5,16 +5,18 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import keybroker_sqlite
 import pytest
+import trio
 from keybroker_sqlite import SCHEMA_VERSION, SchemaError, SQLiteStore
 from keybroker_sqlite import schema as sqlite_schema
 
 from broker.config import parse_config
-from broker.errors import InvalidArgument, Unavailable
+from broker.errors import AlreadyExists, InvalidArgument, Unavailable
 from broker.keys import Classification, KeyType
 from broker.lifecycle import Transition, add_version, new_key, transition
 from broker.store import Store
@@ -245,3 +247,92 @@ def test_hook_provides_the_store_only_when_configured(tmp_path: Path) -> None:
     for bad in ({"busy_timeout": 1}, {"busy_timeout_s": "soon"}, {"busy_timeout_s": -1}):
         with pytest.raises(InvalidArgument):
             keybroker_sqlite.kb_store(config=parse_config({"plugins": {"sqlite": bad}}, data_dir=tmp_path))
+
+
+# --- group commit ---------------------------------------------------------------------
+
+
+async def test_concurrent_changes_share_commits_and_fail_alone(opened: SQLiteStore) -> None:
+    writer = opened._write_conn()
+    assert writer.conn is not None
+    commits: list[str] = []
+    writer.conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    names = [f"g/{i}" for i in range(30)] + ["g/3", "g/7"]  # two duplicates among them
+    outcomes: dict[int, str] = {}
+
+    async def insert(index: int, name: str) -> None:
+        try:
+            await opened.insert_key(make_key(name))
+            outcomes[index] = "ok"
+        except AlreadyExists:
+            outcomes[index] = "exists"
+
+    async with trio.open_nursery() as nursery:
+        for index, name in enumerate(names):
+            nursery.start_soon(insert, index, name)
+    writer.conn.set_trace_callback(None)
+    assert sorted(outcomes.values()).count("exists") == 2
+    assert all(outcomes[i] == "ok" for i in range(30))  # the first of each name won, the rest is intact
+    assert len(commits) < len(names)  # shared transactions
+    stored = await opened.list_keys(prefix="g/", state=None, after=None, limit=100)
+    assert sorted(k.name for k in stored) == sorted(set(names))
+
+
+async def test_a_change_cancelled_while_queued_is_not_written(opened: SQLiteStore) -> None:
+    writer = opened._write_conn()
+    release = threading.Event()
+
+    def blocking(conn: sqlite3.Connection) -> None:
+        release.wait(10)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.change, blocking)
+        await trio.sleep(0.05)  # the first change holds the writer
+        with trio.move_on_after(0.05):
+            await opened.insert_key(make_key("g/cancelled"))
+        release.set()
+    assert await opened.get_key("g/cancelled") is None
+    await opened.insert_key(make_key("g/after"))  # the writer is usable again
+    assert await opened.get_key("g/after") is not None
+
+
+class _FailingCommit:
+    """The writer connection, except that COMMIT fails as on a full disk."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._conn.in_transaction
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql == "COMMIT":
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._conn, name)
+
+
+async def test_a_failed_commit_fails_every_change_of_its_group(opened: SQLiteStore) -> None:
+    writer = opened._write_conn()
+    real = writer.conn
+    assert real is not None
+    writer.conn = _FailingCommit(real)  # type: ignore[assignment]
+    errors: list[str] = []
+
+    async def insert(name: str) -> None:
+        try:
+            await opened.insert_key(make_key(name))
+        except Unavailable as exc:
+            errors.append(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(3):
+            nursery.start_soon(insert, f"g/full{i}")
+    writer.conn = real
+    assert errors == ["the key store is unavailable: database or disk is full"] * 3
+    for i in range(3):
+        assert await opened.get_key(f"g/full{i}") is None
+    await opened.insert_key(make_key("g/full0"))  # rolled back cleanly: the name is free
