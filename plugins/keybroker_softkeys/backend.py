@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from itertools import accumulate, pairwise
 from typing import TypeVar
 
@@ -320,38 +319,13 @@ class SoftwareBackend:
 
     # --- loading -------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _loaded(self, ref: VersionRef, want: KeyType | None, operation: str) -> AsyncIterator[_Loaded]:
-        """The loaded key of ``ref``, checked to suit ``operation``.
+    def _loaded(self, ref: VersionRef, want: KeyType | None, operation: str) -> _Loan:
+        """``async with``: the loaded key of ``ref``, checked to suit ``operation``.
 
         ``want`` is the one key type the operation needs, or None for "any
         signing type".
         """
-        if self._closed:
-            raise Unavailable(f"the {self.protection} backend is closed")
-        key_type = _key_type(ref.key_type)
-        if (want is None and not key_type.signing) or (want is not None and key_type is not want):
-            raise InvalidArgument(f"a {key_type.value} key cannot {operation}")
-        if not ref.material:
-            raise InvalidState(f"version {ref.version} of this key is destroyed; its material is gone")
-        cache_key = (ref.key_id, ref.version)
-        cached = self._cache.get(cache_key)
-        if cached is not None:
-            yield cached
-            return
-        epoch = self._epoch
-        loaded = await self._unwrap(ref, key_type)
-        if epoch == self._epoch and not self._closed:
-            # Another task may have loaded it during the await; keep one.
-            kept = self._cache.setdefault(cache_key, loaded)
-            if kept is not loaded:
-                _close(loaded)
-            yield kept
-            return
-        try:
-            yield loaded
-        finally:
-            _close(loaded)
+        return _Loan(self, ref, want, operation)
 
     async def _unwrap_material(self, ref: VersionRef, key_type: KeyType) -> bytearray:
         context = wrap_context(ref.key_id, ref.version, key_type)
@@ -458,6 +432,51 @@ def _check_ids(key_id: object, version: object) -> None:
 def _check_bytes(value: object, name: str) -> None:
     if not isinstance(value, bytes | bytearray | memoryview):
         raise InvalidArgument(f"{name} must be bytes")
+
+
+class _Loan:
+    """A loaded key for one ``async with``: the cached one, or one loaded for the block.
+
+    A class rather than an ``asynccontextmanager`` generator: it is entered
+    on every operation, and a generator costs several times more.
+    """
+
+    __slots__ = ("_backend", "_operation", "_owned", "_ref", "_want")
+
+    def __init__(
+        self, backend: SoftwareBackend, ref: VersionRef, want: KeyType | None, operation: str
+    ) -> None:
+        self._backend, self._ref, self._want, self._operation = backend, ref, want, operation
+        self._owned: _Loaded | None = None  # loaded for this block only, closed on exit
+
+    async def __aenter__(self) -> _Loaded:
+        backend, ref, want = self._backend, self._ref, self._want
+        if backend._closed:
+            raise Unavailable(f"the {backend.protection} backend is closed")
+        key_type = _key_type(ref.key_type)
+        if (want is None and not key_type.signing) or (want is not None and key_type is not want):
+            raise InvalidArgument(f"a {key_type.value} key cannot {self._operation}")
+        if not ref.material:
+            raise InvalidState(f"version {ref.version} of this key is destroyed; its material is gone")
+        cache_key = (ref.key_id, ref.version)
+        cached = backend._cache.get(cache_key)
+        if cached is not None:
+            return cached
+        epoch = backend._epoch
+        loaded = await backend._unwrap(ref, key_type)
+        if epoch == backend._epoch and not backend._closed:
+            # Another task may have loaded it during the await; keep one.
+            kept = backend._cache.setdefault(cache_key, loaded)
+            if kept is not loaded:
+                _close(loaded)
+            return kept
+        self._owned = loaded  # forgotten or closed meanwhile: not cached
+        return loaded
+
+    async def __aexit__(self, *exc: object) -> None:
+        owned, self._owned = self._owned, None
+        if owned is not None:
+            _close(owned)
 
 
 def _check_batch(items: Sequence[bytes], aad: Aad) -> None:
