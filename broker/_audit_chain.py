@@ -58,17 +58,23 @@ def _split_canonical(fields: Mapping[str, Any]) -> tuple[str, str]:
     everything else the writer does per record; the property tests check it
     against :func:`_canonical`, which verification keeps using.
     """
-    details = fields["details"]
-    version = fields["version"]
+    return _split_values(**{name: fields[name] for name in _FIELDS if name != "hash"})
+
+
+def _split_values(
+    *, seq: int, ts: str, node: str, principal: str, op: str, key: str | None, version: int | None,
+    outcome: str, code: str | None, alarm: bool, details: Mapping[str, Any], prev: str,
+) -> tuple[str, str]:
+    """:func:`_split_canonical` of the fields given one by one."""
     head = (
-        f'{{"alarm":{"true" if fields["alarm"] else "false"},"code":{_json_opt(fields["code"])},'
+        f'{{"alarm":{"true" if alarm else "false"},"code":{_json_opt(code)},'
         f'"details":{_canonical(details).decode() if details else "{}"},'
     )
     tail = (
-        f'"key":{_json_opt(fields["key"])},"node":{_json_str(fields["node"])},"op":{_json_str(fields["op"])},'
-        f'"outcome":{_json_str(fields["outcome"])},"prev":{_json_str(fields["prev"])},'
-        f'"principal":{_json_str(fields["principal"])},"seq":{int.__repr__(fields["seq"])},'
-        f'"ts":{_json_str(fields["ts"])},"version":{"null" if version is None else int.__repr__(version)}}}'
+        f'"key":{_json_opt(key)},"node":{_json_str(node)},"op":{_json_str(op)},'
+        f'"outcome":{_json_str(outcome)},"prev":{_json_str(prev)},'
+        f'"principal":{_json_str(principal)},"seq":{int.__repr__(seq)},'
+        f'"ts":{_json_str(ts)},"version":{"null" if version is None else int.__repr__(version)}}}'
     )
     return head, tail
 
@@ -243,21 +249,29 @@ class AuditRecord:
         return hash(self.hash)
 
     @classmethod
-    def _chain_next(cls, fields: dict[str, Any]) -> AuditRecord:
-        """Hash ``fields`` (every field but ``hash``) and build the record, skipping ``__post_init__``.
+    def _chain_next(
+        cls, *, seq: int, ts: str, node: str, principal: str, op: str, key: str | None, version: int | None,
+        outcome: str, code: str | None, alarm: bool, details: dict[str, DetailValue], prev: str,
+    ) -> AuditRecord:
+        """Hash the fields (every one but ``hash``) and build the record, skipping ``__post_init__``.
 
         The writer's hot path: every field of a queued entry was checked when
         :meth:`broker.audit.AuditLog.record` accepted it, and seq and prev are
-        the writer's own. ``fields["details"]`` must be a private dict; it
-        gains ``hash``. The record keeps its encoded line.
+        the writer's own. ``details`` must be a private dict. The record keeps
+        its encoded line.
         """
-        head, tail = _split_canonical(fields)
-        digest = fields["hash"] = hashlib.sha256(f"{head}{tail}".encode()).hexdigest()
+        head, tail = _split_values(
+            seq=seq, ts=ts, node=node, principal=principal, op=op, key=key, version=version, outcome=outcome,
+            code=code, alarm=alarm, details=details, prev=prev,
+        )
+        digest = hashlib.sha256(f"{head}{tail}".encode()).hexdigest()
         record = object.__new__(cls)
-        for name, value in fields.items():
-            object.__setattr__(record, name, value)
-        object.__setattr__(record, "details", MappingProxyType(fields["details"]))
-        object.__setattr__(record, "_line", f'{head}"hash":"{digest}",{tail}\n'.encode())
+        for setter, value in zip(_SETTERS, (
+            seq, ts, node, principal, op, key, version, outcome, code, alarm,
+            MappingProxyType(details) if details else _NO_DETAILS, prev, digest,
+            f'{head}"hash":"{digest}",{tail}\n'.encode(),
+        ), strict=True):
+            setter(record, value)
         return record
 
     def to_dict(self) -> dict[str, Any]:
@@ -301,6 +315,16 @@ class AuditRecord:
         if not isinstance(obj["details"], Mapping):
             raise TypeError("audit details must be an object")
         return cls(**obj)
+
+
+# Slot setters of AuditRecord in _chain_next's order: they write a frozen
+# record's slots without the checks of __setattr__ (cheaper per record).
+_SETTERS: Final = tuple(
+    AuditRecord.__dict__[name].__set__
+    for name in ("seq", "ts", "node", "principal", "op", "key", "version", "outcome", "code", "alarm",
+                 "details", "prev", "hash", "_line")
+)
+_NO_DETAILS: Final[Mapping[str, DetailValue]] = MappingProxyType({})
 
 
 @final

@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Protocol, TextIO, final, runtime_checkable
+from typing import Final, Protocol, TextIO, final, runtime_checkable
 
 import trio
 
@@ -508,14 +508,13 @@ class AuditLog:
         """``entries`` as records chained on the current head (the head does not move)."""
         seq, prev = self._seq, self._hash
         records: list[AuditRecord] = []
+        node = self._node
         for e in entries:
             seq += 1
-            fields: dict[str, Any] = {
-                "seq": seq, "ts": e.ts, "node": self._node, "principal": e.principal, "op": e.op,
-                "key": e.key, "version": e.version, "outcome": e.outcome, "code": e.code,
-                "alarm": e.alarm, "details": e.details, "prev": prev,
-            }
-            record = AuditRecord._chain_next(fields)
+            record = AuditRecord._chain_next(
+                seq=seq, ts=e.ts, node=node, principal=e.principal, op=e.op, key=e.key, version=e.version,
+                outcome=e.outcome, code=e.code, alarm=e.alarm, details=e.details, prev=prev,
+            )
             prev = record.hash
             records.append(record)
         return records
@@ -534,7 +533,7 @@ class AuditLog:
 
     async def _record_staged(self, sink: StagedAuditSink, entry: _Entry, durable: bool) -> AuditRecord:
         """Chain and append ``notes + entry`` now; wait for the fsync only if ``durable``."""
-        records = self._chain([*self._notes, entry])
+        records = self._chain([*self._notes, entry] if self._notes else (entry,))
         try:
             sink.append(records)
         except Exception as exc:

@@ -140,8 +140,8 @@ def test_writer_encoding_equals_the_canonical_one(fields: dict[str, object], seq
     # The writer's hand-written encoder must produce exactly the bytes (and so
     # the hash) that json.dumps(sort_keys=True) gives and verification expects.
     sealed = AuditRecord.seal(seq=seq, prev=GENESIS, ts=TS, node="n1", **fields)  # type: ignore[arg-type]
-    chained = AuditRecord._chain_next(
-        {"seq": seq, "ts": TS, "node": "n1", "prev": GENESIS, **fields, "details": dict(fields["details"])}
+    chained = AuditRecord._chain_next(  # type: ignore[arg-type]
+        **{"seq": seq, "ts": TS, "node": "n1", "prev": GENESIS, **fields, "details": dict(fields["details"])}
     )
     assert chained == sealed
     assert chained.to_json_line() == sealed.to_json_line()
