@@ -136,6 +136,43 @@ def direct_loop(token: Any, pin: str, object_id: bytes, prefix: bytes, *, copy: 
     return median(rates)
 
 
+def thread_rate(
+    token: Any, pin: str, object_id: bytes, prefix: bytes, *, threads: int, seconds: float
+) -> float:
+    """Ops/s of python-pkcs11 alone: ``threads`` plain threads, each sealing 32 bytes in a loop
+    on its own session (and its own session copy of the key). No trio, no pool: the most any
+    session pool could get from this binding and token with that many sessions."""
+    from pkcs11 import Attribute  # noqa: PLC0415
+
+    first = token.open(rw=True, user_pin=pin)  # the login is per application: one for all
+    sessions = [first] + [token.open(rw=True) for _ in range(threads - 1)]
+    keys = [_find(s, object_id).copy({Attribute.TOKEN: False}) for s in sessions]
+    stop = threading.Event()
+    counts = [0] * threads
+
+    def loop(index: int) -> None:
+        key, items = keys[index], [ITEM]
+        while not stop.is_set():
+            _seal_loop(key, prefix, items)
+            counts[index] += 1
+
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    try:
+        started = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        time.sleep(seconds)
+        stop.set()
+        for worker in workers:
+            worker.join()
+        return sum(counts) / (time.perf_counter() - started)
+    finally:
+        for key in keys:
+            key.destroy()
+        for session in reversed(sessions):
+            session.close()
+
+
 async def _rate(
     call: Callable[[], Awaitable[object]], *, callers: int, seconds: float, per_call: int
 ) -> float:
@@ -214,6 +251,11 @@ async def measure(settings: Any, *, seconds: float, repeats: int) -> dict[str, l
             await trio.to_thread.run_sync(shared.close)
         naive = OpenPerCall(token, pin, object_id, prefix)
         await contender("open+login per call", lambda items, n=naive: trio.to_thread.run_sync(n.call, items))
+        for threads in (1, 2):
+            rate = await trio.to_thread.run_sync(
+                lambda n=threads: thread_rate(token, pin, object_id, prefix, threads=n, seconds=seconds)
+            )
+            record(f"python-pkcs11 alone, {threads} thread(s) x own session|encrypt_32B x8", rate)
         for copy in (False, True):
             label = "direct loop (session copy)" if copy else "direct loop (token object)"
             rate = await trio.to_thread.run_sync(
@@ -390,6 +432,11 @@ def _report(
         "pool 4 / direct loop (session copy), batch_1000 x1": m("pool 4", "batch_1000 x1")
         / m("direct loop (session copy)", "batch_1000 x1"),
         "pool 4 / pool 1, batch_1000 x8": m("pool 4", "batch_1000 x8") / m("pool 1", "batch_1000 x8"),
+        # The ceiling of the first ratio: what a second session gives the binding itself.
+        "python-pkcs11 alone, 2 threads / 1 thread, encrypt_32B": m(
+            "python-pkcs11 alone, 2 thread(s) x own session", "encrypt_32B x8"
+        )
+        / m("python-pkcs11 alone, 1 thread(s) x own session", "encrypt_32B x8"),
     }
     rows.append(["", "", "", ""])
     for name, value in ratios.items():
