@@ -6,7 +6,8 @@ from typing import Final
 
 # Four sessions keep two cores busy with room for one slow call (key
 # generation, RSA) without starving the rest; most tokens allow far more.
-# (On SoftHSM2, 1-2 serve best: see bench/RESULTS.md, "pkcs11".)
+# Quick calls on one key share one loan whatever the size (see coalesce.py),
+# so on a fast in-process token like SoftHSM2 extra sessions cost little.
 DEFAULT_POOL_SIZE: Final = 4
 # Long enough to ride out a burst queued behind a few RSA key generations
 # (0.1-2 s each on SoftHSM2), short enough that a client's own timeout is
