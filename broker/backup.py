@@ -54,7 +54,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from .envelope import KeySlot
 from .errors import AlreadyExists, DecryptionFailed, InvalidArgument
-from .keys import Classification, Key, KeyState, KeyType, Version, VersionState
+from .keys import Key
+from .store import key_columns, key_from_columns
 from .stream import DEFAULT_SEGMENT_SIZE, SEGMENT_OVERHEAD, Progress, open_segments, seal_segments
 from .transfer import load_recipient
 
@@ -210,28 +211,10 @@ def _key_record(key: Key, materials: dict[int, bytearray]) -> dict[str, Any]:
         elif v.material:
             entry["ref"] = v.material
         versions.append(entry)
-    return {
-        "id": key.id,
-        "name": key.name,
-        "type": key.type.value,
-        "protection": key.protection,
-        "classification": key.classification.value,
-        "state": key.state.value,
-        "prior_state": None if key.prior_state is None else key.prior_state.value,
-        "primary_version": key.primary_version,
-        "min_decrypt_version": key.min_decrypt_version,
-        "created_at": key.created_at,
-        "updated_at": key.updated_at,
-        "rotation_period_s": key.rotation_period_s,
-        "max_uses_per_version": key.max_uses_per_version,
-        "exportable": key.exportable,
-        "labels": dict(key.labels),
-        "destroy_at": key.destroy_at,
-        "activate_at": key.activate_at,
-        "deactivate_at": key.deactivate_at,
-        "origin": key.origin,
-        "versions": versions,
-    }
+    record = key_columns(key)
+    del record["revision"]  # a store's concurrency token: restored keys start afresh
+    record["versions"] = versions
+    return record
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +234,6 @@ class ArchivedKey:
 
 def _key_from_record(record: dict[str, Any]) -> ArchivedKey:
     try:
-        versions = []
         materials: dict[int, bytes] = {}
         references: dict[int, bytes] = {}
         for v in record["versions"]:
@@ -260,36 +242,8 @@ def _key_from_record(record: dict[str, Any]) -> ArchivedKey:
                 materials[number] = bytes(v["material"])
             elif "ref" in v:
                 references[number] = bytes(v["ref"])
-            versions.append(
-                Version(
-                    number=number,
-                    state=VersionState(v["state"]),
-                    created_at=int(v["created_at"]),
-                    uses=int(v["uses"]),
-                    origin=str(v["origin"]),
-                )
-            )
-        key = Key(
-            id=bytes(record["id"]),
-            name=str(record["name"]),
-            type=KeyType(record["type"]),
-            protection=str(record["protection"]),
-            classification=Classification(record["classification"]),
-            state=KeyState(record["state"]),
-            versions=tuple(versions),
-            primary_version=int(record["primary_version"]),
-            min_decrypt_version=int(record["min_decrypt_version"]),
-            created_at=int(record["created_at"]),
-            updated_at=int(record["updated_at"]),
-            rotation_period_s=int(record["rotation_period_s"]),
-            max_uses_per_version=record["max_uses_per_version"],
-            exportable=bool(record["exportable"]),
-            labels={str(k): str(v) for k, v in record["labels"].items()},
-            destroy_at=record["destroy_at"],
-            prior_state=None if record["prior_state"] is None else KeyState(record["prior_state"]),
-            activate_at=record["activate_at"],
-            deactivate_at=record["deactivate_at"],
-            origin=str(record["origin"]),
+        key = key_from_columns(
+            {**record, "revision": 1}, ({**v, "material": b""} for v in record["versions"])
         )
     except (KeyError, TypeError, ValueError, AttributeError):
         # Authenticated yet malformed: written by a different (newer) format.

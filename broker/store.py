@@ -9,11 +9,22 @@ same old key. ``broker.testing`` has a conformance suite every store runs.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Iterable, Mapping
+from typing import Any, Final, Protocol
 
-from .keys import Key, KeyState
+from .keys import Classification, Key, KeyState, KeyType, Version, VersionState
 
-__all__ = ["MAX_DOCUMENT_ID_LEN", "MAX_DOCUMENT_KIND_LEN", "Store", "check_document_ref"]
+__all__ = [
+    "KEY_COLUMNS",
+    "MAX_DOCUMENT_ID_LEN",
+    "MAX_DOCUMENT_KIND_LEN",
+    "VERSION_COLUMNS",
+    "Store",
+    "check_document_ref",
+    "key_columns",
+    "key_from_columns",
+    "version_columns",
+]
 
 # Kinds name a feature ("cert", "ca_cert"); ids are things like serial
 # numbers. Both bounds leave room in any database's indexed text column.
@@ -34,6 +45,106 @@ def check_document_ref(kind: str, doc_id: str) -> None:
         raise ValueError("document kind (1-64 chars) or id (1-256 chars) out of range")
     if "\x00" in kind or "\x00" in doc_id:
         raise ValueError("document kind and id must not contain NUL")
+
+
+# --- keys as flat columns: the mapping every table-based store shares -----------
+
+#: A key's columns, in the order stores select them.
+KEY_COLUMNS: Final = (
+    "id", "name", "type", "protection", "classification", "state", "prior_state", "primary_version",
+    "min_decrypt_version", "rotation_period_s", "max_uses_per_version", "exportable", "labels",
+    "created_at", "updated_at", "destroy_at", "activate_at", "deactivate_at", "origin", "revision",
+)
+#: A version's columns (besides its key's id), in the order stores select them.
+VERSION_COLUMNS: Final = ("number", "state", "created_at", "uses", "material", "origin")
+
+
+def key_columns(key: Key) -> dict[str, Any]:
+    """The key's :data:`KEY_COLUMNS` as plain values: enums as their text, labels as a dict.
+
+    A store adapts the few its database types differently (SQLite: ``exportable``
+    as 0/1 and ``labels`` as JSON text).
+    """
+    return {
+        "id": key.id,
+        "name": key.name,
+        "type": key.type.value,
+        "protection": key.protection,
+        "classification": key.classification.value,
+        "state": key.state.value,
+        "prior_state": None if key.prior_state is None else key.prior_state.value,
+        "primary_version": key.primary_version,
+        "min_decrypt_version": key.min_decrypt_version,
+        "rotation_period_s": key.rotation_period_s,
+        "max_uses_per_version": key.max_uses_per_version,
+        "exportable": key.exportable,
+        "labels": dict(key.labels),
+        "created_at": key.created_at,
+        "updated_at": key.updated_at,
+        "destroy_at": key.destroy_at,
+        "activate_at": key.activate_at,
+        "deactivate_at": key.deactivate_at,
+        "origin": key.origin,
+        "revision": key.revision,
+    }
+
+
+def version_columns(key_id: bytes, version: Version) -> dict[str, Any]:
+    """One version's :data:`VERSION_COLUMNS` and ``key_id``, as plain values."""
+    return {
+        "key_id": key_id,
+        "number": version.number,
+        "state": version.state.value,
+        "created_at": version.created_at,
+        "uses": version.uses,
+        "material": version.material,
+        "origin": version.origin,
+    }
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def key_from_columns(row: Mapping[str, Any], versions: Iterable[Mapping[str, Any]]) -> Key:
+    """The key stored as ``row`` (its :data:`KEY_COLUMNS`, ``labels`` a mapping) and its version rows.
+
+    Raises:
+        ValueError: a column holds a value no key can have (an unknown enum text).
+    """
+    return Key(
+        id=bytes(row["id"]),
+        name=str(row["name"]),
+        type=KeyType(row["type"]),
+        protection=str(row["protection"]),
+        classification=Classification(row["classification"]),
+        state=KeyState(row["state"]),
+        prior_state=None if row["prior_state"] is None else KeyState(row["prior_state"]),
+        versions=tuple(
+            Version(
+                number=int(v["number"]),
+                state=VersionState(v["state"]),
+                created_at=int(v["created_at"]),
+                uses=int(v["uses"]),
+                material=bytes(v["material"]),
+                origin=str(v["origin"]),
+            )
+            for v in versions
+        ),
+        primary_version=int(row["primary_version"]),
+        min_decrypt_version=int(row["min_decrypt_version"]),
+        rotation_period_s=int(row["rotation_period_s"]),
+        max_uses_per_version=_opt_int(row["max_uses_per_version"]),
+        exportable=bool(row["exportable"]),
+        labels={str(k): str(v) for k, v in row["labels"].items()},
+        created_at=int(row["created_at"]),
+        updated_at=int(row["updated_at"]),
+        destroy_at=_opt_int(row["destroy_at"]),
+        activate_at=_opt_int(row["activate_at"]),
+        deactivate_at=_opt_int(row["deactivate_at"]),
+        origin=str(row["origin"]),
+        revision=int(row["revision"]),
+    )
 
 
 class Store(Protocol):

@@ -32,8 +32,15 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from broker.errors import AlreadyExists, NotFound, StaleRevision
-from broker.keys import Classification, Key, KeyState, KeyType, Version, VersionState
-from broker.store import check_document_ref
+from broker.keys import Key, KeyState
+from broker.store import (
+    KEY_COLUMNS,
+    VERSION_COLUMNS,
+    check_document_ref,
+    key_columns,
+    key_from_columns,
+    version_columns,
+)
 
 from .options import PostgresOptions
 from .pool import Connection, Pool, transaction
@@ -56,9 +63,10 @@ _KEEPALIVES: Final = {
     "tcp_user_timeout": 10_000,  # ms
 }
 
-# Queries read the 20 key columns, then the version's (None when a key has
-# no versions: the LEFT JOIN keeps the key).
-_N_KEY: Final = 20
+# Queries read the key's columns in KEY_COLUMNS order, then the version's in
+# VERSION_COLUMNS order (None when a key has no versions: the LEFT JOIN keeps
+# the key); _key_from_rows zips them with those names, strictly.
+_N_KEY: Final = len(KEY_COLUMNS)
 
 # One statement, so the key and its versions come from one snapshot.
 _SELECT_BY_NAME: Final = """
@@ -175,80 +183,16 @@ def connection_defaults(options: PostgresOptions, node: str) -> dict[str, Any]:
 
 
 def _key_params(key: Key) -> dict[str, object]:
-    return {
-        "id": key.id,
-        "name": key.name,
-        "type": key.type.value,
-        "protection": key.protection,
-        "classification": key.classification.value,
-        "state": key.state.value,
-        "prior_state": None if key.prior_state is None else key.prior_state.value,
-        "primary_version": key.primary_version,
-        "min_decrypt_version": key.min_decrypt_version,
-        "rotation_period_s": key.rotation_period_s,
-        "max_uses_per_version": key.max_uses_per_version,
-        "exportable": key.exportable,
-        "labels": Jsonb(dict(key.labels)),
-        "created_at": key.created_at,
-        "updated_at": key.updated_at,
-        "destroy_at": key.destroy_at,
-        "activate_at": key.activate_at,
-        "deactivate_at": key.deactivate_at,
-        "origin": key.origin,
-        "revision": key.revision,
-    }
-
-
-def _version_params(key_id: bytes, version: Version) -> dict[str, object]:
-    return {
-        "key_id": key_id,
-        "number": version.number,
-        "state": version.state.value,
-        "created_at": version.created_at,
-        "uses": version.uses,
-        "material": version.material,
-        "origin": version.origin,
-    }
+    params = key_columns(key)
+    params["labels"] = Jsonb(params["labels"])
+    return params
 
 
 def _key_from_rows(rows: Sequence[tuple[Any, ...]]) -> Key:
     """One key from its joined rows (one per version; one row of NULLs when it has none)."""
-    row = rows[0]
-    labels = row[12]
-    versions = tuple(
-        Version(
-            number=int(r[_N_KEY]),
-            state=VersionState(r[_N_KEY + 1]),
-            created_at=int(r[_N_KEY + 2]),
-            uses=int(r[_N_KEY + 3]),
-            material=bytes(r[_N_KEY + 4]),
-            origin=str(r[_N_KEY + 5]),
-        )
-        for r in rows
-        if r[_N_KEY] is not None
-    )
-    return Key(
-        id=bytes(row[0]),
-        name=str(row[1]),
-        type=KeyType(row[2]),
-        protection=str(row[3]),
-        classification=Classification(row[4]),
-        state=KeyState(row[5]),
-        prior_state=None if row[6] is None else KeyState(row[6]),
-        versions=versions,
-        primary_version=int(row[7]),
-        min_decrypt_version=int(row[8]),
-        rotation_period_s=int(row[9]),
-        max_uses_per_version=None if row[10] is None else int(row[10]),
-        exportable=bool(row[11]),
-        labels={str(k): str(v) for k, v in labels.items()},
-        created_at=int(row[13]),
-        updated_at=int(row[14]),
-        destroy_at=None if row[15] is None else int(row[15]),
-        activate_at=None if row[16] is None else int(row[16]),
-        deactivate_at=None if row[17] is None else int(row[17]),
-        origin=str(row[18]),
-        revision=int(row[19]),
+    return key_from_columns(
+        dict(zip(KEY_COLUMNS, rows[0][:_N_KEY], strict=True)),
+        (dict(zip(VERSION_COLUMNS, r[_N_KEY:], strict=True)) for r in rows if r[_N_KEY] is not None),
     )
 
 
@@ -281,7 +225,7 @@ def _insert(conn: Connection, key: Key, payload: str) -> None:
         what = "the same id as" if constraint.endswith("pkey") else "the name"
         raise AlreadyExists(f"a key with {what} {key.name!r} exists") from None
     with conn.cursor() as cur:
-        cur.executemany(_UPSERT_VERSION, [_version_params(key.id, v) for v in key.versions])
+        cur.executemany(_UPSERT_VERSION, [version_columns(key.id, v) for v in key.versions])
     _notify(conn, payload)
 
 
@@ -321,7 +265,7 @@ def _replace(conn: Connection, key: Key, expected_revision: int, payload: str) -
         old = stored.get(version.number)
         new = (version.state.value, version.created_at, version.uses, version.material, version.origin)
         if old is None or old[:2] != new[:2] or old[3:] != new[3:] or version.uses > old[2]:
-            changed.append(_version_params(key.id, version))
+            changed.append(version_columns(key.id, version))
     if changed:
         # Erased material is written as empty bytea here: no reader sees the
         # old blob once this commits. PostgreSQL keeps the dead row version

@@ -34,8 +34,8 @@ from typing import Final, TypeVar, final
 import trio
 
 from broker.errors import AlreadyExists, NotFound, StaleRevision, Unavailable
-from broker.keys import Classification, Key, KeyState, KeyType, Version, VersionState
-from broker.store import check_document_ref
+from broker.keys import Key, KeyState
+from broker.store import check_document_ref, key_columns, key_from_columns, version_columns
 
 from .schema import SCHEMA_VERSION, migrate
 
@@ -170,78 +170,15 @@ def _unavailable(exc: sqlite3.Error) -> Unavailable | None:
 
 
 def _key_params(key: Key) -> dict[str, object]:
-    return {
-        "id": key.id,
-        "name": key.name,
-        "type": key.type.value,
-        "protection": key.protection,
-        "classification": key.classification.value,
-        "state": key.state.value,
-        "prior_state": None if key.prior_state is None else key.prior_state.value,
-        "primary_version": key.primary_version,
-        "min_decrypt_version": key.min_decrypt_version,
-        "rotation_period_s": key.rotation_period_s,
-        "max_uses_per_version": key.max_uses_per_version,
-        "exportable": int(key.exportable),
-        # Sorted keys: equal label maps are stored as equal text.
-        "labels": json.dumps(dict(key.labels), sort_keys=True, separators=(",", ":")),
-        "created_at": key.created_at,
-        "updated_at": key.updated_at,
-        "destroy_at": key.destroy_at,
-        "activate_at": key.activate_at,
-        "deactivate_at": key.deactivate_at,
-        "origin": key.origin,
-        "revision": key.revision,
-    }
-
-
-def _version_params(key_id: bytes, version: Version) -> dict[str, object]:
-    return {
-        "key_id": key_id,
-        "number": version.number,
-        "state": version.state.value,
-        "created_at": version.created_at,
-        "uses": version.uses,
-        "material": version.material,
-        "origin": version.origin,
-    }
+    params = key_columns(key)
+    params["exportable"] = int(key.exportable)
+    # Sorted keys: equal label maps are stored as equal text.
+    params["labels"] = json.dumps(params["labels"], sort_keys=True, separators=(",", ":"))
+    return params
 
 
 def _key_from_row(row: sqlite3.Row, versions: Iterable[sqlite3.Row]) -> Key:
-    labels = json.loads(row["labels"])
-    return Key(
-        id=bytes(row["id"]),
-        name=row["name"],
-        type=KeyType(row["type"]),
-        protection=row["protection"],
-        classification=Classification(row["classification"]),
-        state=KeyState(row["state"]),
-        versions=tuple(
-            Version(
-                number=v["number"],
-                state=VersionState(v["state"]),
-                created_at=v["created_at"],
-                uses=v["uses"],
-                material=bytes(v["material"]),
-                origin=v["origin"],
-            )
-            for v in versions
-        ),
-        primary_version=row["primary_version"],
-        min_decrypt_version=row["min_decrypt_version"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        rotation_period_s=row["rotation_period_s"],
-        max_uses_per_version=row["max_uses_per_version"],
-        exportable=bool(row["exportable"]),
-        labels={str(k): str(v) for k, v in labels.items()},
-        destroy_at=row["destroy_at"],
-        prior_state=None if row["prior_state"] is None else KeyState(row["prior_state"]),
-        activate_at=row["activate_at"],
-        deactivate_at=row["deactivate_at"],
-        origin=row["origin"],
-        revision=row["revision"],
-    )
+    return key_from_columns({**dict(row), "labels": json.loads(row["labels"])}, versions)
 
 
 def _load(keys: Sequence[sqlite3.Row], versions: Iterable[sqlite3.Row]) -> list[Key]:
@@ -275,7 +212,7 @@ def _insert(conn: sqlite3.Connection, key: Key) -> None:
     if conn.execute("SELECT 1 FROM keys WHERE id = ?", (key.id,)).fetchone() is not None:
         raise AlreadyExists(f"a key with the same id as {key.name!r} exists")
     conn.execute(_INSERT_KEY, _key_params(key))
-    conn.executemany(_UPSERT_VERSION, [_version_params(key.id, v) for v in key.versions])
+    conn.executemany(_UPSERT_VERSION, [version_columns(key.id, v) for v in key.versions])
 
 
 def _replace(conn: sqlite3.Connection, key: Key, expected_revision: int) -> bool:
@@ -309,7 +246,7 @@ def _replace(conn: sqlite3.Connection, key: Key, expected_revision: int) -> bool
         if not version.material and stored.get(version.number):
             conn.execute(_ZERO_MATERIAL, (key.id, version.number))
             erased = True
-    conn.executemany(_UPSERT_VERSION, [_version_params(key.id, v) for v in key.versions])
+    conn.executemany(_UPSERT_VERSION, [version_columns(key.id, v) for v in key.versions])
     return erased
 
 
