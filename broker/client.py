@@ -30,6 +30,7 @@ import ssl
 import threading
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Generic, Self, TypeVar
@@ -353,6 +354,37 @@ def _key_events(note: Notification) -> list[dict[str, Any]]:
     return [event for event in note.params if isinstance(event, dict)]
 
 
+# -- where to connect ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Endpoint:
+    """A Unix socket path, or a TLS endpoint (host, port, context, name to verify)."""
+
+    socket_path: str | None
+    host: str | None = None
+    port: int | None = None
+    ssl_context: ssl.SSLContext | None = None
+    server_hostname: str | None = None
+
+    @classmethod
+    def of(
+        cls,
+        socket_path: str | Path | None,
+        host: str | None,
+        port: int | None,
+        ssl_context: ssl.SSLContext | None,
+        server_hostname: str | None,
+    ) -> _Endpoint:
+        if (socket_path is None) == (host is None):
+            raise ValueError("give either socket_path or host/port/ssl_context")
+        if socket_path is not None:
+            return cls(str(socket_path))
+        if port is None or ssl_context is None:
+            raise ValueError("a TCP connection needs port and ssl_context (TLS is mandatory)")
+        return cls(None, host, port, ssl_context, server_hostname or host)
+
+
 # -- blocking client -----------------------------------------------------------
 
 
@@ -379,13 +411,7 @@ class Client(_Api[Any]):
         timeout: float | None = DEFAULT_TIMEOUT_S,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        if (socket_path is None) == (host is None):
-            raise ValueError("give either socket_path or host/port/ssl_context")
-        if host is not None and (port is None or ssl_context is None):
-            raise ValueError("a TCP connection needs port and ssl_context (TLS is mandatory)")
-        self._socket_path = None if socket_path is None else str(socket_path)
-        self._host, self._port, self._ssl = host, port, ssl_context
-        self._server_hostname = server_hostname or host
+        self._endpoint = _Endpoint.of(socket_path, host, port, ssl_context, server_hostname)
         self._timeout = timeout
         self._max = max_message_bytes
         self._lock = threading.RLock()
@@ -475,19 +501,20 @@ class Client(_Api[Any]):
         return self._sock
 
     def _connect(self) -> socket.socket:
-        if self._socket_path is not None:
+        end = self._endpoint
+        if end.socket_path is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.settimeout(self._timeout)
-                sock.connect(self._socket_path)
+                sock.connect(end.socket_path)
             except BaseException:
                 sock.close()
                 raise
             return sock
-        assert self._host is not None and self._port is not None and self._ssl is not None
-        raw = socket.create_connection((self._host, self._port), timeout=self._timeout)
+        assert end.host is not None and end.port is not None and end.ssl_context is not None
+        raw = socket.create_connection((end.host, end.port), timeout=self._timeout)
         try:
-            return self._ssl.wrap_socket(raw, server_hostname=self._server_hostname)
+            return end.ssl_context.wrap_socket(raw, server_hostname=end.server_hostname)
         except BaseException:
             raw.close()
             raise
@@ -638,13 +665,7 @@ class AsyncClient(_Api[Awaitable[Any]]):
         server_hostname: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        if (socket_path is None) == (host is None):
-            raise ValueError("give either socket_path or host/port/ssl_context")
-        if host is not None and (port is None or ssl_context is None):
-            raise ValueError("a TCP connection needs port and ssl_context (TLS is mandatory)")
-        self._socket_path = None if socket_path is None else str(socket_path)
-        self._host, self._port, self._ssl = host, port, ssl_context
-        self._server_hostname = server_hostname or host
+        self._endpoint = _Endpoint.of(socket_path, host, port, ssl_context, server_hostname)
         self._max = max_message_bytes
         self._conn: _AsyncConnection | None = None
         self._connect_lock = trio.Lock()
@@ -739,11 +760,12 @@ class AsyncClient(_Api[Awaitable[Any]]):
             return self._conn
 
     async def _open_stream(self) -> trio.abc.Stream:
-        if self._socket_path is not None:
-            return await trio.open_unix_socket(self._socket_path)
-        assert self._host is not None and self._port is not None and self._ssl is not None
-        tcp = await trio.open_tcp_stream(self._host, self._port)
-        tls = trio.SSLStream(tcp, self._ssl, server_hostname=self._server_hostname)
+        end = self._endpoint
+        if end.socket_path is not None:
+            return await trio.open_unix_socket(end.socket_path)
+        assert end.host is not None and end.port is not None and end.ssl_context is not None
+        tcp = await trio.open_tcp_stream(end.host, end.port)
+        tls = trio.SSLStream(tcp, end.ssl_context, server_hostname=end.server_hostname)
         try:
             await tls.do_handshake()
         except BaseException:
