@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from .envelope import KEY_ID_LEN
+from .errors import InvalidArgument
 from .keys import KeyType, VersionRef
 
-__all__ = ["Aad", "Backend", "RootKey"]
+__all__ = ["KEY_ID_LEN", "Aad", "Backend", "RootKey", "check_bytes", "check_version_id", "key_type_of"]
 
 # One aad for the whole batch, or one per item.
 Aad = bytes | Sequence[bytes]
@@ -118,3 +120,30 @@ class Backend(Protocol):
 
     async def aclose(self) -> None:
         """Release sessions and cleanse cached material. Idempotent."""
+
+
+# --- argument checks a backend makes on what it is handed --------------------------
+
+
+def key_type_of(key_type: object) -> KeyType:
+    """The :class:`KeyType` named by ``key_type``; InvalidArgument for anything else."""
+    if isinstance(key_type, str):
+        try:
+            return KeyType(key_type)
+        except ValueError:
+            pass
+    raise InvalidArgument(f"unknown key type {key_type!r}")
+
+
+def check_version_id(key_id: object, version: object) -> None:
+    """InvalidArgument unless ``key_id`` is 16 bytes and ``version`` is in 1 .. 2**32-1."""
+    if not isinstance(key_id, bytes) or len(key_id) != KEY_ID_LEN:
+        raise InvalidArgument(f"key id must be {KEY_ID_LEN} bytes")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= 0xFFFFFFFF:
+        raise InvalidArgument("version must be between 1 and 2**32 - 1")
+
+
+def check_bytes(value: object, name: str) -> None:
+    """InvalidArgument unless ``value`` is bytes-like."""
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise InvalidArgument(f"{name} must be bytes")

@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives import serialization
 from pkcs11 import Attribute, Mechanism, ObjectClass, PKCS11Error
 from pkcs11.exceptions import KeyHandleInvalid, ObjectHandleInvalid
 
-from broker.backend import Aad
+from broker.backend import Aad, check_bytes, check_version_id, key_type_of
 from broker.envelope import HEADER_LEN, NONCE_LEN, pack_header
 from broker.errors import InvalidArgument, InvalidState, Unavailable
 from broker.keys import HSM, KeyType, VersionRef
@@ -73,7 +73,6 @@ _R = TypeVar("_R")
 # Material blob: a tag naming this format, then the version's CKA_ID.
 MATERIAL_PREFIX: Final = b"KBH\x01"
 OBJECT_ID_LEN: Final = 16
-KEY_ID_LEN: Final = 16
 SHA256_LEN: Final = 32
 # Batches up to this many items share loans with concurrent callers' (see
 # pool.Coalescer); larger ones are worth a loan of their own.
@@ -176,7 +175,7 @@ class Pkcs11Backend:
 
     def check_type(self, key_type: KeyType) -> None:
         """Raise InvalidArgument naming the missing mechanism if the token cannot serve ``key_type``."""
-        key_type = _key_type(key_type)
+        key_type = key_type_of(key_type)
         if self._mechanisms is None:
             raise InvalidArgument("the hsm backend is not open")
         missing = [m.name for m in REQUIRED_MECHANISMS[key_type] if int(m) not in self._mechanisms]
@@ -199,8 +198,8 @@ class Pkcs11Backend:
             cannot be interrupted); its objects are then unreferenced.
         """
         self.check_type(key_type)
-        key_type = _key_type(key_type)
-        _check_ids(key_id, version)
+        key_type = key_type_of(key_type)
+        check_version_id(key_id, version)
         object_id = os.urandom(OBJECT_ID_LEN)
         label = f"keybroker/{key_id.hex()}/v{version}"
 
@@ -335,7 +334,7 @@ class Pkcs11Backend:
         object_id = self._object_id(ref, None, "sign")
         if not key_type.signing:
             raise InvalidArgument(f"a {key_type.value} key cannot sign")
-        _check_bytes(data, "data")
+        check_bytes(data, "data")
         data = bytes(data)
         if key_type is KeyType.ED25519:
             if prehashed:
@@ -358,8 +357,8 @@ class Pkcs11Backend:
         object_id = self._object_id(ref, None, "verify")
         if not key_type.signing:
             raise InvalidArgument(f"a {key_type.value} key cannot verify signatures")
-        _check_bytes(data, "data")
-        _check_bytes(signature, "signature")
+        check_bytes(data, "data")
+        check_bytes(signature, "signature")
         if key_type is KeyType.ED25519 and prehashed:
             raise InvalidArgument("ed25519 verifies the message itself; a digest is not accepted")
         if prehashed and len(data) != SHA256_LEN:
@@ -379,7 +378,7 @@ class Pkcs11Backend:
             Unavailable: the token cannot serve now.
         """
         object_id = self._object_id(ref, KeyType.HMAC_SHA256, "mac")
-        _check_bytes(message, "message")
+        check_bytes(message, "message")
         data = bytes(message)
 
         def work(lease: Lease) -> bytes:
@@ -394,7 +393,7 @@ class Pkcs11Backend:
         Raises: as :meth:`mac`.
         """
         self._object_id(ref, KeyType.HMAC_SHA256, "verify_mac")
-        _check_bytes(tag, "mac")
+        check_bytes(tag, "mac")
         expected = await self.mac(ref, message)
         return hmac.compare_digest(expected, bytes(tag))
 
@@ -527,25 +526,6 @@ class Pkcs11Backend:
 # --- argument checks ---------------------------------------------------------------------
 
 
-def _key_type(key_type: object) -> KeyType:
-    if isinstance(key_type, str):
-        try:
-            return KeyType(key_type)
-        except ValueError:
-            pass
-    raise InvalidArgument(f"unknown key type {key_type!r}")
-
-
-def _check_ids(key_id: object, version: object) -> None:
-    if not isinstance(key_id, bytes) or len(key_id) != KEY_ID_LEN:
-        raise InvalidArgument(f"key id must be {KEY_ID_LEN} bytes")
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= 0xFFFFFFFF:
-        raise InvalidArgument("version must be between 1 and 2**32 - 1")
-
-
-def _check_bytes(value: object, name: str) -> None:
-    if not isinstance(value, bytes | bytearray | memoryview):
-        raise InvalidArgument(f"{name} must be bytes")
 
 
 def _pairs(items: Sequence[bytes], aad: Aad) -> list[tuple[bytes, bytes]]:

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from broker.backend import Aad, RootKey
+from broker.backend import Aad, RootKey, check_bytes, check_version_id, key_type_of
 from broker.envelope import KeySlot, rewrap_batch
 from broker.errors import DecryptionFailed, InvalidArgument, InvalidState, Unavailable
 from broker.keys import SOFTWARE, KeyType, VersionRef
@@ -64,7 +64,6 @@ MIN_CHUNK_WORK = 2 * 1024 * 1024
 # Messages this long are hashed (sign, verify, mac) off the trio thread.
 INLINE_MAX_MESSAGE = 64 * 1024
 
-KEY_ID_LEN = 16
 SYMMETRIC_KEY_LEN = 32
 RSA_PUBLIC_EXPONENT = 65537
 RSA_BITS = 3072
@@ -129,7 +128,7 @@ class SoftwareBackend:
 
     def check_type(self, key_type: KeyType) -> None:
         """Every key type is supported; only an unknown type is refused."""
-        _key_type(key_type)
+        key_type_of(key_type)
 
     async def generate(self, key_id: bytes, version: int, key_type: KeyType) -> bytes:
         """Create new material and return it wrapped under the root key.
@@ -137,8 +136,8 @@ class SoftwareBackend:
         Raises:
             InvalidArgument: malformed key id, version out of range, unknown type.
         """
-        key_type = _key_type(key_type)
-        _check_ids(key_id, version)
+        key_type = key_type_of(key_type)
+        check_version_id(key_id, version)
         context = wrap_context(key_id, version, key_type)
         if key_type.symmetric:
             material = random_bytearray(SYMMETRIC_KEY_LEN)
@@ -219,7 +218,7 @@ class SoftwareBackend:
             InvalidArgument: not a signing key, ``prehashed`` with ed25519, or a
                 digest that is not 32 bytes.
         """
-        _check_bytes(data, "data")
+        check_bytes(data, "data")
         async with self._loaded(ref, None, "sign") as private:
             assert not isinstance(private, KeySlot)
             signer = _signer(private, data, prehashed)
@@ -229,8 +228,8 @@ class SoftwareBackend:
 
     async def verify(self, ref: VersionRef, data: bytes, signature: bytes, *, prehashed: bool) -> bool:
         """Check a signature made by :meth:`sign`; False when it does not verify."""
-        _check_bytes(data, "data")
-        _check_bytes(signature, "signature")
+        check_bytes(data, "data")
+        check_bytes(signature, "signature")
         async with self._loaded(ref, None, "verify") as private:
             assert not isinstance(private, KeySlot)
             verifier = _verifier(private, data, signature, prehashed)
@@ -238,15 +237,15 @@ class SoftwareBackend:
 
     async def mac(self, ref: VersionRef, message: bytes) -> bytes:
         """HMAC-SHA256 of ``message``."""
-        _check_bytes(message, "message")
+        check_bytes(message, "message")
         async with self._loaded(ref, KeyType.HMAC_SHA256, "mac") as slot:
             assert isinstance(slot, KeySlot)
             return await self._call(lambda: slot.mac(message), heavy=len(message) > INLINE_MAX_MESSAGE)
 
     async def verify_mac(self, ref: VersionRef, message: bytes, tag: bytes) -> bool:
         """Constant-time check of an HMAC-SHA256 tag (done in native code)."""
-        _check_bytes(message, "message")
-        _check_bytes(tag, "tag")
+        check_bytes(message, "message")
+        check_bytes(tag, "tag")
         async with self._loaded(ref, KeyType.HMAC_SHA256, "verify_mac") as slot:
             assert isinstance(slot, KeySlot)
             return await self._call(
@@ -274,7 +273,7 @@ class SoftwareBackend:
         """
         if self._closed:
             raise Unavailable(f"the {self.protection} backend is closed")
-        key_type = _key_type(ref.key_type)
+        key_type = key_type_of(ref.key_type)
         if not ref.material:
             raise InvalidState(f"version {ref.version} of this key is destroyed; its material is gone")
         return await self._unwrap_material(ref, key_type)
@@ -293,8 +292,8 @@ class SoftwareBackend:
         try:
             if self._closed:
                 raise Unavailable(f"the {self.protection} backend is closed")
-            key_type = _key_type(key_type)
-            _check_ids(key_id, version)
+            key_type = key_type_of(key_type)
+            check_version_id(key_id, version)
             canonical = check_material(key_type, material)
             try:
                 return await self._root.wrap(canonical, wrap_context(key_id, version, key_type))
@@ -413,25 +412,6 @@ def _generate_rsa() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=RSA_PUBLIC_EXPONENT, key_size=RSA_BITS)
 
 
-def _key_type(key_type: object) -> KeyType:
-    if isinstance(key_type, str):
-        try:
-            return KeyType(key_type)
-        except ValueError:
-            pass
-    raise InvalidArgument(f"unknown key type {key_type!r}")
-
-
-def _check_ids(key_id: object, version: object) -> None:
-    if not isinstance(key_id, bytes) or len(key_id) != KEY_ID_LEN:
-        raise InvalidArgument(f"key id must be {KEY_ID_LEN} bytes")
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= 0xFFFFFFFF:
-        raise InvalidArgument("version must be between 1 and 2**32 - 1")
-
-
-def _check_bytes(value: object, name: str) -> None:
-    if not isinstance(value, bytes | bytearray | memoryview):
-        raise InvalidArgument(f"{name} must be bytes")
 
 
 class _Loan:
@@ -453,7 +433,7 @@ class _Loan:
         backend, ref, want = self._backend, self._ref, self._want
         if backend._closed:
             raise Unavailable(f"the {backend.protection} backend is closed")
-        key_type = _key_type(ref.key_type)
+        key_type = key_type_of(ref.key_type)
         if (want is None and not key_type.signing) or (want is not None and key_type is not want):
             raise InvalidArgument(f"a {key_type.value} key cannot {self._operation}")
         if not ref.material:
