@@ -14,7 +14,7 @@ from . import __version__
 from .app import serve_broker
 from .audit import audit_verify_main
 from .backup_cli import add_backup_commands
-from .cli import add_client_commands
+from .cli import add_client_commands, add_connection_options
 from .config import load_config
 from .errors import BrokerError
 from .hardening import disable_core_dumps
@@ -58,6 +58,9 @@ def _audit_verify(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keybroker", description="Key lifecycle management broker.")
     parser.add_argument("--version", action="version", version=f"keybroker {__version__}")
+    # The client verbs' connection and output options may also come first:
+    # keybroker --socket S --json key list
+    add_connection_options(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the broker")

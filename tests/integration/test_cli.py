@@ -231,6 +231,20 @@ async def test_status(sock: Path, owner: str) -> None:
     assert "keys       2 (active 1, disabled 1)" in human
 
 
+async def test_connection_options_before_or_after_the_verb(sock: Path, short_tmp: Path) -> None:
+    # No KEYBROKER_SOCKET in the environment: only the option finds the broker.
+    before = await kb("--socket", sock, "--json", "key", "create", "cli/g1", "--type", "aes256-gcm")
+    assert before.code == 0, before.err
+    assert before.json()["name"] == "cli/g1"
+    after = await kb("key", "get", "cli/g1", "--socket", sock, "--json")
+    assert after.code == 0 and after.json()["name"] == "cli/g1"
+    # Given in both places, the one after the verb wins.
+    nowhere = short_tmp / "nobody.sock"
+    wins = await kb("--socket", nowhere, "key", "get", "cli/g1", "--socket", sock, "--json")
+    assert wins.code == 0, wins.err
+    assert (await kb("--socket", sock, "key", "get", "cli/g1", "--socket", nowhere)).code == 3
+
+
 async def test_status_over_mutual_tls(short_tmp: Path, nursery: trio.Nursery) -> None:
     ca = trustme.CA()
     ca.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
