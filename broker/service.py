@@ -8,7 +8,9 @@ revision check. Time comes from an injectable clock.
 
 from __future__ import annotations
 
+import logging
 import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -19,6 +21,7 @@ import trio
 from .backend import Aad, Backend
 from .errors import (
     AlreadyExists,
+    BrokerError,
     InvalidArgument,
     InvalidState,
     LimitExceeded,
@@ -50,9 +53,13 @@ from .usage import Meter, lease_size
 
 __all__ = ["KeyService", "Sealed"]
 
+log = logging.getLogger("keybroker.service")
+
 # A change that keeps losing the optimistic race is retried this often
 # before the caller is told the store is unavailable.
 MAX_CHANGE_ATTEMPTS = 8
+# The longest pause before the first retry of a lost race (then 2x, 3x, ...).
+RETRY_PAUSE_S = 0.005
 
 # Origin of material imported through key.import (generated material: "broker").
 EXTERNAL = "external"
@@ -196,18 +203,41 @@ class KeyService:
         return lock
 
     async def _apply(self, name: str, change: Callable[[Key], Awaitable[Key]]) -> Key:
-        """Apply ``change`` to the current key under its lock, retrying lost races."""
+        """Apply ``change`` to the current key under its lock, retrying lost races.
+
+        A race is lost to another broker on the same store (this broker's
+        own changes to one key take turns under the lock); each retry waits
+        a random pause first, so that brokers racing for one key spread out.
+        """
         async with self._lock(name):
-            for _ in range(MAX_CHANGE_ATTEMPTS):
+            for attempt in range(MAX_CHANGE_ATTEMPTS):
                 old = await self.get(name)
                 new = await change(old)
                 try:
                     await self.store.replace_key(new, expected_revision=old.revision)
                 except StaleRevision:
-                    self.forget(name)
+                    await self._lost_race(old, new, attempt)
                     continue
                 return self._remember(new)
         raise StaleRevision(f"key {name!r} kept changing under this broker; try again")
+
+    async def _lost_race(self, old: Key, new: Key, attempt: int) -> None:
+        """After ``new`` lost to a change made elsewhere: drop what it generated, forget, pause.
+
+        Material generated for versions ``old`` did not have was never stored;
+        the backend destroys it (a token object would otherwise be left on
+        the HSM, unreachable).
+        """
+        self.forget(old.name)
+        backend = self.backend(new)
+        for version in new.versions:
+            if version.material and old.version(version.number) is None:
+                try:
+                    await backend.destroy(new.ref(version.number))
+                except BrokerError as exc:
+                    log.warning("could not destroy unstored material of %r v%d: %s",
+                                new.name, version.number, exc.code)
+        await trio.sleep(RETRY_PAUSE_S * (attempt + 1) * secrets.randbelow(1001) / 1000)
 
     async def create(
         self,
@@ -369,7 +399,7 @@ class KeyService:
         try:
             await self.store.replace_key(new, expected_revision=old.revision)
         except StaleRevision:
-            self.forget(old.name)
+            await self._lost_race(old, new, 0)
             return
         self._remember(new)
         self._emit(new, EventKind.ROTATED)

@@ -14,6 +14,7 @@ import os
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from broker.app import Broker, open_broker
 from broker.client import AsyncClient
 from broker.config import Config
 from broker.errors import BrokerError
+from broker.keys import Key
 from broker.lifecycle import Transition
 from broker.server import serve
 from tests import hsm_fixtures
@@ -204,3 +206,42 @@ async def test_hsm_protection_needs_the_section(make_config: ConfigFactory, soft
         assert "hsm" not in broker.backends
         err = await fails(client.key_create("k", "aes256-gcm", protection="hsm"), "invalid_argument")
         assert "hsm" in err.message.lower()
+
+
+async def test_a_rotation_that_loses_a_race_leaves_no_token_object(
+    make_config: ConfigFactory, softhsm: SoftToken
+) -> None:
+    async with serving(hsm_config(make_config, softhsm)) as (broker, client):
+        await client.key_create("h/raced", "aes256-gcm", protection="hsm")
+        service = broker.service
+        store = service.store
+        real_replace = store.replace_key
+        lost: list[Key] = []
+
+        async def replace_after_another_broker(key: Key, *, expected_revision: int) -> None:
+            if not lost:
+                # Another broker on the same database changes the key first.
+                current = await store.get_key(key.name)
+                assert current is not None
+                await real_replace(
+                    replace(current, labels={"by": "elsewhere"}, revision=current.revision + 1),
+                    expected_revision=current.revision,
+                )
+                lost.append(key)
+            await real_replace(key, expected_revision=expected_revision)
+
+        store.replace_key = replace_after_another_broker  # type: ignore[method-assign]
+        try:
+            rotated = await client.key_rotate("h/raced")
+        finally:
+            del store.replace_key
+        assert rotated["primary_version"] == 2 and rotated["labels"] == {"by": "elsewhere"}
+        loser_id = lost[0].version(2).material[4:]  # type: ignore[union-attr]
+        winner = await service.get("h/raced")
+        winner_ids = [v.material[4:] for v in winner.versions]
+        assert loser_id not in winner_ids
+        found = await trio.to_thread.run_sync(token_objects, softhsm, [loser_id, *winner_ids])
+        assert found[loser_id] == []  # the losing attempt's version 2 was destroyed
+        assert all(found[i] for i in winner_ids)  # the stored versions are intact
+        sealed = (await client.encrypt("h/raced", b"after the race"))["ciphertext"]
+        assert (await client.decrypt(sealed))["plaintext"] == b"after the race"
