@@ -25,7 +25,10 @@ lengths and out-of-range versions raise :class:`~broker.errors.InvalidArgument`,
 oversized batches :class:`~broker.errors.LimitExceeded`, non-bytes items
 ``TypeError``. Inside a batch every item gets its own status; one bad item
 never fails the batch (it comes back as ``None`` from the open and rewrap
-functions).
+functions). Batches go to C in chunks of 4096 items, each joined just before
+its call: a non-bytes item raises ``TypeError`` when its chunk is reached, so
+earlier chunks may have been processed (and sealed items counted in
+:attr:`KeySlot.uses`) with their results dropped.
 
 Every native call releases the GIL, so batches can run in worker threads, and
 several threads may use the same slot at once.
@@ -291,7 +294,7 @@ def _aad_list(aad: bytes | Sequence[bytes], n: int) -> list[bytes]:
     return [aad] * n if isinstance(aad, _BYTES_LIKE) else [bytes(a) for a in aad]  # type: ignore[list-item]
 
 
-_CHUNK = 256
+_CHUNK = 1024  # items per struct unpack in _split_uniform
 _structs: dict[int, struct.Struct] = {}
 
 

@@ -237,9 +237,10 @@ static int gctx_start(void *ctx, int enc, const unsigned char *nonce, const unsi
     if (g_direct) {
         if (enc)
             return g_prov.einit(ctx, NULL, 0, nonce, KB_NONCE_LEN, NULL) == 1;
-        OSSL_PARAM params[2];
-        params[0] = OSSL_PARAM_construct_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG, (void *)tag, KB_TAG_LEN);
-        params[1] = OSSL_PARAM_construct_end();
+        OSSL_PARAM params[2] = {
+            {OSSL_CIPHER_PARAM_AEAD_TAG, OSSL_PARAM_OCTET_STRING, (void *)tag, KB_TAG_LEN, OSSL_PARAM_UNMODIFIED},
+            OSSL_PARAM_END,
+        };
         return g_prov.dinit(ctx, NULL, 0, nonce, KB_NONCE_LEN, params) == 1;
     }
     return EVP_CipherInit_ex(ctx, NULL, NULL, NULL, nonce, enc) == 1 &&
@@ -289,9 +290,10 @@ static int gctx_finish(void *ctx)
 static int gctx_tag(void *ctx, unsigned char *tag)
 {
     if (g_direct) {
-        OSSL_PARAM params[2];
-        params[0] = OSSL_PARAM_construct_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG, tag, KB_TAG_LEN);
-        params[1] = OSSL_PARAM_construct_end();
+        OSSL_PARAM params[2] = {
+            {OSSL_CIPHER_PARAM_AEAD_TAG, OSSL_PARAM_OCTET_STRING, tag, KB_TAG_LEN, OSSL_PARAM_UNMODIFIED},
+            OSSL_PARAM_END,
+        };
         return g_prov.get_ctx_params(ctx, params) == 1 && params[0].return_size == KB_TAG_LEN;
     }
     return EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, KB_TAG_LEN, tag) == 1;
