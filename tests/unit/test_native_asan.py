@@ -20,7 +20,11 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TEST_FILES = ["tests/unit/test_envelope.py", "tests/property/test_envelope_props.py"]
+TEST_FILES = [
+    "tests/unit/test_envelope.py",
+    "tests/unit/test_envelope_engine.py",
+    "tests/property/test_envelope_props.py",
+]
 BUILD_TIMEOUT = 240
 RUN_TIMEOUT = 180
 
