@@ -11,6 +11,7 @@ from pathlib import Path
 import trio
 
 from . import __version__
+from .allocator import keep_freed_memory
 from .app import serve_broker
 from .audit import audit_verify_main
 from .backup_cli import add_backup_commands
@@ -33,6 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, data_dir=args.data_dir, socket_path=args.socket)
     configure_logging(args.log_level, args.log_format)
     disable_core_dumps()
+    keep_freed_memory()
     log = logging.getLogger("keybroker")
 
     async def run() -> None:
