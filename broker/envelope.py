@@ -91,11 +91,12 @@ _BYTES_LIKE = (bytes, bytearray, memoryview)
 _ALGORITHMS = frozenset({ALG_AES256_GCM})
 
 # Payloads of at least this size are sealed and opened by the AES-GCM engine
-# bundled with `cryptography` (a newer OpenSSL with wider AES code paths) with
-# the key lent from the slot for that one call: measured on the reference
-# machine the crossover is 16 KiB; at 64 KiB it runs 1.9x and at 1 MiB 2.7x
-# the system libcrypto (bench/RESULTS.md, "envelope"). Below it, per-call
-# set-up costs more than the cipher and the native path wins.
+# bundled with `cryptography` (a newer OpenSSL with wider AES code paths),
+# keyed once from the slot and kept with it (KeySlot._engine): at 64 KiB it
+# runs 1.9x and at 1 MiB 2.7x the system libcrypto (bench/RESULTS.md,
+# "envelope"). 16 KiB is where a batch of items is faster routed one by one
+# than sealed in one native call; a single seal alone would gain from ~4 KiB
+# and a single open from ~8 KiB, by 10-30 %.
 ROUTE_MIN_BYTES: Final = 16 * 1024
 
 # Output buffers are fully written by C (failed items are zeroed there), so
@@ -276,7 +277,6 @@ def _run_chunks(
 
 
 _ZERO_KEY = bytes(KEY_LEN)
-_LEND_SEAL_LEN: Final = KEY_LEN + HEADER_LEN
 
 
 def _cleanse(key: bytearray) -> None:
@@ -359,13 +359,14 @@ class KeySlot:
     cleanses the key (once every call running on it has returned).
     """
 
-    __slots__ = ("__weakref__", "_kind", "_ptr", "key_id", "version")
+    __slots__ = ("__weakref__", "_aead", "_kind", "_ptr", "key_id", "version")
 
     key_id: bytes
     version: int
 
     def __init__(self, key: bytes | bytearray, key_id: bytes, version: int) -> None:
         self._ptr: Any = None
+        self._aead: AESGCM | None = None
         self._init(lib.KB_KIND_AES256GCM, key, key_id, version)
 
     @classmethod
@@ -373,6 +374,7 @@ class KeySlot:
         """A slot holding an HMAC-SHA256 key of 16 to 64 bytes."""
         self = cls.__new__(cls)
         self._ptr = None
+        self._aead = None
         self._init(lib.KB_KIND_HMAC_SHA256, key, key_id, version)
         return self
 
@@ -425,6 +427,7 @@ class KeySlot:
 
     def close(self) -> None:
         """Cleanse the key. Idempotent; calls already running finish first."""
+        self._aead = None  # OpenSSL cleanses the engine's key schedule as it is freed
         ptr, self._ptr = self._ptr, None
         if ptr is not None:
             lib.kb_slot_close(ptr)
@@ -460,36 +463,45 @@ class KeySlot:
             _raise_native(rc)
         return key
 
+    def _engine(self) -> AESGCM:
+        """The large-payload engine keyed from this slot, made on first use and kept with the slot.
+
+        The key is lent once into a bytearray that is overwritten as soon as
+        ``AESGCM`` has keyed its OpenSSL contexts (``cryptography`` >= 42 on
+        OpenSSL >= 3.2 keeps no reference to the key object); from then on
+        the key schedule lives in those contexts, as it lives in this
+        module's own cached GCM contexts, and is cleansed by OpenSSL when
+        :meth:`close` drops the engine.
+        """
+        aead = self._aead
+        if aead is None:
+            key = self._lend_key(0)
+            try:
+                aead = AESGCM(key)
+            finally:
+                _cleanse(key)
+            self._aead = aead
+        return aead
+
     def _seal_large(self, pt: bytes, ad: bytes) -> bytes:
-        ptr = self._handle()
-        if self._kind != lib.KB_KIND_AES256GCM:
-            raise InvalidArgument("this key slot does not hold an AES key")
-        # One native call lends the key and writes the header with a fresh
-        # nonce (from the per-thread cache of OpenSSL CSPRNG output) into
-        # native memory; AESGCM reads the key through a buffer view of it,
-        # and the key bytes are overwritten as soon as AESGCM has its copy.
-        lent = _alloc("unsigned char[]", _LEND_SEAL_LEN)
-        try:
-            rc = lib.kb_slot_lend_seal(ptr, lent, _LEND_SEAL_LEN)
-            if rc != lib.KB_OK:
-                _raise_native(rc)
-            aead = AESGCM(ffi.buffer(lent, KEY_LEN))
-        finally:
-            ffi.memmove(lent, _ZERO_KEY, KEY_LEN)
-        header: bytes = ffi.buffer(lent, _LEND_SEAL_LEN)[KEY_LEN:]
-        return header + aead.encrypt(header[24:], pt, header + ad if ad else header)
+        aead = self._engine()
+        header = _alloc("unsigned char[]", HEADER_LEN)
+        rc = lib.kb_slot_seal_header(self._handle(), header, HEADER_LEN)
+        if rc != lib.KB_OK:
+            _raise_native(rc)
+        head: bytes = ffi.buffer(header, HEADER_LEN)[:]
+        return head + aead.encrypt(head[24:], pt, head + ad if ad else head)
 
     def _open_large(self, env: bytes, ad: bytes) -> bytes:
         parsed = parse_header(env)
         if len(env) < OVERHEAD or parsed.key_id != self.key_id or parsed.version != self.version:
             raise DecryptionFailed()
-        key = self._lend_key(0)
+        aead = self._engine()
+        self._handle()  # refuses a closed slot even when the engine was made before
         try:
-            return AESGCM(key).decrypt(parsed.nonce, env[HEADER_LEN:], env[:HEADER_LEN] + ad)
+            return aead.decrypt(parsed.nonce, env[HEADER_LEN:], env[:HEADER_LEN] + ad)
         except InvalidTag:
             raise DecryptionFailed() from None
-        finally:
-            _cleanse(key)
 
     def _open_or_none(self, env: bytes, ad: bytes) -> bytes | None:
         try:

@@ -1118,7 +1118,7 @@ done:
     return rc;
 }
 
-int kb_slot_lend_seal(kb_slot *slot, unsigned char *out, size_t out_len)
+int kb_slot_seal_header(kb_slot *slot, unsigned char *out, size_t out_len)
 {
     if (slot == NULL || out == NULL)
         return KB_EARG;
@@ -1128,15 +1128,14 @@ int kb_slot_lend_seal(kb_slot *slot, unsigned char *out, size_t out_len)
     unsigned char nonce[KB_NONCE_LEN];
     if (slot->kind != KB_KIND_AES256GCM)
         rc = KB_EKIND;
-    else if (slot->key_len > SIZE_MAX - KB_HEADER_LEN || out_len != slot->key_len + KB_HEADER_LEN)
+    else if (out_len != KB_HEADER_LEN)
         rc = KB_EARG;
     else if (!cached_nonces(nonce, 1))
         rc = KB_ECRYPTO;
     else {
-        /* Count before the key leaves: the nonce counts against the version's bound. */
+        /* Counted before the header leaves: the nonce counts against the version's bound. */
         atomic_fetch_add_explicit(&slot->uses, 1, memory_order_relaxed);
-        memcpy(out, slot->key, slot->key_len);
-        put_header(out + slot->key_len, slot, nonce);
+        put_header(out, slot, nonce);
     }
     OPENSSL_cleanse(nonce, sizeof(nonce));
     slot_release(slot);

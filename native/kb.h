@@ -104,11 +104,11 @@ int kb_open(kb_slot *slot, const unsigned char *env, size_t env_len, const unsig
  * sealed. Returns KB_OK or KB_E*. */
 int kb_slot_lend_key(kb_slot *slot, unsigned char *out, size_t out_len, uint64_t uses);
 
-/* kb_slot_lend_key for sealing one large payload: out (key_len + KB_HEADER_LEN
- * bytes) receives the key followed by the 36-byte envelope header with a
- * fresh nonce from OpenSSL's CSPRNG; counts one item sealed. The caller
- * cleanses the key part as soon as the call it is lent for returns. */
-int kb_slot_lend_seal(kb_slot *slot, unsigned char *out, size_t out_len);
+/* The header for sealing one large payload with an engine already keyed from
+ * this slot: out (KB_HEADER_LEN bytes) receives the 36-byte envelope header
+ * with a fresh nonce from OpenSSL's CSPRNG; counts one item sealed. No key
+ * bytes leave the slot. Returns KB_OK or KB_E*. */
+int kb_slot_seal_header(kb_slot *slot, unsigned char *out, size_t out_len);
 
 /* 1 if AES-GCM contexts are driven through the provider's cipher functions
  * directly, 0 if through EVP (KEYBROKER_GCM_EVP=1, or the start-up

@@ -51,3 +51,11 @@ def test_routed_use_counter_and_failures(slot: KeySlot) -> None:
     slot.close()
     with pytest.raises(Exception, match="closed"):
         slot.seal(big)
+    with pytest.raises(Exception, match="closed"):  # the engine kept from before refuses too
+        slot.open(envelopes[1])
+
+
+def test_the_kept_engine_draws_a_fresh_nonce_per_seal(slot: KeySlot) -> None:
+    big = os.urandom(ROUTE_MIN_BYTES)
+    nonces = {parse_header(slot.seal(big)).nonce for _ in range(200)}
+    assert len(nonces) == 200 and slot.uses == 200
