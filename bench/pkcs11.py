@@ -29,6 +29,7 @@ encrypt/decrypt, batches, MACs and signatures for ``--stress`` seconds
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import shutil
@@ -136,12 +137,55 @@ def direct_loop(token: Any, pin: str, object_id: bytes, prefix: bytes, *, copy: 
     return median(rates)
 
 
+class _GcmParams(ctypes.Structure):
+    _fields_ = [
+        ("pIv", ctypes.c_char_p), ("ulIvLen", ctypes.c_ulong), ("ulIvBits", ctypes.c_ulong),
+        ("pAAD", ctypes.c_char_p), ("ulAADLen", ctypes.c_ulong), ("ulTagBits", ctypes.c_ulong),
+    ]  # fmt: skip
+
+
+class _Mechanism(ctypes.Structure):
+    _fields_ = [
+        ("mechanism", ctypes.c_ulong), ("pParameter", ctypes.c_void_p), ("ulParameterLen", ctypes.c_ulong),
+    ]  # fmt: skip
+
+
+_CKM_AES_GCM = 0x1087
+
+
+def _ctypes_sealer(module: str, session: Any, key: Any, prefix: bytes) -> Callable[[], None]:
+    """One 32-byte AES-GCM seal per call through the module's own C_EncryptInit/C_Encrypt.
+
+    ctypes releases the GIL for the length of each call, so this measures
+    whether the token itself runs two sessions at once.
+    """
+    dll = ctypes.CDLL(module)
+    init, encrypt = dll.C_EncryptInit, dll.C_Encrypt
+    handle, key_handle = session.handle, key.handle
+    out = ctypes.create_string_buffer(len(ITEM) + 16)
+    out_len = ctypes.c_ulong()
+
+    def seal() -> None:
+        header = prefix + os.urandom(12)
+        params = _GcmParams(header[-12:], 12, 96, header, len(header), 128)
+        pointer = ctypes.cast(ctypes.pointer(params), ctypes.c_void_p)
+        mech = _Mechanism(_CKM_AES_GCM, pointer, ctypes.sizeof(params))
+        out_len.value = len(out)
+        if init(handle, ctypes.byref(mech), key_handle) != 0 or encrypt(
+            handle, ITEM, len(ITEM), out, ctypes.byref(out_len)
+        ) != 0:
+            raise RuntimeError("C_EncryptInit/C_Encrypt failed")
+
+    return seal
+
+
 def thread_rate(
-    token: Any, pin: str, object_id: bytes, prefix: bytes, *, threads: int, seconds: float
+    token: Any, pin: str, object_id: bytes, prefix: bytes, *, threads: int, seconds: float, module: str | None
 ) -> float:
-    """Ops/s of python-pkcs11 alone: ``threads`` plain threads, each sealing 32 bytes in a loop
-    on its own session (and its own session copy of the key). No trio, no pool: the most any
-    session pool could get from this binding and token with that many sessions."""
+    """Ops/s of ``threads`` plain threads, each sealing 32 bytes in a loop on its own session
+    (and its own session copy of the key): through python-pkcs11 (``module`` None), or
+    through the module's C functions called with ctypes. No trio, no pool: the most any
+    session pool could get from this token with that many sessions."""
     from pkcs11 import Attribute  # noqa: PLC0415
 
     first = token.open(rw=True, user_pin=pin)  # the login is per application: one for all
@@ -151,9 +195,13 @@ def thread_rate(
     counts = [0] * threads
 
     def loop(index: int) -> None:
-        key, items = keys[index], [ITEM]
+        if module is None:
+            key, items = keys[index], [ITEM]
+            seal = lambda: _seal_loop(key, prefix, items)  # noqa: E731
+        else:
+            seal = _ctypes_sealer(module, sessions[index], keys[index], prefix)
         while not stop.is_set():
-            _seal_loop(key, prefix, items)
+            seal()
             counts[index] += 1
 
     workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
@@ -252,10 +300,13 @@ async def measure(settings: Any, *, seconds: float, repeats: int) -> dict[str, l
         naive = OpenPerCall(token, pin, object_id, prefix)
         await contender("open+login per call", lambda items, n=naive: trio.to_thread.run_sync(n.call, items))
         for threads in (1, 2):
-            rate = await trio.to_thread.run_sync(
-                lambda n=threads: thread_rate(token, pin, object_id, prefix, threads=n, seconds=seconds)
-            )
-            record(f"python-pkcs11 alone, {threads} thread(s) x own session|encrypt_32B x8", rate)
+            for via, module in (("python-pkcs11", None), ("ctypes C_Encrypt", settings.module)):
+                rate = await trio.to_thread.run_sync(
+                    lambda n=threads, m=module: thread_rate(
+                        token, pin, object_id, prefix, threads=n, seconds=seconds, module=m
+                    )
+                )
+                record(f"{via} alone, {threads} thread(s) x own session|encrypt_32B x8", rate)
         for copy in (False, True):
             label = "direct loop (session copy)" if copy else "direct loop (token object)"
             rate = await trio.to_thread.run_sync(
@@ -437,6 +488,11 @@ def _report(
             "python-pkcs11 alone, 2 thread(s) x own session", "encrypt_32B x8"
         )
         / m("python-pkcs11 alone, 1 thread(s) x own session", "encrypt_32B x8"),
+        # The same with the GIL released for every token call: the token's own scaling.
+        "ctypes C_Encrypt alone, 2 threads / 1 thread, encrypt_32B": m(
+            "ctypes C_Encrypt alone, 2 thread(s) x own session", "encrypt_32B x8"
+        )
+        / m("ctypes C_Encrypt alone, 1 thread(s) x own session", "encrypt_32B x8"),
     }
     rows.append(["", "", "", ""])
     for name, value in ratios.items():
