@@ -32,21 +32,26 @@ and :data:`broker.hookspecs.hookimpl`.
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any, Final
+
 from broker.cluster import Cluster
 from broker.config import Config
+from broker.errors import InvalidArgument
 from broker.hookspecs import hookimpl
 from broker.store import Store
 
-from .cluster import LEADER_LOCK as LEADER_LOCK
-from .cluster import PostgresCluster as PostgresCluster
-from .options import Dsn as Dsn
-from .options import PostgresOptions as PostgresOptions
-from .options import parse_options as parse_options
-from .pool import OutcomeUnknown as OutcomeUnknown
-from .schema import SCHEMA_VERSION as SCHEMA_VERSION
-from .schema import SchemaError as SchemaError
-from .store import NOTIFY_CHANNEL as NOTIFY_CHANNEL
-from .store import PostgresStore as PostgresStore
+if TYPE_CHECKING:
+    from .cluster import LEADER_LOCK as LEADER_LOCK
+    from .cluster import PostgresCluster as PostgresCluster
+    from .options import Dsn as Dsn
+    from .options import PostgresOptions as PostgresOptions
+    from .options import parse_options as parse_options
+    from .pool import OutcomeUnknown as OutcomeUnknown
+    from .schema import SCHEMA_VERSION as SCHEMA_VERSION
+    from .schema import SchemaError as SchemaError
+    from .store import NOTIFY_CHANNEL as NOTIFY_CHANNEL
+    from .store import PostgresStore as PostgresStore
 
 __all__ = [
     "LEADER_LOCK",
@@ -66,6 +71,38 @@ __all__ = [
 # The value of ``store`` in the config that selects this plugin.
 STORE_NAME = "postgres"
 
+# psycopg is the optional `postgres` extra; the plugin is registered in every
+# installation, so importing it must not need the driver. Everything that
+# does loads on first use (module __getattr__) or when store = "postgres".
+_LAZY: Final = {
+    "LEADER_LOCK": "cluster",
+    "PostgresCluster": "cluster",
+    "Dsn": "options",
+    "PostgresOptions": "options",
+    "parse_options": "options",
+    "OutcomeUnknown": "pool",
+    "SCHEMA_VERSION": "schema",
+    "SchemaError": "schema",
+    "NOTIFY_CHANNEL": "store",
+    "PostgresStore": "store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def _driver_available() -> None:
+    try:
+        importlib.import_module("psycopg")
+    except ImportError:
+        raise InvalidArgument(
+            f'config: store = "{STORE_NAME}" needs psycopg (pip install \'keybroker[postgres]\')'
+        ) from None
+
 
 @hookimpl
 def kb_store(config: Config) -> Store | None:
@@ -77,12 +114,21 @@ def kb_store(config: Config) -> Store | None:
     """
     if config.store != STORE_NAME:
         return None
+    _driver_available()
+    from .options import parse_options  # noqa: PLC0415 - optional driver
+    from .store import PostgresStore  # noqa: PLC0415
+
     return PostgresStore(parse_options(config.section(STORE_NAME)), node=config.node)
 
 
 @hookimpl
 def kb_cluster(config: Config, store: Store) -> Cluster | None:
     """The cluster feed of a :class:`PostgresStore`, else None (another plugin's store)."""
+    if config.store != STORE_NAME:
+        return None
+    from .cluster import PostgresCluster  # noqa: PLC0415 - optional driver
+    from .store import PostgresStore  # noqa: PLC0415
+
     if not isinstance(store, PostgresStore):
         return None
     return PostgresCluster(store)
