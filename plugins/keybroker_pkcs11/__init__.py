@@ -33,7 +33,6 @@ backed up and shown in diffs); a ``pin`` option is refused.
 
 from __future__ import annotations
 
-import importlib
 import os
 import stat
 from collections.abc import Mapping, Sequence
@@ -45,6 +44,7 @@ from broker.backend import Backend, RootKey
 from broker.config import Config
 from broker.errors import InvalidArgument
 from broker.hookspecs import hookimpl
+from broker.optional import lazy_attributes, require
 
 from ._defaults import DEFAULT_POOL_SIZE, DEFAULT_ROOT_LABEL, DEFAULT_WAIT_TIMEOUT_S
 
@@ -78,20 +78,11 @@ _LAZY: Final = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 def _binding_available() -> None:
-    try:
-        importlib.import_module("pkcs11")
-    except ImportError:
-        raise InvalidArgument(
-            f"config: [plugins.{PLUGIN_NAME}] needs python-pkcs11 (pip install 'keybroker[hsm]')"
-        ) from None
+    require("pkcs11", needed_by=f"[plugins.{PLUGIN_NAME}]", extra="hsm", package="python-pkcs11")
 
 
 _OPTIONS: Final = frozenset(

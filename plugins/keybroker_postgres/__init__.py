@@ -32,13 +32,12 @@ and :data:`broker.hookspecs.hookimpl`.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from broker.cluster import Cluster
 from broker.config import Config
-from broker.errors import InvalidArgument
 from broker.hookspecs import hookimpl
+from broker.optional import lazy_attributes, require
 from broker.store import Store
 
 if TYPE_CHECKING:
@@ -88,20 +87,7 @@ _LAZY: Final = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-
-
-def _driver_available() -> None:
-    try:
-        importlib.import_module("psycopg")
-    except ImportError:
-        raise InvalidArgument(
-            f'config: store = "{STORE_NAME}" needs psycopg (pip install \'keybroker[postgres]\')'
-        ) from None
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 @hookimpl
@@ -114,7 +100,7 @@ def kb_store(config: Config) -> Store | None:
     """
     if config.store != STORE_NAME:
         return None
-    _driver_available()
+    require("psycopg", needed_by=f'store = "{STORE_NAME}"', extra="postgres")
     from .options import parse_options  # noqa: PLC0415 - optional driver
     from .store import PostgresStore  # noqa: PLC0415
 
