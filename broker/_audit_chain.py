@@ -49,7 +49,10 @@ def _json_opt(value: str | None) -> str:
     return "null" if value is None else _json_str(value)
 
 
-def _split_canonical(fields: Mapping[str, Any]) -> tuple[str, str]:
+def _split_values(
+    *, seq: int, ts: str, node: str, principal: str, op: str, key: str | None, version: int | None,
+    outcome: str, code: str | None, alarm: bool, details: Mapping[str, Any], prev: str,
+) -> tuple[str, str]:
     """The canonical JSON of a record without ``hash``, cut where ``hash`` belongs.
 
     ``(head + tail).encode()`` equals :func:`_canonical` of the same fields;
@@ -58,14 +61,6 @@ def _split_canonical(fields: Mapping[str, Any]) -> tuple[str, str]:
     everything else the writer does per record; the property tests check it
     against :func:`_canonical`, which verification keeps using.
     """
-    return _split_values(**{name: fields[name] for name in _FIELDS if name != "hash"})
-
-
-def _split_values(
-    *, seq: int, ts: str, node: str, principal: str, op: str, key: str | None, version: int | None,
-    outcome: str, code: str | None, alarm: bool, details: Mapping[str, Any], prev: str,
-) -> tuple[str, str]:
-    """:func:`_split_canonical` of the fields given one by one."""
     head = (
         f'{{"alarm":{"true" if alarm else "false"},"code":{_json_opt(code)},'
         f'"details":{_canonical(details).decode() if details else "{}"},'

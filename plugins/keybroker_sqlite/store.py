@@ -33,9 +33,9 @@ from typing import Final, TypeVar, final
 
 import trio
 
-from broker.errors import AlreadyExists, NotFound, StaleRevision, Unavailable
+from broker.errors import AlreadyExists, NotFound, Unavailable
 from broker.keys import Key, KeyState
-from broker.store import check_document_ref, key_columns, key_from_columns, version_columns
+from broker.store import check_document_ref, key_columns, key_from_columns, lost_replace, version_columns
 
 from .schema import SCHEMA_VERSION, migrate
 
@@ -192,14 +192,17 @@ def _load(keys: Sequence[sqlite3.Row], versions: Iterable[sqlite3.Row]) -> list[
 # --- transactions (run in a worker thread, on a connection held under its lock)
 
 
-def _in_transaction(conn: sqlite3.Connection, begin: str, body: Callable[[sqlite3.Connection], _T]) -> _T:
-    """Run ``body`` inside one transaction: all of it commits, or none of it."""
-    conn.execute(begin)
+def _in_read_transaction(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], _T]) -> _T:
+    """Run ``body`` inside one read transaction: everything it reads comes from one snapshot.
+
+    (Writes go through :meth:`_Connection.change`, in group transactions.)
+    """
+    conn.execute("BEGIN")
     try:
         result = body(conn)
         conn.execute("COMMIT")
     except BaseException:
-        # Some errors (disk full, I/O) make SQLite roll back on its own.
+        # Some errors (I/O) make SQLite roll back on its own.
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
@@ -221,11 +224,7 @@ def _replace(conn: sqlite3.Connection, key: Key, expected_revision: int) -> bool
     params["expected_revision"] = expected_revision
     if conn.execute(_UPDATE_KEY, params).rowcount == 0:
         row = conn.execute("SELECT revision FROM keys WHERE id = ?", (key.id,)).fetchone()
-        if row is None:
-            raise NotFound(f"no key named {key.name!r}")
-        raise StaleRevision(
-            f"key {key.name!r} is at revision {row['revision']}, not {expected_revision}: changed meanwhile"
-        )
+        raise lost_replace(key, None if row is None else row["revision"], expected_revision)
     stored = {
         r["number"]: r["size"]
         for r in conn.execute(
@@ -606,13 +605,13 @@ class SQLiteStore:
     async def get_key(self, name: str) -> Key | None:
         """The key named ``name``, or None."""
         return await self._read_conn().run(
-            lambda c: _in_transaction(c, "BEGIN", lambda t: _select_one(t, _SELECT_KEY_BY_NAME, name))
+            lambda c: _in_read_transaction(c, lambda t: _select_one(t, _SELECT_KEY_BY_NAME, name))
         )
 
     async def get_key_by_id(self, key_id: bytes) -> Key | None:
         """The key whose 16-byte id is ``key_id``, or None."""
         return await self._read_conn().run(
-            lambda c: _in_transaction(c, "BEGIN", lambda t: _select_one(t, _SELECT_KEY_BY_ID, bytes(key_id)))
+            lambda c: _in_read_transaction(c, lambda t: _select_one(t, _SELECT_KEY_BY_ID, bytes(key_id)))
         )
 
     async def list_keys(
@@ -629,7 +628,7 @@ class SQLiteStore:
         if limit < 0:
             raise ValueError("limit must not be negative")
         return await self._read_conn().run(
-            lambda c: _in_transaction(c, "BEGIN", lambda t: _select_page(t, prefix, state, after, limit))
+            lambda c: _in_read_transaction(c, lambda t: _select_page(t, prefix, state, after, limit))
         )
 
     # --- documents -------------------------------------------------------------
