@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, Protocol
 
+from .errors import BrokerError, NotFound, StaleRevision
 from .keys import Classification, Key, KeyState, KeyType, Version, VersionState
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "check_document_ref",
     "key_columns",
     "key_from_columns",
+    "lost_replace",
     "version_columns",
 ]
 
@@ -144,6 +146,25 @@ def key_from_columns(row: Mapping[str, Any], versions: Iterable[Mapping[str, Any
         deactivate_at=_opt_int(row["deactivate_at"]),
         origin=str(row["origin"]),
         revision=int(row["revision"]),
+    )
+
+
+def lost_replace(key: Key, stored_revision: int | None, expected_revision: int) -> BrokerError:
+    """The error of a ``replace_key`` whose revision check matched no row.
+
+    Args:
+        key: the key that was to be written.
+        stored_revision: the revision stored under ``key.id``, None when no
+            key has that id.
+        expected_revision: the revision the caller based its change on.
+
+    Returns:
+        NotFound, or StaleRevision naming both revisions (for the caller to raise).
+    """
+    if stored_revision is None:
+        return NotFound(f"no key named {key.name!r}")
+    return StaleRevision(
+        f"key {key.name!r} is at revision {stored_revision}, not {expected_revision}: changed meanwhile"
     )
 
 

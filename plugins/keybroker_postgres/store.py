@@ -31,7 +31,7 @@ from typing import Any, Final, final
 import psycopg
 from psycopg.types.json import Jsonb
 
-from broker.errors import AlreadyExists, NotFound, StaleRevision
+from broker.errors import AlreadyExists, NotFound
 from broker.keys import Key, KeyState
 from broker.store import (
     KEY_COLUMNS,
@@ -39,6 +39,7 @@ from broker.store import (
     check_document_ref,
     key_columns,
     key_from_columns,
+    lost_replace,
     version_columns,
 )
 
@@ -234,11 +235,7 @@ def _replace(conn: Connection, key: Key, expected_revision: int, payload: str) -
     params["expected_revision"] = expected_revision
     if conn.execute(_UPDATE_KEY, params).rowcount == 0:
         row = conn.execute("SELECT revision FROM keybroker.keys WHERE id = %s", (key.id,)).fetchone()
-        if row is None:
-            raise NotFound(f"no key named {key.name!r}")
-        raise StaleRevision(
-            f"key {key.name!r} is at revision {row[0]}, not {expected_revision}: changed meanwhile"
-        )
+        raise lost_replace(key, None if row is None else int(row[0]), expected_revision)
     # The key row stays locked by our UPDATE until commit, so its versions
     # cannot change under us except through reserve_uses, which only raises
     # `uses` (and the upsert keeps the larger count). Only versions that
