@@ -13,7 +13,9 @@ if TYPE_CHECKING:
     from .connection import RequestContext
     from .rpc import Dispatcher
 
-__all__ = ["KEY", "NAME", "PERIOD", "TIME", "USES", "VERSION", "Call", "Handler", "Kind", "Method"]
+__all__ = [
+    "KEY", "NAME", "PERIOD", "TIME", "USES", "VERSION", "Call", "GroupHandler", "Handler", "Kind", "Method",
+]
 
 UINT32 = 2**32 - 1
 
@@ -31,6 +33,9 @@ class Call:
 
 
 Handler = Callable[["Dispatcher", Call, dict[str, Any]], Awaitable[Any]]
+# Several parsed requests of one method at once: one outcome per call, the
+# result or the BrokerError that call fails with (see Dispatcher.handle_group).
+GroupHandler = Callable[["Dispatcher", list[Call], list[dict[str, Any]]], Awaitable[list[Any]]]
 
 
 class Kind(Enum):
@@ -52,6 +57,8 @@ class Method:
     run: Handler
     kind: Kind = Kind.USE
     audited: bool = True
+    # Runs queued requests of this method together (uses of keys only).
+    group: GroupHandler | None = None
 
 
 # Fields many methods share.

@@ -12,6 +12,11 @@ once in one write, since one write per response costs several times more
 under pipelined load. A lone request in flight is written directly by its
 worker, saving the hop to the writer on the request-reply path.
 
+Requests of one method that a handler lists in ``groupable`` and that wait
+back to back in the queue (a client pipelining ``encrypt`` calls) are handed
+to the handler in one ``handle_group`` call, at most ``MAX_GROUP`` at a
+time: it answers each on its own, but shares the work they have in common.
+
 A connection closes itself when the peer leaves, after ``idle_timeout_s``
 with no request in flight, when a started message is not complete within
 ``message_timeout_s`` (slow-loris), when a response cannot be delivered
@@ -27,7 +32,7 @@ import math
 import os
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, final
+from typing import Any, Final, Protocol, cast, final
 
 import trio
 
@@ -44,7 +49,7 @@ from .protocol import (
     new_packer,
 )
 
-__all__ = ["Connection", "Handler", "RequestContext"]
+__all__ = ["Connection", "GroupHandler", "Handler", "RequestContext"]
 
 log = logging.getLogger("keybroker.connection")
 
@@ -57,6 +62,8 @@ _MAX_READS_WITHOUT_YIELD: Final = 8
 # notify() waits while this much output is queued, so a subscriber that stops
 # reading cannot make the broker buffer events without bound.
 NOTIFY_HIGH_WATER: Final = 1 << 20
+# The most queued requests handed to one handle_group call.
+MAX_GROUP: Final = 256
 # Errors that mean the transport is gone; anything else is a bug.
 _TRANSPORT_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError)
 
@@ -186,6 +193,28 @@ class Handler(Protocol):
         ...
 
 
+class GroupHandler(Handler, Protocol):
+    """A handler that can also take queued requests of one method together.
+
+    Attributes:
+        groupable: the methods :meth:`handle_group` accepts.
+    """
+
+    groupable: frozenset[str]
+
+    async def handle_group(self, ctx: RequestContext, method: str, params: list[dict[str, Any]]) -> list[Any]:
+        """Run several requests of ``method``; one outcome per request, in order.
+
+        Each outcome is the request's result or the :class:`BrokerError` it
+        fails with, exactly as :meth:`handle` would have returned or raised
+        for that request alone.
+
+        Raises:
+            BrokerError: every request fails with it.
+        """
+        ...
+
+
 @final
 class Connection:
     """Serves msgpack-rpc requests on one stream.
@@ -213,6 +242,7 @@ class Connection:
             _SocketIO(stream) if type(stream) is trio.SocketStream else _StreamIO(stream)
         )
         self._handler = handler
+        self._groupable: frozenset[str] = getattr(handler, "groupable", frozenset())
         self._limits = limits
         self.context = RequestContext(principal, connection_id, _connection=self)
         self._decoder = RequestDecoder(limits.max_message_bytes)
@@ -308,7 +338,7 @@ class Connection:
             await self._flushed.wait()
         if self._closed:
             raise trio.BrokenResourceError("connection closed")
-        self._enqueue(encode_notification(method, params, self._packer), response=False)
+        self._enqueue(encode_notification(method, params, self._packer), responses=0)
 
     # -- reading -------------------------------------------------------------
 
@@ -425,8 +455,12 @@ class Connection:
         while True:
             if self._queue:
                 event = self._queue.popleft()
+                group = self._take_group(event)
                 self._wake_worker()  # for the rest of the queue, should we block
-                await self._dispatch(event)
+                if group is None:
+                    await self._dispatch(event)
+                else:
+                    await self._dispatch_group(group)
                 continue
             if self._reader_done:
                 return
@@ -440,6 +474,22 @@ class Connection:
             if task in self._counted_wakes:
                 self._counted_wakes.discard(task)
                 self._waking -= 1
+
+    def _take_group(self, event: Request | BadRequest) -> list[Request] | None:
+        """``event`` and the queued requests of its method right behind it, if groupable."""
+        queue = self._queue
+        if type(event) is not Request or not queue or event.method not in self._groupable:
+            return None
+        head = queue[0]
+        if type(head) is not Request or head.method != event.method:
+            return None
+        group = [event]
+        while queue and len(group) < MAX_GROUP:
+            head = queue[0]
+            if type(head) is not Request or head.method != event.method:
+                break
+            group.append(queue.popleft())
+        return group
 
     # -- handling ------------------------------------------------------------
 
@@ -459,20 +509,46 @@ class Connection:
                     payload = encode_response(event.msgid, None, result, self._packer)
                 except (TypeError, ValueError, OverflowError) as exc:
                     payload = self._encode_error(event.msgid, self._internal(exc, event.method))
-        if self._inflight == 1 and not self._writing and not self._pending and self._io.direct:
-            # The only request in flight (request-reply use): write it now,
-            # skipping the hop to the writer task. With several in flight
-            # the writer gathers them into one write instead.
+        self._respond(payload, 1)
+
+    async def _dispatch_group(self, group: list[Request]) -> None:
+        handler = cast("GroupHandler", self._handler)  # it lists the method in groupable
+        method = group[0].method
+        try:
+            outcomes = await handler.handle_group(self.context, method, [r.params for r in group])
+            if len(outcomes) != len(group):
+                raise RuntimeError(f"{len(outcomes)} outcomes for {len(group)} requests")
+        except BrokerError as exc:
+            outcomes = [exc] * len(group)
+        except Exception as exc:
+            outcomes = [self._internal(exc, method)] * len(group)
+        payloads = []
+        for request, outcome in zip(group, outcomes, strict=True):
+            if isinstance(outcome, BrokerError):
+                payloads.append(self._encode_error(request.msgid, outcome))
+                continue
+            try:
+                payloads.append(encode_response(request.msgid, None, outcome, self._packer))
+            except (TypeError, ValueError, OverflowError) as exc:
+                payloads.append(self._encode_error(request.msgid, self._internal(exc, method)))
+        self._respond(b"".join(payloads), len(group))
+
+    def _respond(self, payload: bytes, responses: int) -> None:
+        """Send or queue ``payload``, which holds the responses to ``responses`` requests."""
+        if self._inflight == responses and not self._writing and not self._pending and self._io.direct:
+            # Nothing else in flight (request-reply use): write it now,
+            # skipping the hop to the writer task. With more in flight the
+            # writer gathers them into one write instead.
             try:
                 sent = self._io.try_send(payload)
             except _TRANSPORT_ERRORS:
                 self._abort("connection lost")
                 return
             if sent == len(payload):
-                self._responses_written(1)
+                self._responses_written(responses)
                 return
             payload = payload[sent:]  # the writer sends the rest first
-        self._enqueue(payload, response=True)
+        self._enqueue(payload, responses=responses)
 
     def _encode_error(self, msgid: int, error: BrokerError) -> bytes:
         try:
@@ -501,11 +577,11 @@ class Connection:
 
     # -- writing -------------------------------------------------------------
 
-    def _enqueue(self, payload: bytes, *, response: bool) -> None:
+    def _enqueue(self, payload: bytes, *, responses: int) -> None:
+        """Queue bytes for the writer; they complete ``responses`` requests."""
         self._pending.append(payload)
         self._pending_bytes += len(payload)
-        if response:
-            self._pending_responses += 1
+        self._pending_responses += responses
         self._wakeup.set()
 
     def _responses_written(self, count: int) -> None:

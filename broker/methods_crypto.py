@@ -6,11 +6,11 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .calls import KEY, VERSION, Call, Method
+from .calls import KEY, VERSION, Call, GroupHandler, Handler, Method
 from .envelope import parse_header
 from .errors import BrokerError, DecryptionFailed, InvalidArgument, PermissionDenied
 from .keys import Key, KeyType
-from .lifecycle import check_operation
+from .lifecycle import check_operation, use_limit
 from .params import Field, as_aad, as_bin, as_bin_list, as_bool, as_int
 
 if TYPE_CHECKING:
@@ -32,11 +32,58 @@ def _check_aad(aad: bytes | list[bytes], count: int) -> None:
         raise InvalidArgument("aad: one per item, or a single value for all", {"field": "aad"})
 
 
-async def _encrypt(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
-    key = await d.key_for(call, args["key"])
-    sealed = await d.service.encrypt(key, [args["plaintext"]], args.get("aad", b""))
-    call.version = sealed.version
-    return {"ciphertext": sealed.outputs[0], "version": sealed.version}
+def _alone(run: GroupHandler) -> Handler:
+    """The single-request method of a group handler: a group of one."""
+
+    async def one(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
+        outcome = (await run(d, [call], [args]))[0]
+        if isinstance(outcome, BrokerError):
+            raise outcome
+        return outcome
+
+    return one
+
+
+def _shared_aad(requests: list[dict[str, Any]]) -> bytes | list[bytes]:
+    """The requests' AADs: one value when none has any, else one per request."""
+    aads: list[bytes] = [request.get("aad", b"") for request in requests]
+    return aads if any(aads) else b""
+
+
+async def _encrypt_group(d: Dispatcher, calls: list[Call], args: list[dict[str, Any]]) -> list[Any]:
+    """``encrypt`` for queued requests: one lookup, authorization and seal call per key.
+
+    A group larger than the key's uses per version is sealed in parts, each
+    within the limit, so that the group rotates the key where the requests
+    one by one would have.
+    """
+    outcomes: list[Any] = [None] * len(calls)
+    by_key: dict[str, list[int]] = {}
+    for index, request in enumerate(args):
+        by_key.setdefault(request["key"], []).append(index)
+    for name, indexes in by_key.items():
+        try:
+            key = await d.key_for(calls[indexes[0]], name)
+        except BrokerError as exc:
+            for index in indexes:
+                calls[index].key, outcomes[index] = name, exc
+            continue
+        step = use_limit(key) or len(indexes)
+        for start in range(0, len(indexes), step):
+            part = indexes[start : start + step]
+            try:
+                sealed = await d.service.encrypt(
+                    key, [args[i]["plaintext"] for i in part], _shared_aad([args[i] for i in part])
+                )
+            except BrokerError as exc:
+                for index in part:
+                    calls[index].key, outcomes[index] = name, exc
+                continue
+            for index, ciphertext in zip(part, sealed.outputs, strict=True):
+                call = calls[index]
+                call.key, call.version = name, sealed.version
+                outcomes[index] = {"ciphertext": ciphertext, "version": sealed.version}
+    return outcomes
 
 
 async def _encrypt_batch(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
@@ -54,24 +101,50 @@ async def _encrypt_batch(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any
     return {"ciphertexts": sealed.outputs, "version": sealed.version}
 
 
-async def _decrypt(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
-    envelope = args["ciphertext"]
-    header = parse_header(envelope)
-    key = await d.service.get_by_id(header.key_id)
-    call.key, call.version = key.name, header.version
-    if not d.allowed(call, key.name, key):
-        raise PermissionDenied(f"{call.ctx.principal.name} may not decrypt with {key.name!r}")
+async def _decrypt_group(d: Dispatcher, calls: list[Call], args: list[dict[str, Any]]) -> list[Any]:
+    """``decrypt`` for queued requests: one lookup, authorization and open call per key version."""
+    outcomes: list[Any] = [None] * len(calls)
+    groups: dict[tuple[bytes, int, bool], list[int]] = {}
+    for index, request in enumerate(args):
+        try:
+            header = parse_header(request["ciphertext"])
+        except DecryptionFailed as exc:
+            outcomes[index] = exc
+            continue
+        groups.setdefault((header.key_id, header.version, request["allow_compromised"]), []).append(index)
+    for group, indexes in groups.items():
+        try:
+            opened = await _open_group(d, group, [calls[i] for i in indexes], [args[i] for i in indexes])
+        except BrokerError as exc:
+            for index in indexes:
+                outcomes[index] = exc
+            continue
+        for index, result in zip(indexes, opened, strict=True):
+            outcomes[index] = result
+    return outcomes
+
+
+async def _open_group(
+    d: Dispatcher, group: tuple[bytes, int, bool], calls: list[Call], args: list[dict[str, Any]]
+) -> list[Any]:
+    """Open envelopes under one key version (``group``: key id, version, allow_compromised)."""
+    key_id, version, allow_compromised = group
+    key = await d.service.get_by_id(key_id)
+    for call in calls:
+        call.key, call.version = key.name, version
+    first = calls[0]
+    if not d.allowed(first, key.name, key):
+        raise PermissionDenied(f"{first.ctx.principal.name} may not decrypt with {key.name!r}")
     if key.type is not KeyType.AES256_GCM:
         raise DecryptionFailed()
-    grant = d.service.process_grant(key, header.version, allow_compromised=args["allow_compromised"])
-    call.alarm = grant.alarm
-    opened: list[bytes | None] = await d.service.decrypt(
-        key, header.version, [envelope], args.get("aad", b"")
-    )
-    plaintext = opened[0]
-    if plaintext is None:
-        raise DecryptionFailed()
-    return {"plaintext": plaintext, "key": key.name, "version": header.version}
+    grant = d.service.process_grant(key, version, allow_compromised=allow_compromised)
+    for call in calls:
+        call.alarm = grant.alarm
+    opened = await d.service.decrypt(key, version, [a["ciphertext"] for a in args], _shared_aad(args))
+    return [
+        DecryptionFailed() if out is None else {"plaintext": out, "key": key.name, "version": version}
+        for out in opened
+    ]
 
 
 GroupRun = Callable[[Key, int, list[bytes], bytes | list[bytes]], Awaitable[list[bytes | None]]]
@@ -206,7 +279,9 @@ _ALLOW_COMPROMISED = Field(as_bool, default=False)
 
 CRYPTO_METHODS: Mapping[str, Method] = {
     "encrypt": Method(
-        {"key": KEY, "plaintext": Field(as_bin, required=True), "aad": Field(as_bin)}, _encrypt
+        {"key": KEY, "plaintext": Field(as_bin, required=True), "aad": Field(as_bin)},
+        _alone(_encrypt_group),
+        group=_encrypt_group,
     ),
     "decrypt": Method(
         {
@@ -214,7 +289,8 @@ CRYPTO_METHODS: Mapping[str, Method] = {
             "aad": Field(as_bin),
             "allow_compromised": _ALLOW_COMPROMISED,
         },
-        _decrypt,
+        _alone(_decrypt_group),
+        group=_decrypt_group,
     ),
     "encrypt_batch": Method(
         {"key": KEY, "items": Field(as_bin_list, required=True), "aad": Field(as_aad)}, _encrypt_batch
