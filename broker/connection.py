@@ -76,7 +76,7 @@ class _StreamIO:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
 
-    async def receive(self) -> bytes | bytearray:
+    async def receive(self) -> bytes | bytearray | memoryview:
         return await self._stream.receive_some(RECEIVE_SIZE)
 
     def try_send(self, data: bytes | memoryview) -> int:  # pragma: no cover - direct is False
@@ -102,24 +102,38 @@ class _SocketIO:
         self._sock = stream.socket
         self._fd = stream.socket.fileno()
         self._unyielded = 0  # reads in a row that found data waiting
+        # Reads land in one buffer kept for the connection: a fresh 256 KiB
+        # bytes object per read costs several times the read itself.
+        self._buffer = bytearray(RECEIVE_SIZE)
+        self._view = memoryview(self._buffer)
+        # The last read left the socket empty: wait before reading again,
+        # rather than pay for a read that fails.
+        self._drained = False
 
-    async def receive(self) -> bytes:
+    async def receive(self) -> memoryview:
+        """The next bytes from the peer, empty at EOF; valid until the next call."""
         while True:
-            try:
-                data = os.read(self._fd, RECEIVE_SIZE)
-            except BlockingIOError:
+            if self._drained:
+                self._drained = False
                 self._unyielded = 0
                 await trio.lowlevel.wait_readable(self._sock)
+            try:
+                count = os.readv(self._fd, [self._buffer])
+            except BlockingIOError:
+                self._drained = True
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
-            self._unyielded += 1
-            if self._unyielded >= _MAX_READS_WITHOUT_YIELD:
-                # A peer that always has more to send must not monopolise
-                # the loop.
-                self._unyielded = 0
-                await trio.lowlevel.checkpoint()
-            return data
+            if count < RECEIVE_SIZE:
+                self._drained = True
+            else:
+                self._unyielded += 1
+                if self._unyielded >= _MAX_READS_WITHOUT_YIELD:
+                    # A peer that always has more to send must not
+                    # monopolise the loop.
+                    self._unyielded = 0
+                    await trio.lowlevel.checkpoint()
+            return self._view[:count]
 
     def try_send(self, data: bytes | memoryview) -> int:
         """Write what the socket buffer takes now; returns the byte count.
