@@ -491,19 +491,15 @@ class Connection:
 
     def _take_group(self, event: Request | BadRequest) -> list[Request] | None:
         """``event`` and the queued requests of its method right behind it, if groupable."""
-        queue = self._queue
-        if type(event) is not Request or not queue or event.method not in self._groupable:
+        if type(event) is not Request or event.method not in self._groupable:
             return None
-        head = queue[0]
-        if type(head) is not Request or head.method != event.method:
-            return None
-        group = [event]
+        queue, group = self._queue, [event]
         while queue and len(group) < MAX_GROUP:
             head = queue[0]
             if type(head) is not Request or head.method != event.method:
                 break
             group.append(queue.popleft())
-        return group
+        return group if len(group) > 1 else None
 
     # -- handling ------------------------------------------------------------
 
@@ -519,10 +515,7 @@ class Connection:
             except Exception as exc:
                 payload = self._encode_error(event.msgid, self._internal(exc, event.method))
             else:
-                try:
-                    payload = encode_response(event.msgid, None, result, self._packer)
-                except (TypeError, ValueError, OverflowError) as exc:
-                    payload = self._encode_error(event.msgid, self._internal(exc, event.method))
+                payload = self._encode_result(event.msgid, event.method, result)
         self._respond(payload, 1)
 
     async def _dispatch_group(self, group: list[Request]) -> None:
@@ -536,16 +529,15 @@ class Connection:
             outcomes = [exc] * len(group)
         except Exception as exc:
             outcomes = [self._internal(exc, method)] * len(group)
-        payloads = []
-        for request, outcome in zip(group, outcomes, strict=True):
-            if isinstance(outcome, BrokerError):
-                payloads.append(self._encode_error(request.msgid, outcome))
-                continue
-            try:
-                payloads.append(encode_response(request.msgid, None, outcome, self._packer))
-            except (TypeError, ValueError, OverflowError) as exc:
-                payloads.append(self._encode_error(request.msgid, self._internal(exc, method)))
-        self._respond(b"".join(payloads), len(group))
+        self._respond(
+            b"".join(
+                self._encode_error(request.msgid, outcome)
+                if isinstance(outcome, BrokerError)
+                else self._encode_result(request.msgid, method, outcome)
+                for request, outcome in zip(group, outcomes, strict=True)
+            ),
+            len(group),
+        )
 
     def _respond(self, payload: bytes, responses: int) -> None:
         """Send or queue ``payload``, which holds the responses to ``responses`` requests."""
@@ -563,6 +555,12 @@ class Connection:
                 return
             payload = payload[sent:]  # the writer sends the rest first
         self._enqueue(payload, responses=responses)
+
+    def _encode_result(self, msgid: int, method: str, result: Any) -> bytes:
+        try:
+            return encode_response(msgid, None, result, self._packer)
+        except (TypeError, ValueError, OverflowError) as exc:
+            return self._encode_error(msgid, self._internal(exc, method))
 
     def _encode_error(self, msgid: int, error: BrokerError) -> bytes:
         try:

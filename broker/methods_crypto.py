@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from .calls import KEY, VERSION, Call, GroupHandler, Handler, Method
 from .envelope import parse_header
-from .errors import BrokerError, DecryptionFailed, InvalidArgument, PermissionDenied
+from .errors import BrokerError, DecryptionFailed, InvalidArgument
 from .keys import Key, KeyType
 from .lifecycle import check_operation, use_limit
 from .params import Field, as_aad, as_bin, as_bin_list, as_bool, as_int
@@ -62,11 +62,13 @@ async def _encrypt_group(d: Dispatcher, calls: list[Call], args: list[dict[str, 
     for index, request in enumerate(args):
         by_key.setdefault(request["key"], []).append(index)
     for name, indexes in by_key.items():
+        for index in indexes:
+            calls[index].key = name
         try:
             key = await d.key_for(calls[indexes[0]], name)
         except BrokerError as exc:
             for index in indexes:
-                calls[index].key, outcomes[index] = name, exc
+                outcomes[index] = exc
             continue
         step = use_limit(key) or len(indexes)
         for start in range(0, len(indexes), step):
@@ -77,11 +79,10 @@ async def _encrypt_group(d: Dispatcher, calls: list[Call], args: list[dict[str, 
                 )
             except BrokerError as exc:
                 for index in part:
-                    calls[index].key, outcomes[index] = name, exc
+                    outcomes[index] = exc
                 continue
             for index, ciphertext in zip(part, sealed.outputs, strict=True):
-                call = calls[index]
-                call.key, call.version = name, sealed.version
+                calls[index].version = sealed.version
                 outcomes[index] = {"ciphertext": ciphertext, "version": sealed.version}
     return outcomes
 
@@ -132,12 +133,7 @@ async def _open_group(
     key = await d.service.get_by_id(key_id)
     for call in calls:
         call.key, call.version = key.name, version
-    first = calls[0]
-    if not d.allowed(first, key.name, key):
-        raise PermissionDenied(f"{first.ctx.principal.name} may not decrypt with {key.name!r}")
-    if key.type is not KeyType.AES256_GCM:
-        raise DecryptionFailed()
-    grant = d.service.process_grant(key, version, allow_compromised=allow_compromised)
+    grant = d.envelope_grant(calls[0], key, version, allow_compromised, "decrypt")
     for call in calls:
         call.alarm = grant.alarm
     opened = await d.service.decrypt(key, version, [a["ciphertext"] for a in args], _shared_aad(args))

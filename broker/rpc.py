@@ -28,6 +28,7 @@ from .errors import (
     UnknownMethod,
 )
 from .keys import Key, KeyType
+from .lifecycle import UseGrant
 from .logs import request_id
 from .methods_crypto import CRYPTO_METHODS
 from .methods_distribution import DISTRIBUTION_METHODS
@@ -228,6 +229,22 @@ class Dispatcher:
 
     # --- envelopes --------------------------------------------------------------
 
+    def envelope_grant(
+        self, call: Call, key: Key, version: int, allow_compromised: bool, op: str
+    ) -> UseGrant:
+        """May ``call`` open envelopes of ``key``'s ``version`` (as ``op``)?
+
+        Raises:
+            PermissionDenied: policy refuses it.
+            DecryptionFailed: the key does not make envelopes.
+            InvalidState: the version's state forbids opening data.
+        """
+        if not self.allowed(call, key.name, key, op):
+            raise PermissionDenied(f"{call.ctx.principal.name} may not {op} with {key.name!r}")
+        if key.type is not KeyType.AES256_GCM:
+            raise DecryptionFailed()
+        return self.service.process_grant(key, version, allow_compromised=allow_compromised)
+
     async def open_groups(
         self,
         call: Call,
@@ -254,11 +271,7 @@ class Dispatcher:
         for (key_id, version), indexes in groups.items():
             try:
                 key = await self.service.get_by_id(key_id)
-                if not self.allowed(call, key.name, key, op):
-                    raise PermissionDenied(f"{call.ctx.principal.name} may not {op} with {key.name!r}")
-                if key.type is not KeyType.AES256_GCM:
-                    raise DecryptionFailed()
-                grant = self.service.process_grant(key, version, allow_compromised=allow_compromised)
+                grant = self.envelope_grant(call, key, version, allow_compromised, op)
                 call.alarm = call.alarm or grant.alarm
                 ready.append((key, version, indexes))
             except BrokerError as exc:
