@@ -38,6 +38,8 @@ DEFAULT_MAX_INFLIGHT = 128
 DEFAULT_MESSAGE_TIMEOUT_S = 30.0
 # SIGTERM lets in-flight requests finish for this long before cancelling them.
 DEFAULT_DRAIN_TIMEOUT_S = 10.0
+# After each reply the event loop keeps polling this long (see broker.busypoll).
+DEFAULT_BUSY_POLL_US = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,7 @@ class Limits:
     max_inflight_per_connection: int = DEFAULT_MAX_INFLIGHT
     message_timeout_s: float = DEFAULT_MESSAGE_TIMEOUT_S
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+    busy_poll_us: int = DEFAULT_BUSY_POLL_US
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +142,10 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None
         raise InvalidArgument(f"config: unknown option(s) in {where}: {', '.join(unknown)}")
 
 
+# Limits that 0 turns off.
+_MAY_BE_ZERO = frozenset({"busy_poll_us"})
+
+
 def _limits(table: Mapping[str, Any]) -> Limits:
     defaults = Limits()
     _check_keys(table, set(Limits.__dataclass_fields__), "[limits]")
@@ -147,7 +154,7 @@ def _limits(table: Mapping[str, Any]) -> Limits:
         default = getattr(defaults, name)
         kind: type | tuple[type, ...] = (int, float) if isinstance(default, float) else int
         value = _take(table, name, kind, default)
-        if isinstance(value, bool) or value <= 0:
+        if isinstance(value, bool) or value < 0 or (value == 0 and name not in _MAY_BE_ZERO):
             raise InvalidArgument(f"config: limits.{name} must be a positive number")
         values[name] = float(value) if isinstance(default, float) else value
     return Limits(**values)

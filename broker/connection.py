@@ -9,8 +9,15 @@ one per slot, parked when idle rather than spawned per request) run requests
 concurrently; responses go out in completion order -- msgpack-rpc matches
 them by msgid -- through a single writer task that sends everything ready at
 once in one write, since one write per response costs several times more
-under pipelined load. A lone request in flight is written directly by its
-worker, saving the hop to the writer on the request-reply path.
+under pipelined load. A lone request in flight is written directly by the
+task that ran it, saving the hop to the writer on the request-reply path.
+
+On that path (a request that arrives alone, nothing else in flight) the
+reader runs the request itself, without a hop to a worker. Should the
+request suspend, the reading role passes to a worker first, so the
+connection keeps reading; see :meth:`Connection._read_role`. A Unix-socket
+reader that has drained its socket may poll it for a moment before it sleeps
+(:mod:`broker.busypoll`).
 
 Requests of one method that a handler lists in ``groupable`` and that wait
 back to back in the queue (a client pipelining ``encrypt`` calls) are handed
@@ -30,13 +37,17 @@ import collections
 import logging
 import math
 import os
+import time
 import traceback
+import types
+from collections.abc import Coroutine, Generator
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, cast, final
 
 import trio
 
 from .auth import Principal
+from .busypoll import BusyPoller
 from .config import Limits
 from .errors import BrokerError, Internal, InvalidRequest
 from .protocol import (
@@ -66,6 +77,27 @@ NOTIFY_HIGH_WATER: Final = 1 << 20
 MAX_GROUP: Final = 256
 # Errors that mean the transport is gone; anything else is a bug.
 _TRANSPORT_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, None], trap: Any) -> Generator[Any, Any, None]:
+    """Go on running ``coro``, which suspended at ``trap``, in this task (as ``await`` would)."""
+    while True:
+        try:
+            value = yield trap
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # delivered into coro, as trio would
+            try:
+                trap = coro.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                trap = coro.send(value)
+            except StopIteration:
+                return
 
 
 class _StreamIO:
@@ -98,7 +130,8 @@ class _SocketIO:
 
     direct = True
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream, poller: BusyPoller | None) -> None:
+        self._poller = poller
         self._sock = stream.socket
         self._fd = stream.socket.fileno()
         self._unyielded = 0  # reads in a row that found data waiting
@@ -116,14 +149,15 @@ class _SocketIO:
             if self._drained:
                 self._drained = False
                 self._unyielded = 0
-                await trio.lowlevel.wait_readable(self._sock)
-            try:
-                count = os.readv(self._fd, [self._buffer])
-            except BlockingIOError:
+                count = await self._poll()
+                if count is None:
+                    await trio.lowlevel.wait_readable(self._sock)
+                    count = self._read()
+            else:
+                count = self._read()
+            if count is None:
                 self._drained = True
                 continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
             if count < RECEIVE_SIZE:
                 self._drained = True
             else:
@@ -134,6 +168,35 @@ class _SocketIO:
                     self._unyielded = 0
                     await trio.lowlevel.checkpoint()
             return self._view[:count]
+
+    def _read(self) -> int | None:
+        """Read what is waiting into the buffer: the byte count, or None if nothing is."""
+        try:
+            return os.readv(self._fd, [self._buffer])
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+
+    async def _poll(self) -> int | None:
+        """Busy polling (see :mod:`broker.busypoll`): read once per scheduler round for a while.
+
+        Returns the byte count once something was read, or None when the
+        window passed, or another connection holds the polling slot.
+        """
+        poller = self._poller
+        deadline = poller.start() if poller is not None else None
+        if poller is None or deadline is None:
+            return None
+        try:
+            while True:
+                await trio.lowlevel.checkpoint()
+                poller.rounds += 1
+                count = self._read()
+                if count is not None or time.perf_counter() >= deadline:
+                    return count
+        finally:
+            poller.stop()
 
     def try_send(self, data: bytes | memoryview) -> int:
         """Write what the socket buffer takes now; returns the byte count.
@@ -240,6 +303,8 @@ class Connection:
         connection_id: unique id for logs.
         handler: the service.
         limits: the configured limits.
+        poller: grants a Unix-socket connection that has read everything a
+            moment of polling for the next request (``[limits] busy_poll_us``).
     """
 
     def __init__(
@@ -250,10 +315,11 @@ class Connection:
         connection_id: int,
         handler: Handler,
         limits: Limits,
+        poller: BusyPoller | None = None,
     ) -> None:
         self._stream = stream
         self._io: _StreamIO | _SocketIO = (
-            _SocketIO(stream) if type(stream) is trio.SocketStream else _StreamIO(stream)
+            _SocketIO(stream, poller) if type(stream) is trio.SocketStream else _StreamIO(stream)
         )
         self._handler = handler
         self._groupable: frozenset[str] = getattr(handler, "groupable", frozenset())
@@ -290,6 +356,7 @@ class Connection:
         self._waking = 0  # workers woken or spawned that have not run yet
         self._counted_wakes: set[trio.lowlevel.Task] = set()
         self._reader_done = False
+        self._reader_wanted = False  # the reading role awaits a worker
         # Covers the whole read loop; its deadline is the idle or message
         # timeout while waiting for bytes, and infinite while we are busy.
         self._read_scope: trio.CancelScope | None = None
@@ -317,11 +384,13 @@ class Connection:
                 async with trio.open_nursery() as workers:
                     self._workers_nursery = workers
                     try:
-                        await self._read_loop()
+                        # This task reads first; should the role pass to a
+                        # worker, it works until reading has ended.
+                        await self._read_role()
+                        await self._work()
                     finally:
                         # Workers finish what is queued, then exit.
-                        self._reader_done = True
-                        self._wake_all_workers()
+                        self._end_reading()
                 # Every response is queued now; let the writer flush and stop.
                 self._closing = True
                 self._wakeup.set()
@@ -356,27 +425,58 @@ class Connection:
 
     # -- reading -------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
+    async def _read_role(self) -> None:
+        """Read requests until reading ends, or until the role passes to a worker.
+
+        A request that arrives alone, with nothing else in flight (a client
+        waiting for each reply), is run here rather than handed to a worker:
+        it is answered one scheduler round sooner. Most complete without
+        ever suspending. One that does suspend (an fsync, a thread) first
+        passes the reading role to a worker, so that further requests on the
+        connection are read and run meanwhile, and this task becomes a worker
+        once its request is done.
+        """
+        while True:
+            event = await self._read_loop()
+            if event is None:
+                self._end_reading()
+                return
+            # Outside the read scope: a drain must not cancel a request.
+            request = self._dispatch(event)
+            try:
+                trap = request.send(None)
+            except StopIteration:
+                continue  # answered without suspending
+            self._pass_reading()
+            await _resume(request, trap)
+            return
+
+    def _end_reading(self) -> None:
+        self._reader_done = True
+        self._wake_all_workers()
+
+    async def _read_loop(self) -> Request | None:
+        """Read and queue requests; None when reading ends, or a lone request to run at once."""
         with trio.CancelScope() as scope:
             self._read_scope = scope
             if self._draining:
-                return
+                return None
             while True:
                 self._receiving = True
                 try:
                     data = await self._io.receive()
                 except _TRANSPORT_ERRORS:
                     self._abort("connection lost")
-                    return
+                    return None
                 finally:
                     self._receiving = False
                 if not data:
-                    return  # EOF: answer what is in flight, then close.
+                    return None  # EOF: answer what is in flight, then close.
                 try:
                     events = self._decoder.feed(data)
                 except ProtocolError as exc:
                     self._abort(exc.reason)
-                    return
+                    return None
                 if not self._decoder.in_progress:
                     self._partial_since = None
                 elif events or self._partial_since is None:
@@ -389,11 +489,14 @@ class Connection:
                         self._slot_freed = trio.Event()
                         await self._slot_freed.wait()
                     self._inflight += 1
+                    if self._inflight == 1 and len(events) == 1 and type(event) is Request:
+                        return event
                     self._submit(event)
         if self._timed_out == "message":
             self._abort("message not completed in time")
         elif self._timed_out == "idle":
             log.debug("connection %d: idle timeout", self.connection_id)
+        return None
 
     def _read_deadline(self) -> float:
         if self._partial_since is not None:
@@ -447,8 +550,20 @@ class Connection:
         burst costs one wake-up); one that blocks in a handler wakes the next
         worker before it starts (see _worker), so requests still overlap.
         """
-        if self._waking or not self._queue:
-            return
+        if not self._waking and self._queue:
+            self._rouse()
+
+    def _pass_reading(self) -> None:
+        """Have a worker take over reading (see :meth:`_read_role`)."""
+        self._reader_wanted = True
+        if not self._waking:
+            # A worker woken but not yet run takes the role instead. With
+            # every worker busy and no room for another, the first to finish
+            # takes it: then every slot is taken and there is nothing to read.
+            self._rouse()
+
+    def _rouse(self) -> None:
+        """Wake an idle worker, or start one if there is room."""
         if self._idle_workers:
             task = self._idle_workers.pop()
             self._waking += 1
@@ -464,9 +579,17 @@ class Connection:
             trio.lowlevel.reschedule(self._idle_workers.pop())
 
     async def _worker(self) -> None:
-        task = trio.lowlevel.current_task()
         self._waking -= 1
+        await self._work()
+
+    async def _work(self) -> None:
+        """Run queued requests (or take the reading role) until reading has ended."""
+        task = trio.lowlevel.current_task()
         while True:
+            if self._reader_wanted:
+                self._reader_wanted = False
+                await self._read_role()
+                continue
             if self._queue:
                 event = self._queue.popleft()
                 group = self._take_group(event)

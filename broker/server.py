@@ -24,6 +24,7 @@ from typing import Final
 import trio
 
 from .auth import Principal, principal_for_cert, principal_for_unix, unix_peer
+from .busypoll import BusyPoller
 from .config import Config, TLSConfig
 from .connection import Connection, Handler
 
@@ -50,10 +51,12 @@ class ServerInfo:
         socket_path: the Unix socket listening.
         tls_port: the bound TLS port (the config may say 0), or None.
         shutdown: set it to begin a graceful drain; ``serve`` returns after.
+        poller: the busy poller (``[limits] busy_poll_us``), None when off.
     """
 
     socket_path: Path
     tls_port: int | None = None
+    poller: BusyPoller | None = None
     shutdown: trio.Event = field(default_factory=trio.Event)
     _done: trio.Event = field(default_factory=trio.Event, repr=False)
 
@@ -143,6 +146,7 @@ class _Server:
     draining: bool = False
     active: int = 0
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    poller: BusyPoller | None = None
 
     async def accept_loop(
         self,
@@ -206,6 +210,7 @@ class _Server:
             connection_id=next(self.ids),
             handler=self.handler,
             limits=self.config.limits,
+            poller=self.poller,
         )
         self.connections.add(conn)
         if self.draining:
@@ -271,9 +276,10 @@ async def serve(
     sock, inode = _bind_unix(config.socket_path, config.socket_mode)
     try:
         listeners: list[tuple[trio.SocketListener, _StreamHandler]] = []
-        server = _Server(config, handler)
+        busy_poll_us = config.limits.busy_poll_us
+        server = _Server(config, handler, poller=BusyPoller(busy_poll_us / 1e6) if busy_poll_us else None)
         listeners.append((trio.SocketListener(sock), server.handle_unix))
-        info = ServerInfo(socket_path=config.socket_path)
+        info = ServerInfo(socket_path=config.socket_path, poller=server.poller)
         if config.tls is not None:
             ctx = server_ssl_context(config.tls)
             tcp = await trio.open_tcp_listeners(config.tls.port, host=config.tls.host, backlog=_BACKLOG)

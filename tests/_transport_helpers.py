@@ -28,10 +28,12 @@ class EchoHandler:
         self.finished = 0
         self.gate = trio.Event()
         self.closed: list[int] = []
+        self.tasks: list[trio.lowlevel.Task] = []  # the task that ran each request
 
     async def handle(self, ctx: RequestContext, method: str, params: dict[str, Any]) -> Any:
         self.active += 1
         self.started += 1
+        self.tasks.append(trio.lowlevel.current_task())
         self.max_active = max(self.max_active, self.active)
         try:
             return await self._handle(ctx, method, params)

@@ -168,3 +168,49 @@ async def test_bad_request_and_handler_error_keep_connection() -> None:
         first, second = sorted([await peer.next(), await peer.next()], key=lambda e: e.msgid)  # type: ignore[union-attr]
         assert isinstance(first, Response) and first.error["code"] == "invalid_request"
         assert isinstance(second, Response) and second.error["code"] == "not_found"
+
+
+async def test_lone_requests_run_in_the_reading_task() -> None:
+    handler = EchoHandler()
+    async with connection(handler) as (peer, _, nursery):
+        for i in range(5):
+            await peer.send(encode_request(i, "echo", {"i": i}))
+            response = await peer.next()
+            assert isinstance(response, Response) and response.result == {"i": i}
+        (reader,) = nursery.child_tasks  # Connection.run
+        assert handler.tasks == [reader] * 5
+
+
+async def test_lone_request_that_blocks_passes_on_reading() -> None:
+    handler = EchoHandler()
+    async with connection(handler) as (peer, _, _nursery):
+        await peer.send(encode_request(1, "gate", {}))
+        while handler.started < 1:
+            await trio.sleep(0.001)
+        # The first request waits; the connection still reads and answers.
+        for i in range(2, 5):
+            await peer.send(encode_request(i, "echo", {"i": i}))
+            response = await peer.next()
+            assert isinstance(response, Response) and (response.msgid, response.result) == (i, {"i": i})
+        handler.gate.set()
+        response = await peer.next()
+        assert isinstance(response, Response) and (response.msgid, response.result) == (1, {"gate": True})
+        # And lone requests after it are still answered.
+        await peer.send(encode_request(5, "echo", {"i": 5}))
+        response = await peer.next()
+        assert isinstance(response, Response) and response.msgid == 5
+
+
+async def test_drain_waits_for_a_lone_request_that_blocks() -> None:
+    handler = EchoHandler()
+    async with connection(handler) as (peer, conn, _):
+        await peer.send(encode_request(1, "gate", {}))
+        while handler.started < 1:
+            await trio.sleep(0.001)
+        conn.begin_drain()
+        await trio.sleep(0.01)
+        handler.gate.set()
+        response = await peer.next()
+        assert isinstance(response, Response) and (response.msgid, response.result) == (1, {"gate": True})
+        with trio.fail_after(1):
+            assert await peer.closed()
