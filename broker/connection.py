@@ -357,10 +357,11 @@ class Connection:
         self._counted_wakes: set[trio.lowlevel.Task] = set()
         self._reader_done = False
         self._reader_wanted = False  # the reading role awaits a worker
-        # Covers the whole read loop; its deadline is the idle or message
-        # timeout while waiting for bytes, and infinite while we are busy.
+        # Covers the current reader's loop. The watchdog (timeouts) and
+        # begin_drain cancel it, but only while the reader waits.
         self._read_scope: trio.CancelScope | None = None
-        self._receiving = False
+        self._receiving = False  # the reader waits for the peer
+        self._held_back = False  # the reader waits for a free slot
         self._timed_out: str | None = None  # set by the watchdog
         self._watchdog_scope = trio.CancelScope()
 
@@ -412,7 +413,7 @@ class Connection:
         cancelling :meth:`run`.
         """
         self._draining = True
-        if self._read_scope is not None:
+        if self._read_scope is not None and (self._receiving or self._held_back):
             self._read_scope.cancel()
 
     async def notify(self, method: str, params: list[Any]) -> None:
@@ -426,7 +427,16 @@ class Connection:
     # -- reading -------------------------------------------------------------
 
     async def _read_role(self) -> None:
-        """Read requests until reading ends, or until the role passes to a worker.
+        """Read requests until reading ends, or until the role passes to a worker."""
+        if await self._read_loop():
+            self._end_reading()
+
+    def _end_reading(self) -> None:
+        self._reader_done = True
+        self._wake_all_workers()
+
+    async def _read_loop(self) -> bool:
+        """Read and queue requests; True when reading has ended, False when the role passed on.
 
         A request that arrives alone, with nothing else in flight (a client
         waiting for each reply), is run here rather than handed to a worker:
@@ -434,49 +444,28 @@ class Connection:
         ever suspending. One that does suspend (an fsync, a thread) first
         passes the reading role to a worker, so that further requests on the
         connection are read and run meanwhile, and this task becomes a worker
-        once its request is done.
+        once its request is done. The read scope is cancelled (drain, idle
+        and message timeouts) only while the reader waits for the peer or
+        for a slot, never while it runs a request.
         """
-        while True:
-            event = await self._read_loop()
-            if event is None:
-                self._end_reading()
-                return
-            # Outside the read scope: a drain must not cancel a request.
-            request = self._dispatch(event)
-            try:
-                trap = request.send(None)
-            except StopIteration:
-                continue  # answered without suspending
-            self._pass_reading()
-            await _resume(request, trap)
-            return
-
-    def _end_reading(self) -> None:
-        self._reader_done = True
-        self._wake_all_workers()
-
-    async def _read_loop(self) -> Request | None:
-        """Read and queue requests; None when reading ends, or a lone request to run at once."""
         with trio.CancelScope() as scope:
             self._read_scope = scope
-            if self._draining:
-                return None
-            while True:
+            while not self._draining:
                 self._receiving = True
                 try:
                     data = await self._io.receive()
                 except _TRANSPORT_ERRORS:
                     self._abort("connection lost")
-                    return None
+                    return True
                 finally:
                     self._receiving = False
                 if not data:
-                    return None  # EOF: answer what is in flight, then close.
+                    return True  # EOF: answer what is in flight, then close.
                 try:
                     events = self._decoder.feed(data)
                 except ProtocolError as exc:
                     self._abort(exc.reason)
-                    return None
+                    return True
                 if not self._decoder.in_progress:
                     self._partial_since = None
                 elif events or self._partial_since is None:
@@ -487,16 +476,29 @@ class Connection:
                     # pipelined request would dominate their cost.
                     while self._inflight >= self._max_inflight:
                         self._slot_freed = trio.Event()
-                        await self._slot_freed.wait()
+                        self._held_back = True
+                        try:
+                            await self._slot_freed.wait()
+                        finally:
+                            self._held_back = False
                     self._inflight += 1
-                    if self._inflight == 1 and len(events) == 1 and type(event) is Request:
-                        return event
+                    # Alone, unless cancelled while the data came in: then a worker runs it.
+                    alone = self._inflight == 1 and len(events) == 1 and not scope.cancel_called
+                    if alone and type(event) is Request:
+                        request = self._dispatch(event)
+                        try:
+                            trap = request.send(None)
+                        except StopIteration:
+                            continue  # answered without suspending
+                        self._pass_reading()
+                        await _resume(request, trap)
+                        return False
                     self._submit(event)
         if self._timed_out == "message":
             self._abort("message not completed in time")
         elif self._timed_out == "idle":
             log.debug("connection %d: idle timeout", self.connection_id)
-        return None
+        return True
 
     def _read_deadline(self) -> float:
         if self._partial_since is not None:
