@@ -1,21 +1,26 @@
 """Prometheus metrics: what operators watch.
 
-Counters and histograms are updated on the request path (cheap: a dict
-lookup and an add); gauges that need the store (keys by state) are refreshed
-by a background task. Metrics are served only when ``[metrics] listen`` is
-set, on a loopback address by default, in a thread of prometheus-client's.
-Each broker has its own registry, so several brokers in one process (tests)
-never mix their figures.
+Request counters and histograms are plain numbers updated on the request
+path (a dict look-up and a few additions) and exported when scraped; gauges
+that need the store (keys by state) are refreshed by a background task.
+Metrics are served only when ``[metrics] listen`` is set, on a loopback
+address by default, in a thread of prometheus-client's. Each broker has its
+own registry, so several brokers in one process (tests) never mix their
+figures.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .errors import BrokerError
 from .keys import KeyState
@@ -49,32 +54,78 @@ REFRESH_S = 15.0
 PAGE = 1000
 
 
+class _Histogram:
+    """One label set's histogram as plain numbers: per-bucket counts and a sum."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative counts per upper bound, as the exposition format wants them."""
+        bounds = [*map(floatToGoString, self.bounds), "+Inf"]
+        return list(zip(bounds, itertools.accumulate(self.counts), strict=True))
+
+
+class _RequestCollector(Collector):
+    """Request counts, latencies and batch sizes, kept as plain numbers and exported on scrape.
+
+    A prometheus-client child takes a lock per update, and a request makes
+    three updates; here one is a dict look-up and two additions. The event
+    loop is the only writer; a scrape (another thread) copies each table
+    first, so it may see a request counted in one family and not yet in the
+    next, never a torn value.
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str], int] = {}
+        self.latency: dict[str, _Histogram] = {}
+        self.batch_items: dict[str, _Histogram] = {}
+
+    def observe(self, method: str, code: str, seconds: float, items: int | None) -> None:
+        key = (method, code)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        latency = self.latency.get(method)
+        if latency is None:
+            latency = self.latency[method] = _Histogram(LATENCY_BUCKETS)
+        latency.observe(seconds)
+        if items is not None:
+            batch = self.batch_items.get(method)
+            if batch is None:
+                batch = self.batch_items[method] = _Histogram(BATCH_BUCKETS)
+            batch.observe(items)
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "keybroker_requests", "Requests by method and outcome code", labels=["method", "code"]
+        )
+        for (method, code), count in list(self.requests.items()):
+            requests.add_metric([method, code], count)
+        yield requests
+        for name, doc, table in (
+            ("keybroker_request_seconds", "Request latency by method", self.latency),
+            ("keybroker_batch_items", "Items per batch request", self.batch_items),
+        ):
+            family = HistogramMetricFamily(name, doc, labels=["method"])
+            for method, histogram in list(table.items()):
+                family.add_metric([method], histogram.buckets(), histogram.total)
+            yield family
+
+
 class Metrics:
     """The broker's metrics in a registry of its own."""
 
     def __init__(self) -> None:
-        self._children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "keybroker_requests",
-            "Requests by method and outcome code",
-            ["method", "code"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "keybroker_request_seconds",
-            "Request latency by method",
-            ["method"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.batch_items = Histogram(
-            "keybroker_batch_items",
-            "Items per batch request",
-            ["method"],
-            buckets=BATCH_BUCKETS,
-            registry=self.registry,
-        )
+        self._requests = _RequestCollector()
+        self.registry.register(self._requests)
         self.keys = Gauge("keybroker_keys", "Keys by state", ["state"], registry=self.registry)
         self.scheduler_actions = Counter(
             "keybroker_scheduler_actions",
@@ -84,19 +135,8 @@ class Metrics:
         )
 
     def observe(self, method: str, code: str, seconds: float, items: int | None) -> None:
-        # Label look-ups cost more than the update; keep each method's children.
-        children = self._children.get((method, code))
-        if children is None:
-            children = self._children[(method, code)] = (
-                self.requests.labels(method, code),
-                self.latency.labels(method),
-                self.batch_items.labels(method),
-            )
-        requests, latency, batch = children
-        requests.inc()
-        latency.observe(seconds)
-        if items is not None:
-            batch.observe(items)
+        """Count one request: its outcome code, latency and (for batches) item count."""
+        self._requests.observe(method, code, seconds, items)
 
     def set_key_counts(self, counts: Mapping[str, int]) -> None:
         for state, count in counts.items():
