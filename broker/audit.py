@@ -428,13 +428,20 @@ class AuditLog:
         alarm: bool,
         details: Mapping[str, DetailValue] | None,
     ) -> _Entry:
-        for name, value in (("principal", principal), ("op", op), ("outcome", outcome)):
-            _check_str(name, value)
-        _check_str("key", key, optional=True)
-        _check_str("code", code, optional=True)
-        _check_int("version", version, optional=True)
-        if not isinstance(alarm, bool):
-            raise TypeError("audit alarm must be a bool")
+        # The usual record (ASCII strings, no code) passes one test; anything
+        # else gets each field's own check and error message.
+        if not (
+            type(principal) is str and type(op) is str and type(outcome) is str and type(key) is str
+            and code is None and type(version) is int and type(alarm) is bool
+            and principal.isascii() and op.isascii() and outcome.isascii() and key.isascii()
+        ):
+            for name, value in (("principal", principal), ("op", op), ("outcome", outcome)):
+                _check_str(name, value)
+            _check_str("key", key, optional=True)
+            _check_str("code", code, optional=True)
+            _check_int("version", version, optional=True)
+            if not isinstance(alarm, bool):
+                raise TypeError("audit alarm must be a bool")
         return _Entry(_rfc3339(self._clock()), principal, op, outcome, key, version, code, alarm,
                       _checked_details(details))
 

@@ -134,6 +134,21 @@ class _FrameSplitter:
         """True while part of a message has arrived but not all of it."""
         return bool(self._buf)
 
+    def whole(self, data: bytes | bytearray | memoryview, *, strict_map_key: bool) -> tuple[bool, Any]:
+        """``(True, message)`` when ``data`` is exactly one well-formed message; else ``(False, None)``.
+
+        The request-reply case: nothing pending and one message per read.
+        Decoding it outright skips cutting frames, which otherwise costs as
+        much again. Anything else (a partial message, several, bad bytes, one
+        over the limit) is left to :meth:`feed`, which is not affected.
+        """
+        if self._buf or len(data) > self._limit:
+            return False, None
+        try:
+            return True, msgpack.unpackb(data, raw=False, strict_map_key=strict_map_key)
+        except _STREAM_ERRORS:
+            return False, None
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Take more bytes; return every message they complete, in order.
 
@@ -223,6 +238,9 @@ class RequestDecoder:
         Raises:
             ProtocolError: close the connection (see the module docstring).
         """
+        whole, msg = self._splitter.whole(data, strict_map_key=True)
+        if whole:
+            return [_request(msg)]
         return [_request_event(frame) for frame in self._splitter.feed(data)]
 
 
@@ -234,6 +252,15 @@ def _request_event(frame: bytes) -> Request | BadRequest:
         msg = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except _STREAM_ERRORS:
         return _salvage_msgid(frame, "undecodable message")
+    return _request(msg)
+
+
+def _request(msg: Any) -> Request | BadRequest:
+    """The request a decoded message holds.
+
+    Raises:
+        ProtocolError: it has no readable msgid.
+    """
     if type(msg) is not list:
         raise ProtocolError("message is not an array")
     if len(msg) < 2 or not _is_uint32(msg[1]):
@@ -289,19 +316,30 @@ class ResponseDecoder:
         Raises:
             ProtocolError: the broker sent something that is not msgpack-rpc.
         """
+        whole, msg = self._splitter.whole(data, strict_map_key=False)
+        if whole:
+            return [_reply(msg)]
         events: list[Response | Notification] = []
         for frame in self._splitter.feed(data):
             try:
                 msg = msgpack.unpackb(frame, raw=False, strict_map_key=False)
             except _STREAM_ERRORS:
                 raise ProtocolError("undecodable reply") from None
-            if type(msg) is list and len(msg) == 4 and msg[0] == RESPONSE and _is_uint32(msg[1]):
-                events.append(Response(msg[1], msg[2], msg[3]))
-            elif type(msg) is list and len(msg) == 3 and msg[0] == NOTIFICATION and type(msg[2]) is list:
-                events.append(Notification(str(msg[1]), msg[2]))
-            else:
-                raise ProtocolError("not a response or notification")
+            events.append(_reply(msg))
         return events
+
+
+def _reply(msg: Any) -> Response | Notification:
+    """The response or notification a decoded message holds.
+
+    Raises:
+        ProtocolError: it is neither.
+    """
+    if type(msg) is list and len(msg) == 4 and msg[0] == RESPONSE and _is_uint32(msg[1]):
+        return Response(msg[1], msg[2], msg[3])
+    if type(msg) is list and len(msg) == 3 and msg[0] == NOTIFICATION and type(msg[2]) is list:
+        return Notification(str(msg[1]), msg[2])
+    raise ProtocolError("not a response or notification")
 
 
 # Packing: use_bin_type keeps bytes as msgpack bin and str as str, which the

@@ -220,7 +220,7 @@ class FileAuditSink:
             if sync:
                 _sync(fd)
             self._dirty = False
-        data = b"".join(record.to_json_line() for record in records)
+        data = records[0].to_json_line() if len(records) == 1 else b"".join(r.to_json_line() for r in records)
         try:
             # os.write on the raw descriptor: there is no user-space buffer
             # to flush, so durability is exactly the sync below.
@@ -285,10 +285,11 @@ def _open_private(path: Path, flags: int) -> tuple[int, bool]:
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+    written = os.write(fd, data)
+    if written < len(data):  # a short write: a signal, or a nearly full disk
+        view = memoryview(data)[written:]
+        while view:
+            view = view[os.write(fd, view):]
 
 
 def _rfind_newline(fd: int, before: int) -> int:

@@ -114,3 +114,36 @@ def test_size_limit_exact(requests: list[tuple[int, dict[str, Any]]], limit: int
         assert len(result) == len(frames)
     else:
         assert isinstance(result, ProtocolError)
+
+
+def decode_chunks(chunks: list[bytes], limit: int) -> tuple[list[Request | BadRequest], str | None]:
+    """Events decoded from ``chunks`` fed in turn, and the reason of the error that stopped it."""
+    dec = RequestDecoder(limit)
+    out: list[Request | BadRequest] = []
+    for chunk in chunks:
+        try:
+            out.extend(dec.feed(chunk))
+        except ProtocolError as exc:
+            return out, exc.reason
+    return out, None
+
+
+@SETTINGS
+@given(
+    st.lists(
+        st.builds(encode_request, msgids, st.text(max_size=12), params)
+        | any_keys_values.map(lambda v: msgpack.packb(v, use_bin_type=True)),
+        max_size=6,
+    ),
+    st.integers(1, 400),
+)
+def test_one_message_per_read_decodes_as_byte_by_byte(messages: list[bytes], limit: int) -> None:
+    """A read holding exactly one message takes a shorter path; it must agree with the general one.
+
+    Each chunk is one whole msgpack value (a request or anything else), so
+    feeding them in turn exercises the shorter path, and feeding the stream
+    a byte at a time the general one.
+    """
+    data = b"".join(messages)
+    byte_by_byte = decode_chunks([data[i : i + 1] for i in range(len(data))], limit)
+    assert decode_chunks(messages, limit) == byte_by_byte
