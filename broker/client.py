@@ -47,6 +47,7 @@ from .protocol import (
     encode_request,
     new_packer,
 )
+from .streamio import stream_io
 
 __all__ = ["IDEMPOTENT_METHODS", "AsyncClient", "Client", "ConnectionLost", "client_ssl_context"]
 
@@ -585,6 +586,7 @@ class _AsyncConnection:
 
     def __init__(self, stream: trio.abc.Stream, max_message_bytes: int) -> None:
         self.stream = stream
+        self.io = stream_io(stream)
         self.decoder = ResponseDecoder(max_message_bytes)
         self.packer = new_packer()
         self.send_lock = trio.StrictFIFOLock()
@@ -596,7 +598,7 @@ class _AsyncConnection:
     async def read_loop(self) -> None:
         try:
             while True:
-                data = await self.stream.receive_some(_RECEIVE_SIZE)
+                data = await self.io.receive()
                 if not data:
                     return
                 for event in self.decoder.feed(data):
@@ -610,6 +612,17 @@ class _AsyncConnection:
             return
         finally:
             self.fail()
+
+    async def _send(self, payload: bytes) -> None:
+        """Send one request; the caller holds the send lock."""
+        if self.broken:
+            raise _NotSent
+        try:
+            await self.io.send_all(payload)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The broker cannot have read all of it: not acted on.
+            self.fail()
+            raise _NotSent from None
 
     def fail(self) -> None:
         """Mark broken; wake every caller still waiting and end subscriptions."""
@@ -628,15 +641,16 @@ class _AsyncConnection:
         payload = encode_request(msgid, method, params, self.packer)
         waiter = self.waiters[msgid] = _Waiter()
         try:
-            async with self.send_lock:
-                if self.broken:
-                    raise _NotSent
-                try:
-                    await self.stream.send_all(payload)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    # The broker cannot have read all of it: not acted on.
-                    self.fail()
-                    raise _NotSent from None
+            # Unless another caller is mid-send, write at once: on a plain
+            # socket a write that completes never yields to the scheduler.
+            try:
+                self.send_lock.acquire_nowait()
+            except trio.WouldBlock:
+                await self.send_lock.acquire()
+            try:
+                await self._send(payload)
+            finally:
+                self.send_lock.release()
             await waiter.event.wait()
         finally:
             del self.waiters[msgid]
@@ -748,6 +762,8 @@ class AsyncClient(_Api[Awaitable[Any]]):
     async def _ensure(self) -> _AsyncConnection:
         if self._nursery is None:
             raise RuntimeError("use AsyncClient as 'async with AsyncClient(...) as client'")
+        if self._conn is not None and not self._conn.broken:
+            return self._conn  # the usual case, without taking the lock
         async with self._connect_lock:
             if self._conn is None or self._conn.broken:
                 if self._conn is not None:

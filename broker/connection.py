@@ -36,8 +36,6 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import os
-import time
 import traceback
 import types
 from collections.abc import Coroutine, Generator
@@ -59,17 +57,12 @@ from .protocol import (
     encode_response,
     new_packer,
 )
+from .streamio import stream_io
 
 __all__ = ["Connection", "GroupHandler", "Handler", "RequestContext"]
 
 log = logging.getLogger("keybroker.connection")
 
-# One receive_some can carry hundreds of pipelined requests; a large buffer
-# keeps the number of reads (and scheduler round trips) per request low.
-RECEIVE_SIZE: Final = 256 * 1024
-# A reader that keeps finding data yields to other tasks after this many
-# reads in a row (each read may carry hundreds of requests).
-_MAX_READS_WITHOUT_YIELD: Final = 8
 # notify() waits while this much output is queued, so a subscriber that stops
 # reading cannot make the broker buffer events without bound.
 NOTIFY_HIGH_WATER: Final = 1 << 20
@@ -98,126 +91,6 @@ def _resume(coro: Coroutine[Any, Any, None], trap: Any) -> Generator[Any, Any, N
                 trap = coro.send(value)
             except StopIteration:
                 return
-
-
-class _StreamIO:
-    """Any trio stream (TLS, in-memory): every operation goes through trio."""
-
-    direct = False
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self._stream = stream
-
-    async def receive(self) -> bytes | bytearray | memoryview:
-        return await self._stream.receive_some(RECEIVE_SIZE)
-
-    def try_send(self, data: bytes | memoryview) -> int:  # pragma: no cover - direct is False
-        raise NotImplementedError
-
-    async def send_all(self, data: bytes) -> None:
-        await self._stream.send_all(data)
-
-
-class _SocketIO:
-    """A plain socket, driven with non-blocking system calls.
-
-    trio's SocketStream yields to the scheduler after every successful recv
-    and send. On the request-reply path that adds scheduler rounds per
-    request, so here a read or write that completes at once does not yield;
-    a reader that keeps finding data yields every few reads instead, which
-    keeps the connection a good citizen under a flood.
-    """
-
-    direct = True
-
-    def __init__(self, stream: trio.SocketStream, poller: BusyPoller | None) -> None:
-        self._poller = poller
-        self._sock = stream.socket
-        self._fd = stream.socket.fileno()
-        self._unyielded = 0  # reads in a row that found data waiting
-        # Reads land in one buffer kept for the connection: a fresh 256 KiB
-        # bytes object per read costs several times the read itself.
-        self._buffer = bytearray(RECEIVE_SIZE)
-        self._view = memoryview(self._buffer)
-        # The last read left the socket empty: wait before reading again,
-        # rather than pay for a read that fails.
-        self._drained = False
-
-    async def receive(self) -> memoryview:
-        """The next bytes from the peer, empty at EOF; valid until the next call."""
-        while True:
-            if self._drained:
-                self._drained = False
-                self._unyielded = 0
-                count = await self._poll()
-                if count is None:
-                    await trio.lowlevel.wait_readable(self._sock)
-                    count = self._read()
-            else:
-                count = self._read()
-            if count is None:
-                self._drained = True
-                continue
-            if count < RECEIVE_SIZE:
-                self._drained = True
-            else:
-                self._unyielded += 1
-                if self._unyielded >= _MAX_READS_WITHOUT_YIELD:
-                    # A peer that always has more to send must not
-                    # monopolise the loop.
-                    self._unyielded = 0
-                    await trio.lowlevel.checkpoint()
-            return self._view[:count]
-
-    def _read(self) -> int | None:
-        """Read what is waiting into the buffer: the byte count, or None if nothing is."""
-        try:
-            return os.readv(self._fd, [self._buffer])
-        except BlockingIOError:
-            return None
-        except OSError as exc:
-            raise trio.BrokenResourceError(str(exc)) from exc
-
-    async def _poll(self) -> int | None:
-        """Busy polling (see :mod:`broker.busypoll`): read once per scheduler round for a while.
-
-        Returns the byte count once something was read, or None when the
-        window passed, or another connection holds the polling slot.
-        """
-        poller = self._poller
-        deadline = poller.start() if poller is not None else None
-        if poller is None or deadline is None:
-            return None
-        try:
-            while True:
-                await trio.lowlevel.checkpoint()
-                poller.rounds += 1
-                count = self._read()
-                if count is not None or time.perf_counter() >= deadline:
-                    return count
-        finally:
-            poller.stop()
-
-    def try_send(self, data: bytes | memoryview) -> int:
-        """Write what the socket buffer takes now; returns the byte count.
-
-        Raises:
-            trio.BrokenResourceError: the peer is gone.
-        """
-        try:
-            return os.write(self._fd, data)
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            raise trio.BrokenResourceError(str(exc)) from exc
-
-    async def send_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            sent = self.try_send(view)
-            view = view[sent:]
-            if view:
-                await trio.lowlevel.wait_writable(self._sock)
 
 
 @dataclass(eq=False)
@@ -318,9 +191,7 @@ class Connection:
         poller: BusyPoller | None = None,
     ) -> None:
         self._stream = stream
-        self._io: _StreamIO | _SocketIO = (
-            _SocketIO(stream, poller) if type(stream) is trio.SocketStream else _StreamIO(stream)
-        )
+        self._io = stream_io(stream, poller)
         self._handler = handler
         self._groupable: frozenset[str] = getattr(handler, "groupable", frozenset())
         self._limits = limits
