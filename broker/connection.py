@@ -38,9 +38,9 @@ import logging
 import math
 import traceback
 import types
-from collections.abc import Coroutine, Generator
+from collections.abc import Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, cast, final
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast, final
 
 import trio
 
@@ -59,7 +59,10 @@ from .protocol import (
 )
 from .streamio import stream_io
 
-__all__ = ["Connection", "GroupHandler", "Handler", "RequestContext"]
+if TYPE_CHECKING:
+    from .gather import Gatherer
+
+__all__ = ["MAX_GROUP", "Connection", "GroupHandler", "Handler", "RequestContext", "resume", "run_group"]
 
 log = logging.getLogger("keybroker.connection")
 
@@ -73,7 +76,7 @@ _TRANSPORT_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 @types.coroutine
-def _resume(coro: Coroutine[Any, Any, None], trap: Any) -> Generator[Any, Any, None]:
+def resume(coro: Coroutine[Any, Any, None], trap: Any) -> Generator[Any, Any, None]:
     """Go on running ``coro``, which suspended at ``trap``, in this task (as ``await`` would)."""
     while True:
         try:
@@ -91,6 +94,48 @@ def _resume(coro: Coroutine[Any, Any, None], trap: Any) -> Generator[Any, Any, N
                 trap = coro.send(value)
             except StopIteration:
                 return
+
+
+def internal_error(exc: BaseException, method: str, where: str) -> Internal:
+    """Log an unexpected exception under a fresh correlation id, and return the error to send.
+
+    Only the exception's type and stack are logged: its message may quote
+    request data, and this is a key broker.
+    """
+    error = Internal()
+    stack = "".join(traceback.format_tb(exc.__traceback__))
+    log.error(
+        "internal error (correlation id %s) in %s on %s: %s\n%s",
+        error.correlation_id,
+        method,
+        where,
+        type(exc).__qualname__,
+        stack,
+    )
+    return error
+
+
+async def run_group(
+    handler: GroupHandler,
+    contexts: Sequence[RequestContext],
+    method: str,
+    params: list[dict[str, Any]],
+    where: str,
+) -> list[Any]:
+    """The outcome of each request of a ``handle_group`` call (a result or a BrokerError).
+
+    If the call itself fails, or miscounts, every request fails with that
+    error (``internal`` for anything but a BrokerError).
+    """
+    try:
+        outcomes = await handler.handle_group(contexts, method, params)
+        if len(outcomes) != len(params):
+            raise RuntimeError(f"{len(outcomes)} outcomes for {len(params)} requests")
+    except BrokerError as exc:
+        return [exc] * len(params)
+    except Exception as exc:
+        return [internal_error(exc, method, where)] * len(params)
+    return outcomes
 
 
 @dataclass(eq=False)
@@ -152,8 +197,13 @@ class GroupHandler(Handler, Protocol):
 
     groupable: frozenset[str]
 
-    async def handle_group(self, ctx: RequestContext, method: str, params: list[dict[str, Any]]) -> list[Any]:
+    async def handle_group(
+        self, contexts: Sequence[RequestContext], method: str, params: list[dict[str, Any]]
+    ) -> list[Any]:
         """Run several requests of ``method``; one outcome per request, in order.
+
+        ``contexts[i]`` is the caller of ``params[i]``: a group may hold
+        requests of several connections and principals.
 
         Each outcome is the request's result or the :class:`BrokerError` it
         fails with, exactly as :meth:`handle` would have returned or raised
@@ -178,6 +228,8 @@ class Connection:
         limits: the configured limits.
         poller: grants a Unix-socket connection that has read everything a
             moment of polling for the next request (``[limits] busy_poll_us``).
+        gatherer: runs lone requests of groupable methods from several
+            connections together while the server is busy (:mod:`broker.gather`).
     """
 
     def __init__(
@@ -189,8 +241,13 @@ class Connection:
         handler: Handler,
         limits: Limits,
         poller: BusyPoller | None = None,
+        gatherer: Gatherer | None = None,
     ) -> None:
         self._stream = stream
+        self._gatherer = gatherer
+        # Requests given to the gatherer and not yet answered.
+        self._gathered = 0
+        self._gathered_done = trio.Event()
         self._io = stream_io(stream, poller)
         self._handler = handler
         self._groupable: frozenset[str] = getattr(handler, "groupable", frozenset())
@@ -263,6 +320,9 @@ class Connection:
                     finally:
                         # Workers finish what is queued, then exit.
                         self._end_reading()
+                    while self._gathered:  # requests run by the gatherer
+                        self._gathered_done = trio.Event()
+                        await self._gathered_done.wait()
                 # Every response is queued now; let the writer flush and stop.
                 self._closing = True
                 self._wakeup.set()
@@ -353,16 +413,24 @@ class Connection:
                         finally:
                             self._held_back = False
                     self._inflight += 1
+                    gatherer = self._gatherer
+                    if gatherer is not None:
+                        gatherer.inflight += 1
                     # Alone, unless cancelled while the data came in: then a worker runs it.
                     alone = self._inflight == 1 and len(events) == 1 and not scope.cancel_called
                     if alone and type(event) is Request:
+                        if gatherer is not None and gatherer.takes(self, event.method):
+                            # Other connections have requests in flight: run it with theirs.
+                            self._gathered += 1
+                            gatherer.add(self, event)
+                            continue
                         request = self._dispatch(event)
                         try:
                             trap = request.send(None)
                         except StopIteration:
                             continue  # answered without suspending
                         self._pass_reading()
-                        await _resume(request, trap)
+                        await resume(request, trap)
                         return False
                     self._submit(event)
         if self._timed_out == "message":
@@ -517,26 +585,36 @@ class Connection:
     async def _dispatch_group(self, group: list[Request]) -> None:
         handler = cast("GroupHandler", self._handler)  # it lists the method in groupable
         method = group[0].method
-        try:
-            outcomes = await handler.handle_group(self.context, method, [r.params for r in group])
-            if len(outcomes) != len(group):
-                raise RuntimeError(f"{len(outcomes)} outcomes for {len(group)} requests")
-        except BrokerError as exc:
-            outcomes = [exc] * len(group)
-        except Exception as exc:
-            outcomes = [self._internal(exc, method)] * len(group)
+        outcomes = await run_group(
+            handler, [self.context] * len(group), method, [r.params for r in group], self._where
+        )
         self._respond(
             b"".join(
-                self._encode_error(request.msgid, outcome)
-                if isinstance(outcome, BrokerError)
-                else self._encode_result(request.msgid, method, outcome)
+                self._encode_outcome(request.msgid, method, outcome)
                 for request, outcome in zip(group, outcomes, strict=True)
             ),
             len(group),
         )
 
+    def answer(self, request: Request, outcome: Any) -> None:
+        """Respond to ``request``, which this connection gave to the gatherer.
+
+        ``outcome`` is its result or the BrokerError it failed with.
+        """
+        self._gathered -= 1
+        self._respond(self._encode_outcome(request.msgid, request.method, outcome), 1)
+        if not self._gathered:
+            self._gathered_done.set()
+
+    def _encode_outcome(self, msgid: int, method: str, outcome: Any) -> bytes:
+        if isinstance(outcome, BrokerError):
+            return self._encode_error(msgid, outcome)
+        return self._encode_result(msgid, method, outcome)
+
     def _respond(self, payload: bytes, responses: int) -> None:
         """Send or queue ``payload``, which holds the responses to ``responses`` requests."""
+        if self._closed:
+            return  # nobody to tell
         if self._inflight == responses and not self._writing and not self._pending and self._io.direct:
             # Nothing else in flight (request-reply use): write it now,
             # skipping the hop to the writer task. With more in flight the
@@ -566,22 +644,11 @@ class Connection:
             return encode_response(msgid, self._internal(exc, "error encoding").to_wire(), None, self._packer)
 
     def _internal(self, exc: BaseException, method: str) -> Internal:
-        """Log an unexpected exception under a fresh correlation id.
+        return internal_error(exc, method, self._where)
 
-        Only the exception's type and stack are logged: its message may quote
-        request data, and this is a key broker.
-        """
-        error = Internal()
-        stack = "".join(traceback.format_tb(exc.__traceback__))
-        log.error(
-            "internal error (correlation id %s) in %s on connection %d: %s\n%s",
-            error.correlation_id,
-            method,
-            self.connection_id,
-            type(exc).__qualname__,
-            stack,
-        )
-        return error
+    @property
+    def _where(self) -> str:
+        return f"connection {self.connection_id}"
 
     # -- writing -------------------------------------------------------------
 
@@ -596,6 +663,8 @@ class Connection:
         if not count:
             return
         self._inflight -= count
+        if self._gatherer is not None and not self._closed:
+            self._gatherer.inflight -= count
         self._slot_freed.set()
         if self._inflight == 0:
             self._idle_since = trio.current_time()
@@ -631,6 +700,8 @@ class Connection:
     # -- closing -------------------------------------------------------------
 
     def _mark_closed(self) -> None:
+        if not self._closed and self._gatherer is not None:
+            self._gatherer.inflight -= self._inflight  # never to be answered
         self._closed = True
         self._flushed.set()
 

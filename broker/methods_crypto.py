@@ -51,17 +51,17 @@ def _shared_aad(requests: list[dict[str, Any]]) -> bytes | list[bytes]:
 
 
 async def _encrypt_group(d: Dispatcher, calls: list[Call], args: list[dict[str, Any]]) -> list[Any]:
-    """``encrypt`` for queued requests: one lookup, authorization and seal call per key.
+    """``encrypt`` for a group: one lookup, authorization and seal call per key and principal.
 
     A group larger than the key's uses per version is sealed in parts, each
     within the limit, so that the group rotates the key where the requests
     one by one would have.
     """
     outcomes: list[Any] = [None] * len(calls)
-    by_key: dict[str, list[int]] = {}
+    by_key: dict[tuple[str, str], list[int]] = {}
     for index, request in enumerate(args):
-        by_key.setdefault(request["key"], []).append(index)
-    for name, indexes in by_key.items():
+        by_key.setdefault((request["key"], calls[index].ctx.principal.name), []).append(index)
+    for (name, _), indexes in by_key.items():
         for index in indexes:
             calls[index].key = name
         try:
@@ -103,16 +103,17 @@ async def _encrypt_batch(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any
 
 
 async def _decrypt_group(d: Dispatcher, calls: list[Call], args: list[dict[str, Any]]) -> list[Any]:
-    """``decrypt`` for queued requests: one lookup, authorization and open call per key version."""
+    """``decrypt`` for a group: one lookup, authorization and open call per key version and principal."""
     outcomes: list[Any] = [None] * len(calls)
-    groups: dict[tuple[bytes, int, bool], list[int]] = {}
+    groups: dict[tuple[bytes, int, bool, str], list[int]] = {}
     for index, request in enumerate(args):
         try:
             header = parse_header(request["ciphertext"])
         except DecryptionFailed as exc:
             outcomes[index] = exc
             continue
-        groups.setdefault((header.key_id, header.version, request["allow_compromised"]), []).append(index)
+        group = (header.key_id, header.version, request["allow_compromised"], calls[index].ctx.principal.name)
+        groups.setdefault(group, []).append(index)
     for group, indexes in groups.items():
         try:
             opened = await _open_group(d, group, [calls[i] for i in indexes], [args[i] for i in indexes])
@@ -126,10 +127,11 @@ async def _decrypt_group(d: Dispatcher, calls: list[Call], args: list[dict[str, 
 
 
 async def _open_group(
-    d: Dispatcher, group: tuple[bytes, int, bool], calls: list[Call], args: list[dict[str, Any]]
+    d: Dispatcher, group: tuple[bytes, int, bool, str], calls: list[Call], args: list[dict[str, Any]]
 ) -> list[Any]:
-    """Open envelopes under one key version (``group``: key id, version, allow_compromised)."""
-    key_id, version, allow_compromised = group
+    """Open envelopes under one key version for one principal (``group``: key id, version,
+    allow_compromised, principal name)."""
+    key_id, version, allow_compromised, _ = group
     key = await d.service.get_by_id(key_id)
     for call in calls:
         call.key, call.version = key.name, version

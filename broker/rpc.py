@@ -128,20 +128,23 @@ class Dispatcher:
             log.warning("audit log unavailable; serving %s unaudited (audit.fail_open_reads)", call.method)
         return result
 
-    async def handle_group(self, ctx: RequestContext, method: str, params: list[dict[str, Any]]) -> list[Any]:
-        """Run queued requests of one groupable method; one outcome per request.
+    async def handle_group(
+        self, contexts: Sequence[RequestContext], method: str, params: list[dict[str, Any]]
+    ) -> list[Any]:
+        """Run requests of one groupable method; one outcome per request.
 
         Each request is parsed, authorized, counted, audited (a record of its
         own) and answered as :meth:`handle` would, but the group shares one
-        key lookup and authorization per key, one use reservation and one
-        native call, and its records reach the audit log in one write.
+        key lookup and authorization per key and principal, one use
+        reservation and one native call, and its records reach the audit log
+        in one write. ``contexts[i]`` is the caller of ``params[i]``.
         """
         entry = METHODS[method]
         run = entry.group
         assert run is not None and entry.audited and entry.kind is Kind.USE
         started = time.perf_counter()
-        request_id.set(f"{ctx.connection_id:x}-{next(self._request_ids):x}+{len(params)}")
-        calls = [Call(ctx, method) for _ in params]
+        request_id.set(f"{contexts[0].connection_id:x}-{next(self._request_ids):x}+{len(params)}")
+        calls = [Call(ctx, method) for ctx in contexts]
         outcomes: list[Any] = [None] * len(params)
         parsed: list[tuple[int, dict[str, Any]]] = []
         for index, request in enumerate(params):

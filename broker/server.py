@@ -19,14 +19,15 @@ import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, cast
 
 import trio
 
 from .auth import Principal, principal_for_cert, principal_for_unix, unix_peer
 from .busypoll import BusyPoller
 from .config import Config, TLSConfig
-from .connection import Connection, Handler
+from .connection import Connection, GroupHandler, Handler
+from .gather import Gatherer
 
 __all__ = ["ServerInfo", "serve", "server_ssl_context"]
 
@@ -52,11 +53,14 @@ class ServerInfo:
         tls_port: the bound TLS port (the config may say 0), or None.
         shutdown: set it to begin a graceful drain; ``serve`` returns after.
         poller: the busy poller (``[limits] busy_poll_us``), None when off.
+        gatherer: runs requests of several connections as one group; None
+            for a handler without groupable methods.
     """
 
     socket_path: Path
     tls_port: int | None = None
     poller: BusyPoller | None = None
+    gatherer: Gatherer | None = None
     shutdown: trio.Event = field(default_factory=trio.Event)
     _done: trio.Event = field(default_factory=trio.Event, repr=False)
 
@@ -147,6 +151,7 @@ class _Server:
     active: int = 0
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     poller: BusyPoller | None = None
+    gatherer: Gatherer | None = None
 
     async def accept_loop(
         self,
@@ -211,6 +216,7 @@ class _Server:
             handler=self.handler,
             limits=self.config.limits,
             poller=self.poller,
+            gatherer=self.gatherer,
         )
         self.connections.add(conn)
         if self.draining:
@@ -277,9 +283,14 @@ async def serve(
     try:
         listeners: list[tuple[trio.SocketListener, _StreamHandler]] = []
         busy_poll_us = config.limits.busy_poll_us
-        server = _Server(config, handler, poller=BusyPoller(busy_poll_us / 1e6) if busy_poll_us else None)
+        server = _Server(
+            config,
+            handler,
+            poller=BusyPoller(busy_poll_us / 1e6) if busy_poll_us else None,
+            gatherer=Gatherer(cast("GroupHandler", handler)) if getattr(handler, "groupable", None) else None,
+        )
         listeners.append((trio.SocketListener(sock), server.handle_unix))
-        info = ServerInfo(socket_path=config.socket_path, poller=server.poller)
+        info = ServerInfo(socket_path=config.socket_path, poller=server.poller, gatherer=server.gatherer)
         if config.tls is not None:
             ctx = server_ssl_context(config.tls)
             tcp = await trio.open_tcp_listeners(config.tls.port, host=config.tls.host, backlog=_BACKLOG)
@@ -290,20 +301,25 @@ async def serve(
 
             listeners.extend((listener, handle_tls) for listener in tcp)
         try:
-            async with trio.open_nursery() as connections:
-                async with trio.open_nursery() as acceptors:
-                    if handle_signals:
-                        await acceptors.start(_shutdown_on_signals, info)
-                    for listener, handle in listeners:
-                        acceptors.start_soon(server.accept_loop, listener, connections, handle)
-                    task_status.started(info)
-                    await info.shutdown.wait()
-                    acceptors.cancel_scope.cancel()
-                _close_listeners(listeners)
-                _unlink_if_ours(config.socket_path, inode)
-                server.begin_drain()
-                # Connections finish on their own; past the deadline, cancel.
-                connections.cancel_scope.deadline = trio.current_time() + config.limits.drain_timeout_s
+            async with trio.open_nursery() as services:
+                if server.gatherer is not None:
+                    services.start_soon(server.gatherer.run)
+                async with trio.open_nursery() as connections:
+                    async with trio.open_nursery() as acceptors:
+                        if handle_signals:
+                            await acceptors.start(_shutdown_on_signals, info)
+                        for listener, handle in listeners:
+                            acceptors.start_soon(server.accept_loop, listener, connections, handle)
+                        task_status.started(info)
+                        await info.shutdown.wait()
+                        acceptors.cancel_scope.cancel()
+                    _close_listeners(listeners)
+                    _unlink_if_ours(config.socket_path, inode)
+                    server.begin_drain()
+                    # Connections finish on their own; past the deadline, cancel.
+                    connections.cancel_scope.deadline = trio.current_time() + config.limits.drain_timeout_s
+                # Every connection is done: nothing more for the gatherer.
+                services.cancel_scope.cancel()
         finally:
             # No awaits here: under cancellation they would raise at once and
             # skip the rest of the cleanup.

@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,10 @@ def _code(outcome: Any) -> str:
 
 
 async def _one_by_one(
-    broker: Broker, ctx: RequestContext, method: str, params: list[dict[str, Any]]
+    broker: Broker, contexts: list[RequestContext], method: str, params: list[dict[str, Any]]
 ) -> list[Any]:
     outcomes: list[Any] = []
-    for request in params:
+    for ctx, request in zip(contexts, params, strict=True):
         try:
             outcomes.append(await broker.dispatcher.handle(ctx, method, dict(request)))
         except BrokerError as exc:
@@ -67,20 +68,32 @@ _ENCRYPT = st.one_of(
 
 
 @settings(max_examples=25)
-@given(requests=st.lists(_ENCRYPT, min_size=1, max_size=24), tamper=st.sets(st.integers(0, 23)))
-def test_group_answers_as_one_by_one(requests: list[dict[str, Any]], tamper: set[int]) -> None:
-    """Same outcome codes, ciphertexts that open to the same plaintexts, one record per request."""
+@given(
+    requests=st.lists(_ENCRYPT, min_size=1, max_size=24),
+    tamper=st.sets(st.integers(0, 23)),
+    strangers=st.sets(st.integers(0, 23)),
+)
+def test_group_answers_as_one_by_one(
+    requests: list[dict[str, Any]], tamper: set[int], strangers: set[int]
+) -> None:
+    """Same outcome codes, ciphertexts that open to the same plaintexts, one record per request.
+
+    A group may mix callers (requests from several connections): the
+    requests at ``strangers`` come from a principal with no grants.
+    """
 
     async def main() -> None:
         directory = Path(tempfile.mkdtemp(prefix="kb-", dir="/tmp"))
         config = parse_config({}, data_dir=directory / "data")
         async with open_broker(config, run_scheduler=False) as broker:
             ctx = local_context(f"uid:{os.getuid()}")
+            stranger = local_context("uid:424242")
+            contexts = [stranger if i in strangers else ctx for i in range(len(requests))]
             for name in ("g/a", "g/b"):
                 await broker.dispatcher.handle(ctx, "key.create", {"name": name, "type": "aes256-gcm"})
             before = len(_records(broker))
-            grouped = await broker.dispatcher.handle_group(ctx, "encrypt", [dict(r) for r in requests])
-            single = await _one_by_one(broker, ctx, "encrypt", requests)
+            grouped = await broker.dispatcher.handle_group(contexts, "encrypt", [dict(r) for r in requests])
+            single = await _one_by_one(broker, contexts, "encrypt", requests)
             assert [_code(o) for o in grouped] == [_code(o) for o in single]
             records = _records(broker)[before:]
             assert len(records) == 2 * len(requests)
@@ -89,25 +102,30 @@ def test_group_answers_as_one_by_one(requests: list[dict[str, Any]], tamper: set
             ]
             codes = [None if code == "ok" else code for code in map(_code, grouped)]
             assert [r["code"] for r in records[: len(requests)]] == codes
+            assert [r["principal"] for r in records[: len(requests)]] == [c.principal.name for c in contexts]
 
             # Decrypt what was sealed (a few envelopes tampered with), grouped and one by one.
             sealed = [
                 (r, o) for r, o in zip(requests, grouped, strict=True) if not isinstance(o, BrokerError)
             ]
             decrypts = []
+            openers = []
             for index, (request, outcome) in enumerate(sealed):
                 envelope = bytearray(outcome["ciphertext"])
                 if index in tamper:
                     envelope[-1] ^= 1
                 aad = {"aad": request["aad"]} if "aad" in request else {}
                 decrypts.append({"ciphertext": bytes(envelope)} | aad)
+                openers.append(stranger if len(decrypts) in strangers else ctx)
             if not decrypts:
                 return
-            opened = await broker.dispatcher.handle_group(ctx, "decrypt", [dict(d) for d in decrypts])
-            again = await _one_by_one(broker, ctx, "decrypt", decrypts)
+            opened = await broker.dispatcher.handle_group(openers, "decrypt", [dict(d) for d in decrypts])
+            again = await _one_by_one(broker, openers, "decrypt", decrypts)
             assert [_code(o) for o in opened] == [_code(o) for o in again]
             for index, ((request, _), outcome) in enumerate(zip(sealed, opened, strict=True)):
-                if index in tamper:
+                if openers[index] is stranger:
+                    assert _code(outcome) == "permission_denied"
+                elif index in tamper:
                     assert _code(outcome) == "decryption_failed"
                 else:
                     assert outcome["plaintext"] == request["plaintext"] and outcome["key"] == request["key"]
@@ -120,7 +138,7 @@ async def test_group_respects_uses_per_version(admin: Caller, broker: Broker) ->
     """Ten queued encrypts under a 3-uses-per-version key rotate it as ten single calls would."""
     await admin("key.create", name="g/limited", type="aes256-gcm", max_uses_per_version=3)
     outcomes = await broker.dispatcher.handle_group(
-        admin.ctx, "encrypt", [{"key": "g/limited", "plaintext": b"%d" % i} for i in range(10)]
+        [admin.ctx] * 10, "encrypt", [{"key": "g/limited", "plaintext": b"%d" % i} for i in range(10)]
     )
     versions = Counter(o["version"] for o in outcomes)
     assert sum(versions.values()) == 10 and max(versions.values()) <= 3
@@ -134,8 +152,8 @@ async def test_group_from_an_unauthorized_principal(admin: Caller, broker: Broke
     stranger = local_context("uid:424242")
     before = len(_records(broker))
     group = broker.dispatcher.handle_group
-    denied = await group(stranger, "encrypt", [{"key": "g/secret", "plaintext": b"y"}] * 3)
-    refused = await group(stranger, "decrypt", [{"ciphertext": sealed["ciphertext"]}] * 2)
+    denied = await group([stranger] * 3, "encrypt", [{"key": "g/secret", "plaintext": b"y"}] * 3)
+    refused = await group([stranger] * 2, "decrypt", [{"ciphertext": sealed["ciphertext"]}] * 2)
     assert [_code(o) for o in denied + refused] == ["permission_denied"] * 5
     records = _records(broker)[before:]
     assert [(r["op"], r["outcome"], r["principal"]) for r in records] == [
@@ -185,13 +203,21 @@ class _GroupEcho:
 
     def __init__(self) -> None:
         self.groups: list[int] = []
+        self.callers: list[set[int]] = []  # the connections of each group
 
     async def handle(self, ctx: RequestContext, method: str, params: dict[str, Any]) -> Any:
+        if params.get("mode") == "slow":
+            await trio.sleep(params["s"])
         return {"alone": params["n"]}
 
-    async def handle_group(self, ctx: RequestContext, method: str, params: list[dict[str, Any]]) -> list[Any]:
+    async def handle_group(
+        self, contexts: Sequence[RequestContext], method: str, params: list[dict[str, Any]]
+    ) -> list[Any]:
         self.groups.append(len(params))
+        self.callers.append({ctx.connection_id for ctx in contexts})
         mode = params[0].get("mode")
+        if mode == "slow":
+            await trio.sleep(params[0]["s"])
         if mode == "raise":
             raise NotFound("the whole group")
         if mode == "short":
@@ -229,3 +255,80 @@ async def test_connection_groups_queued_requests(mode: str | None, expect: str |
             assert reply.error["code"] == "invalid_argument"
         else:
             assert reply.result == {"n": n}
+
+
+# --- across connections -----------------------------------------------------------
+
+
+async def _burst(conns: list[RawConn], method: str, params: list[dict[str, Any]], msgid: int) -> None:
+    """One request on each connection, all written before the server can run."""
+    for conn, p in zip(conns, params, strict=True):
+        data = msgpack.packb([0, msgid, method, [p]])
+        assert os.write(conn.stream.socket.fileno(), data) == len(data)
+    await trio.sleep(0)
+
+
+@pytest.mark.parametrize(("mode", "expect"), [(None, None), ("raise", "not_found"), ("bug", "internal")])
+async def test_lone_requests_of_busy_connections_are_gathered(mode: str | None, expect: str | None) -> None:
+    """Requests from many connections at once run as one group; each connection gets its own answer."""
+    handler = _GroupEcho()
+    with tempfile.TemporaryDirectory(prefix="kb-", dir="/tmp") as directory:
+        async with running_server(transport_config(Path(directory)), handler) as info:
+            gatherer = info.gatherer
+            assert gatherer is not None
+            # With nothing else in flight, a request runs alone (handle, not a group).
+            blocker = await RawConn.open(info.socket_path)
+            assert (await blocker.call(1, "g", {"n": 7})).result == {"alone": 7}
+            # One that blocks keeps the server busy: what comes meanwhile is gathered.
+            await blocker.request(2, "g", {"n": 0, "mode": "slow", "s": 30})
+            while gatherer.inflight < 1:
+                await trio.sleep(0.001)
+            conns = [await RawConn.open(info.socket_path) for _ in range(12)]
+            for round_ in range(3):
+                params = [{"n": round_ * 100 + i} | ({"mode": mode} if mode else {}) for i in range(12)]
+                await _burst(conns, "g", params, round_)
+                with trio.fail_after(10):
+                    replies = [await conn.response() for conn in conns]
+                for p, reply in zip(params, replies, strict=True):
+                    assert reply.msgid == round_
+                    if expect is not None:
+                        assert reply.error["code"] == expect
+                    elif p["n"] % 2:
+                        assert reply.error["code"] == "invalid_argument"
+                    else:
+                        assert reply.result == {"n": p["n"]}
+            assert gatherer.inflight == 1  # the blocker
+    # Every request went through a group, and groups held several connections.
+    assert sum(handler.groups) == 36 and gatherer.groups == len(handler.groups)
+    assert max(len(callers) for callers in handler.callers) > 1
+
+
+async def test_a_slow_group_does_not_hold_back_the_next() -> None:
+    """A group that suspends hands the gathering on; a drain still waits for its answers."""
+    handler = _GroupEcho()
+    with tempfile.TemporaryDirectory(prefix="kb-", dir="/tmp") as directory:
+        async with running_server(transport_config(Path(directory)), handler) as info:
+            gatherer = info.gatherer
+            assert gatherer is not None
+            slow = [await RawConn.open(info.socket_path) for _ in range(3)]
+            fast = [await RawConn.open(info.socket_path) for _ in range(3)]
+            await _burst(slow, "g", [{"n": i, "mode": "slow", "s": 1.5} for i in range(3)], 1)
+            # The first runs alone (nothing else in flight) and blocks; the
+            # other two are gathered, as the server is busy, into a slow group.
+            while gatherer.inflight < 3 or sum(handler.groups) < 2:  # ... and it has started
+                await trio.sleep(0.001)
+            with trio.fail_after(1):  # well before the slow group ends
+                for round_ in range(3):
+                    await _burst(fast, "g", [{"n": 2 * i} for i in range(3)], 10 + round_)
+                    assert [(await c.response()).result for c in fast] == [{"n": 2 * i} for i in range(3)]
+            assert gatherer.inflight == 3  # the slow requests are all still running
+            with trio.fail_after(5):
+                await info.drain()  # waits for the slow requests
+            replies = [await conn.response() for conn in slow]
+    assert [r.msgid for r in replies] == [1, 1, 1]
+    alone = [r.result for r in replies if r.result is not None and "alone" in r.result]
+    assert len(alone) == 1  # whichever was read first
+    for n, reply in enumerate(replies):
+        if reply.result != {"alone": n}:
+            assert (reply.result, reply.error) == (({"n": n}, None) if n % 2 == 0 else (None, reply.error))
+            assert n % 2 == 0 or reply.error["code"] == "invalid_argument"

@@ -1,0 +1,139 @@
+"""Requests from several connections, run as one group while the server is busy.
+
+Many clients that each wait for their reply send one request at a time, each
+on its own connection. A connection's reader runs such a lone request itself
+(:mod:`broker.connection`), paying alone for the key lookup, authorization,
+use reservation, native call and audit write. When other requests are in
+flight on the server, a reader gives a request of a groupable method
+(``encrypt``, ``decrypt``) to the :class:`Gatherer` instead. Everything
+given to it while the scheduler runs one batch of ready tasks is run by one
+``handle_group`` call in the next batch, and each connection then answers its
+own request. The dispatcher still authorizes each request as its own
+principal and writes one audit record per request; the group shares the rest
+per key and principal. With nothing else in flight a request is never held
+back: a lone client keeps its shortest path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final, final
+
+import trio
+
+from .connection import MAX_GROUP, resume, run_group
+
+if TYPE_CHECKING:
+    from .connection import Connection, GroupHandler
+    from .protocol import Request
+
+__all__ = ["GATHER_WINDOW_S", "Gatherer"]
+
+# Lone requests from different connections closer together than this mean
+# several clients are busy at once (see Gatherer.takes).
+GATHER_WINDOW_S: Final = 100e-6
+
+
+@final
+class Gatherer:
+    """Collects lone requests of groupable methods and runs them in groups.
+
+    Args:
+        handler: the service; it lists the methods it groups in ``groupable``.
+
+    Attributes:
+        inflight: requests read and not yet answered, over every connection
+            (kept by the connections).
+        groups: groups run so far, for tests and metrics.
+    """
+
+    def __init__(self, handler: GroupHandler) -> None:
+        self._handler = handler
+        self._groupable: frozenset[str] = handler.groupable
+        self.inflight = 0
+        self.groups = 0
+        self._pending: list[tuple[Connection, Request]] = []
+        self._wakeup: trio.Event | None = None
+        self._nursery: trio.Nursery | None = None
+        # The connection of the last lone request, and when it was read.
+        self._last: Connection | None = None
+        self._last_at = 0.0
+
+    def takes(self, connection: Connection, method: str) -> bool:
+        """Should a lone request of ``method``, just read by ``connection``, be given here?
+
+        Yes while the server is busy: a group is being gathered, other
+        requests are in flight, or the last lone request came from another
+        connection less than ``GATHER_WINDOW_S`` ago (clients taking turns
+        that fast each find nothing else in flight, as each request is
+        answered within the step that read it). A lone client's requests are
+        never held back.
+        """
+        now = time.perf_counter()
+        last, last_at = self._last, self._last_at
+        self._last, self._last_at = connection, now
+        if method not in self._groupable:
+            return False
+        if self._pending or self.inflight > 1:
+            return True
+        return last is not connection and now - last_at < GATHER_WINDOW_S
+
+    def add(self, connection: Connection, request: Request) -> None:
+        """Run ``request`` with the next group; ``connection.answer`` gets its outcome."""
+        self._pending.append((connection, request))
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None:
+            wakeup.set()
+
+    async def run(self) -> None:
+        """Run groups until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._serve()
+
+    async def _serve(self) -> None:
+        """Take what was added, run it; a group that suspends passes this role to a new task.
+
+        A group usually completes without suspending, so it runs here; one
+        that suspends (a key being loaded, a rotation) must not hold back
+        the groups after it, so another task takes over first.
+        """
+        while True:
+            if not self._pending:
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+                continue
+            pending, self._pending = self._pending, []
+            by_method: dict[str, list[tuple[Connection, Request]]] = {}
+            for item in pending:
+                by_method.setdefault(item[1].method, []).append(item)
+            groups = [
+                (method, items[start : start + MAX_GROUP])
+                for method, items in by_method.items()
+                for start in range(0, len(items), MAX_GROUP)
+            ]
+            for index, (method, items) in enumerate(groups):
+                group = self._run(method, items)
+                try:
+                    trap = group.send(None)
+                except StopIteration:
+                    continue
+                # Suspended: the groups after it go to a new task, first in line.
+                self._pending[:0] = [item for _, rest in groups[index + 1 :] for item in rest]
+                assert self._nursery is not None
+                self._nursery.start_soon(self._serve)
+                await resume(group, trap)
+                return
+
+    async def _run(self, method: str, items: Sequence[tuple[Connection, Request]]) -> None:
+        self.groups += 1
+        outcomes: list[Any] = await run_group(
+            self._handler,
+            [connection.context for connection, _ in items],
+            method,
+            [request.params for _, request in items],
+            "a gathered group",
+        )
+        for (connection, request), outcome in zip(items, outcomes, strict=True):
+            connection.answer(request, outcome)
