@@ -32,7 +32,7 @@ __all__ = ["GATHER_WINDOW_S", "Gatherer"]
 
 # Lone requests from different connections closer together than this mean
 # several clients are busy at once (see Gatherer.takes).
-GATHER_WINDOW_S: Final = 100e-6
+GATHER_WINDOW_S: Final = 1e-3
 
 
 @final
