@@ -384,7 +384,10 @@ class Connection:
             while not self._draining:
                 self._receiving = True
                 try:
-                    data = await self._io.receive()
+                    # Poll only with nothing in flight: a client waiting for a
+                    # reply sends nothing, and the poll would take the CPU
+                    # (and the GIL) from the work it waits for.
+                    data = await self._io.receive(poll=self._inflight == 0)
                 except _TRANSPORT_ERRORS:
                     self._abort("connection lost")
                     return True

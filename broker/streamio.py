@@ -35,7 +35,8 @@ class StreamIO:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
 
-    async def receive(self) -> bytes | bytearray | memoryview:
+    async def receive(self, *, poll: bool = False) -> bytes | bytearray | memoryview:
+        """The next bytes from the peer, empty at EOF (``poll`` is for sockets only)."""
         return await self._stream.receive_some(RECEIVE_SIZE)
 
     def try_send(self, data: bytes | memoryview) -> int:  # pragma: no cover - direct is False
@@ -70,13 +71,19 @@ class SocketIO:
         # rather than pay for a read that fails.
         self._drained = False
 
-    async def receive(self) -> memoryview:
-        """The next bytes from the peer, empty at EOF; valid until the next call."""
+    async def receive(self, *, poll: bool = False) -> memoryview:
+        """The next bytes from the peer, empty at EOF; valid until the next call.
+
+        Args:
+            poll: if the socket is empty, poll it for a moment before
+                sleeping (see :meth:`_poll`): worth it when a reply has just
+                gone out and the peer's next request may follow at once.
+        """
         while True:
             if self._drained:
                 self._drained = False
                 self._unyielded = 0
-                count = await self._poll()
+                count = await self._poll() if poll else None
                 if count is None:
                     await trio.lowlevel.wait_readable(self._sock)
                     count = self._read()

@@ -72,3 +72,27 @@ async def test_server_polls_after_replies_when_configured(busy_poll_us: int) -> 
             assert poller.rounds > polled
             for conn in (first, second):
                 await conn.stream.aclose()
+
+
+async def test_no_polling_while_the_connection_waits_for_its_reply() -> None:
+    handler = EchoHandler()
+    with short_tmpdir() as directory:
+        async with running_server(make_config(directory, busy_poll_us=200_000), handler) as info:
+            poller = info.poller
+            assert poller is not None
+            conn = await RawConn.open(info.socket_path)
+            await _echo(conn, 1)
+            await trio.sleep(0.3)  # the window after that reply has passed
+            await conn.request(2, "gate", {})
+            while handler.started < 2:
+                await trio.sleep(0.001)
+            await trio.sleep(0.01)
+            # The client waits for its reply, so the connection sleeps in epoll.
+            assert poller.polling == 0
+            handler.gate.set()
+            assert (await conn.next()).msgid == 2
+            # A request answered at once (the request-reply loop) is followed by a poll.
+            await _echo(conn, 3)
+            await trio.sleep(0.005)
+            assert poller.polling == 1
+            await conn.stream.aclose()
