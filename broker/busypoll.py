@@ -5,9 +5,10 @@ after the last reply went out. If the broker has gone to sleep in
 ``epoll_wait`` meanwhile, that request first pays for waking the thread
 (and, in a virtual machine, the virtual CPU) and for a trip through the
 scheduler, then runs on cold caches. A Unix-socket connection that has read
-everything waiting for it may instead read again at every scheduler round
-for a short window (other tasks run in between), and picks the next request
-up as soon as it lands. While one connection polls, the event loop never
+everything waiting for it and answered all of it may instead read again at
+every scheduler round for a short window (other tasks run in between), and
+picks the next request up as soon as it lands. (With a request in flight the
+client is waiting, not sending, so the connection sleeps.) While one connection polls, the event loop never
 blocks, so every other connection's I/O is noticed at once too; that is why
 one polling connection at a time is enough, and it bounds the cost to one
 core for at most the window after a reply. A broker with no requests for
