@@ -605,9 +605,11 @@ class Connection:
         ``outcome`` is its result or the BrokerError it failed with.
         """
         self._gathered -= 1
-        self._respond(self._encode_outcome(request.msgid, request.method, outcome), 1)
-        if not self._gathered:
-            self._gathered_done.set()
+        try:
+            self._respond(self._encode_outcome(request.msgid, request.method, outcome), 1)
+        finally:
+            if not self._gathered:
+                self._gathered_done.set()
 
     def _encode_outcome(self, msgid: int, method: str, outcome: Any) -> bytes:
         if isinstance(outcome, BrokerError):

@@ -16,6 +16,7 @@ back: a lone client keeps its shortest path.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final, final
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from .protocol import Request
 
 __all__ = ["GATHER_WINDOW_S", "Gatherer"]
+
+log = logging.getLogger("keybroker.gather")
 
 # Lone requests from different connections closer together than this mean
 # several clients are busy at once (see Gatherer.takes).
@@ -136,4 +139,8 @@ class Gatherer:
             "a gathered group",
         )
         for (connection, request), outcome in zip(items, outcomes, strict=True):
-            connection.answer(request, outcome)
+            try:
+                connection.answer(request, outcome)
+            except Exception:
+                # A bug in one connection must not take the others' answers, or the server, down.
+                log.exception("connection %d: answering a gathered request failed", connection.connection_id)

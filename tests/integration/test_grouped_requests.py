@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from broker.app import Broker, open_broker
 from broker.audit import verify_audit_dir
 from broker.config import parse_config
-from broker.connection import RequestContext
+from broker.connection import Connection, RequestContext
 from broker.errors import BrokerError, InvalidArgument, NotFound
 from broker.server import ServerInfo
 from tests._transport_helpers import RawConn, running_server
@@ -332,3 +332,31 @@ async def test_a_slow_group_does_not_hold_back_the_next() -> None:
         if reply.result != {"alone": n}:
             assert (reply.result, reply.error) == (({"n": n}, None) if n % 2 == 0 else (None, reply.error))
             assert n % 2 == 0 or reply.error["code"] == "invalid_argument"
+
+
+async def test_a_failed_answer_spares_the_rest_of_its_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug while answering one gathered request: the others are answered, the server serves on."""
+    handler = _GroupEcho()
+    original = Connection.answer
+
+    def answer(self: Connection, request: Any, outcome: Any) -> None:
+        if request.params["n"] == 4:
+            raise RuntimeError("bug while answering")
+        original(self, request, outcome)
+
+    monkeypatch.setattr(Connection, "answer", answer)
+    with tempfile.TemporaryDirectory(prefix="kb-", dir="/tmp") as directory:
+        async with running_server(transport_config(Path(directory)), handler) as info:
+            assert info.gatherer is not None
+            blocker = await RawConn.open(info.socket_path)
+            await blocker.request(1, "g", {"n": 1, "mode": "slow", "s": 30})  # keeps the server busy
+            while info.gatherer.inflight < 1:
+                await trio.sleep(0.001)
+            conns = [await RawConn.open(info.socket_path) for _ in range(4)]
+            await _burst(conns, "g", [{"n": 2 * i} for i in range(4)], 5)
+            with trio.fail_after(5):
+                answered = [await conn.response() for i, conn in enumerate(conns) if i != 2]
+            assert [r.result for r in answered] == [{"n": 0}, {"n": 2}, {"n": 6}]
+            await _burst(conns[:1], "g", [{"n": 8}], 6)
+            with trio.fail_after(5):
+                assert (await conns[0].response()).result == {"n": 8}
