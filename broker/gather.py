@@ -59,8 +59,8 @@ class Gatherer:
         self._pending: list[tuple[Connection, Request]] = []
         self._wakeup: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
-        # The connection of the last lone request, and when it was read.
-        self._last: Connection | None = None
+        # The connection (id) of the last lone request, and when it was read.
+        self._last = 0
         self._last_at = 0.0
 
     def takes(self, connection: Connection, method: str) -> bool:
@@ -75,12 +75,12 @@ class Gatherer:
         """
         now = time.perf_counter()
         last, last_at = self._last, self._last_at
-        self._last, self._last_at = connection, now
+        self._last, self._last_at = connection.connection_id, now
         if method not in self._groupable:
             return False
         if self._pending or self.inflight > 1:
             return True
-        return last is not connection and now - last_at < GATHER_WINDOW_S
+        return last != connection.connection_id and now - last_at < GATHER_WINDOW_S
 
     def add(self, connection: Connection, request: Request) -> None:
         """Run ``request`` with the next group; ``connection.answer`` gets its outcome."""
