@@ -15,7 +15,7 @@ task that ran it, saving the hop to the writer on the request-reply path.
 On that path (a request that arrives alone, nothing else in flight) the
 reader runs the request itself, without a hop to a worker. Should the
 request suspend, the reading role passes to a worker first, so the
-connection keeps reading; see :meth:`Connection._read_role`. A Unix-socket
+connection keeps reading; see :meth:`Connection._read_loop`. A Unix-socket
 reader that has drained its socket may poll it for a moment before it sleeps
 (:mod:`broker.busypoll`).
 
@@ -38,7 +38,7 @@ import logging
 import math
 import traceback
 import types
-from collections.abc import Coroutine, Generator, Sequence
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast, final
 
@@ -62,7 +62,7 @@ from .streamio import stream_io
 if TYPE_CHECKING:
     from .gather import Gatherer
 
-__all__ = ["MAX_GROUP", "Connection", "GroupHandler", "Handler", "RequestContext", "resume", "run_group"]
+__all__ = ["MAX_GROUP", "Connection", "GroupHandler", "Handler", "RequestContext", "run_group", "run_inline"]
 
 log = logging.getLogger("keybroker.connection")
 
@@ -75,8 +75,24 @@ MAX_GROUP: Final = 256
 _TRANSPORT_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
+async def run_inline(coro: Coroutine[Any, Any, None], on_suspend: Callable[[], None]) -> bool:
+    """Run ``coro`` in this task; True if it finished without ever suspending.
+
+    Should it suspend, ``on_suspend`` runs first (to hand this task's other
+    duties to another task), then this task goes on running ``coro`` to its
+    end and returns False.
+    """
+    try:
+        trap = coro.send(None)
+    except StopIteration:
+        return True
+    on_suspend()
+    await _resume(coro, trap)
+    return False
+
+
 @types.coroutine
-def resume(coro: Coroutine[Any, Any, None], trap: Any) -> Generator[Any, Any, None]:
+def _resume(coro: Coroutine[Any, Any, None], trap: Any) -> Generator[Any, Any, None]:
     """Go on running ``coro``, which suspended at ``trap``, in this task (as ``await`` would)."""
     while True:
         try:
@@ -427,13 +443,8 @@ class Connection:
                             self._gathered += 1
                             gatherer.add(self, event)
                             continue
-                        request = self._dispatch(event)
-                        try:
-                            trap = request.send(None)
-                        except StopIteration:
+                        if await run_inline(self._dispatch(event), self._pass_reading):
                             continue  # answered without suspending
-                        self._pass_reading()
-                        await resume(request, trap)
                         return False
                     self._submit(event)
         if self._timed_out == "message":
@@ -498,7 +509,7 @@ class Connection:
             self._rouse()
 
     def _pass_reading(self) -> None:
-        """Have a worker take over reading (see :meth:`_read_role`)."""
+        """Have a worker take over reading (see :meth:`_read_loop`)."""
         self._reader_wanted = True
         if not self._waking:
             # A worker woken but not yet run takes the role instead. With

@@ -16,6 +16,7 @@ back: a lone client keeps its shortest path.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final, final
 
 import trio
 
-from .connection import MAX_GROUP, resume, run_group
+from .connection import MAX_GROUP, run_group, run_inline
 
 if TYPE_CHECKING:
     from .connection import Connection, GroupHandler
@@ -117,17 +118,17 @@ class Gatherer:
                 for start in range(0, len(items), MAX_GROUP)
             ]
             for index, (method, items) in enumerate(groups):
-                group = self._run(method, items)
-                try:
-                    trap = group.send(None)
-                except StopIteration:
-                    continue
-                # Suspended: the groups after it go to a new task, first in line.
-                self._pending[:0] = [item for _, rest in groups[index + 1 :] for item in rest]
-                assert self._nursery is not None
-                self._nursery.start_soon(self._serve)
-                await resume(group, trap)
-                return
+                hand_over = functools.partial(self._hand_over, groups, index + 1)
+                if not await run_inline(self._run(method, items), hand_over):
+                    return
+
+    def _hand_over(
+        self, groups: Sequence[tuple[str, Sequence[tuple[Connection, Request]]]], start: int
+    ) -> None:
+        """A group suspended: a new task serves, taking ``groups[start:]`` (those after it) first."""
+        self._pending[:0] = [item for _, items in groups[start:] for item in items]
+        assert self._nursery is not None
+        self._nursery.start_soon(self._serve)
 
     async def _run(self, method: str, items: Sequence[tuple[Connection, Request]]) -> None:
         self.groups += 1
