@@ -181,20 +181,29 @@ async def test_lone_requests_run_in_the_reading_task() -> None:
         assert handler.tasks == [reader] * 5
 
 
+async def _block_at_gate(peer: Peer, handler: EchoHandler) -> None:
+    """Send request 1, a lone request that waits at the handler's gate, and wait until it runs."""
+    await peer.send(encode_request(1, "gate", {}))
+    while handler.started < 1:
+        await trio.sleep(0.001)
+
+
+async def _expect_gate_reply(peer: Peer) -> None:
+    response = await peer.next()
+    assert isinstance(response, Response) and (response.msgid, response.result) == (1, {"gate": True})
+
+
 async def test_lone_request_that_blocks_passes_on_reading() -> None:
     handler = EchoHandler()
     async with connection(handler) as (peer, _, _nursery):
-        await peer.send(encode_request(1, "gate", {}))
-        while handler.started < 1:
-            await trio.sleep(0.001)
+        await _block_at_gate(peer, handler)
         # The first request waits; the connection still reads and answers.
         for i in range(2, 5):
             await peer.send(encode_request(i, "echo", {"i": i}))
             response = await peer.next()
             assert isinstance(response, Response) and (response.msgid, response.result) == (i, {"i": i})
         handler.gate.set()
-        response = await peer.next()
-        assert isinstance(response, Response) and (response.msgid, response.result) == (1, {"gate": True})
+        await _expect_gate_reply(peer)
         # And lone requests after it are still answered.
         await peer.send(encode_request(5, "echo", {"i": 5}))
         response = await peer.next()
@@ -204,13 +213,10 @@ async def test_lone_request_that_blocks_passes_on_reading() -> None:
 async def test_drain_waits_for_a_lone_request_that_blocks() -> None:
     handler = EchoHandler()
     async with connection(handler) as (peer, conn, _):
-        await peer.send(encode_request(1, "gate", {}))
-        while handler.started < 1:
-            await trio.sleep(0.001)
+        await _block_at_gate(peer, handler)
         conn.begin_drain()
         await trio.sleep(0.01)
         handler.gate.set()
-        response = await peer.next()
-        assert isinstance(response, Response) and (response.msgid, response.result) == (1, {"gate": True})
+        await _expect_gate_reply(peer)
         with trio.fail_after(1):
             assert await peer.closed()
