@@ -38,7 +38,7 @@ DEFAULT_MAX_INFLIGHT = 128
 DEFAULT_MESSAGE_TIMEOUT_S = 30.0
 # SIGTERM lets in-flight requests finish for this long before cancelling them.
 DEFAULT_DRAIN_TIMEOUT_S = 10.0
-# After each reply the event loop keeps polling this long (see broker.busypoll).
+# After a reply, a Unix-socket connection polls for the next request this long (broker.busypoll).
 DEFAULT_BUSY_POLL_US = 50
 
 

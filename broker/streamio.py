@@ -119,8 +119,10 @@ class SocketIO:
         window passed, or another connection holds the polling slot.
         """
         poller = self._poller
-        deadline = poller.start() if poller is not None else None
-        if poller is None or deadline is None:
+        if poller is None:
+            return None
+        deadline = poller.start()
+        if deadline is None:
             return None
         try:
             while True:
