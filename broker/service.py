@@ -80,6 +80,21 @@ EVENT_FOR: dict[Transition, EventKind] = {
 
 
 @dataclass(frozen=True, slots=True)
+class _Protecting:
+    """What the last successful reservation on a key found, reused while the key is unchanged.
+
+    Everything here follows from ``key`` alone (a Key never changes; a
+    changed key is a new object), except the meter, which is the one
+    kept for that version for the broker's life.
+    """
+
+    key: Key
+    limit: int | None
+    meter: Meter
+    ref: VersionRef
+
+
+@dataclass(frozen=True, slots=True)
 class Sealed:
     """Result of a protecting operation: outputs and the version used."""
 
@@ -107,6 +122,7 @@ class KeyService:
         self._name_by_id: dict[bytes, str] = {}
         self._locks: dict[str, trio.Lock] = {}
         self._meters: dict[tuple[bytes, int], Meter] = {}
+        self._protecting: dict[bytes, _Protecting] = {}
         self._listeners: list[Callable[[KeyEvent], None]] = []
         # One-time RSA wrapping keys for key.import, in this broker's memory.
         self.import_tokens = ImportTokens(self.now)
@@ -135,6 +151,7 @@ class KeyService:
     def _remember(self, key: Key) -> Key:
         self._by_name[key.name] = key
         self._name_by_id[key.id] = key.name
+        self._protecting.pop(key.id, None)
         return key
 
     def forget(self, name: str) -> None:
@@ -146,6 +163,7 @@ class KeyService:
         key = self._by_name.pop(name, None)
         if key is not None:
             self._name_by_id.pop(key.id, None)
+            self._protecting.pop(key.id, None)
             backend = self.backends.get(key.protection)
             if backend is not None:
                 backend.forget(key.id)
@@ -360,37 +378,49 @@ class KeyService:
             meter = self._meters[(key.id, number)] = Meter(spent=version.uses if version else 0)
         return meter
 
-    async def _reserve(self, key: Key, count: int) -> tuple[Key, UseGrant]:
+    async def _reserve(self, key: Key, count: int) -> tuple[Key, VersionRef]:
         """Spend ``count`` uses of the primary version, rotating first if it would cross its limit.
+
+        Returns the key as it is now (a rotation makes a new one) and the
+        version the uses were spent on.
 
         Raises:
             LimitExceeded: one call asks for more uses than a version may have.
             InvalidState: the key's state forbids protecting new data.
         """
+        last = self._protecting.get(key.id)
+        if (
+            last is not None and last.key is key and (last.limit is None or count <= last.limit)
+            and last.meter.take(count)
+        ):
+            return key, last.ref
         limit = use_limit(key)
         if limit is not None and count > limit:
             raise LimitExceeded(
                 f"{count} items exceed the key's limit of {limit} uses per version",
                 {"limit": limit},
             )
-        grant = check_use(key, Usage.PROTECT)
-        if self._meter(key, grant.version.number).take(count):
-            return key, grant
-        async with self._lock(key.name):
-            for _ in range(MAX_CHANGE_ATTEMPTS):
-                key = await self.get(key.name)
-                grant = check_use(key, Usage.PROTECT)
-                number = grant.version.number
-                meter = self._meter(key, number)
-                if meter.take(count):
-                    return key, grant
-                wanted = lease_size(limit, count - meter.available)
-                meter.available += await self.store.reserve_uses(key.id, number, wanted, limit)
-                if meter.take(count):
-                    return key, grant
-                # The version's limit is reached: rotate before crossing it.
-                await self._rotate_for_usage(key)
-        raise StaleRevision(f"key {key.name!r} could not reserve uses; try again")
+        number = check_use(key, Usage.PROTECT).version.number
+        if not self._meter(key, number).take(count):
+            async with self._lock(key.name):
+                for _ in range(MAX_CHANGE_ATTEMPTS):
+                    key = await self.get(key.name)
+                    number = check_use(key, Usage.PROTECT).version.number
+                    meter = self._meter(key, number)
+                    if meter.take(count):
+                        break
+                    wanted = lease_size(limit, count - meter.available)
+                    meter.available += await self.store.reserve_uses(key.id, number, wanted, limit)
+                    if meter.take(count):
+                        break
+                    # The version's limit is reached: rotate before crossing it.
+                    await self._rotate_for_usage(key)
+                else:
+                    raise StaleRevision(f"key {key.name!r} could not reserve uses; try again")
+        ref = key.ref(number)
+        if self._by_name.get(key.name) is key:
+            self._protecting[key.id] = _Protecting(key, limit, self._meter(key, number), ref)
+        return key, ref
 
     async def _rotate_for_usage(self, old: Key) -> None:
         rotated = add_version(old, b"", self.now())
@@ -408,10 +438,9 @@ class KeyService:
 
     async def encrypt(self, key: Key, items: Sequence[bytes], aad: Aad) -> Sealed:
         check_operation(key, "encrypt")
-        key, grant = await self._reserve(key, len(items))
-        number = grant.version.number
-        outputs = await self.backend(key).encrypt(key.ref(number), items, aad)
-        return Sealed(key, number, outputs)
+        key, ref = await self._reserve(key, len(items))
+        outputs = await self.backend(key).encrypt(ref, items, aad)
+        return Sealed(key, ref.version, outputs)
 
     def process_grant(self, key: Key, version: int, *, allow_compromised: bool) -> UseGrant:
         return check_use(key, Usage.PROCESS, version, allow_compromised=allow_compromised)
@@ -424,20 +453,17 @@ class KeyService:
     async def rewrap(
         self, key: Key, version: int, envelopes: Sequence[bytes], aad: Aad
     ) -> tuple[int, list[bytes | None]]:
-        key, grant = await self._reserve(key, len(envelopes))
-        new = key.ref(grant.version.number)
+        key, new = await self._reserve(key, len(envelopes))
         return new.version, await self.backend(key).rewrap(key.ref(version), new, envelopes, aad)
 
     async def sign(self, key: Key, data: bytes, *, prehashed: bool) -> tuple[int, bytes]:
         check_operation(key, "sign")
-        key, grant = await self._reserve(key, 1)
-        ref = key.ref(grant.version.number)
+        key, ref = await self._reserve(key, 1)
         return ref.version, await self.backend(key).sign(ref, data, prehashed=prehashed)
 
     async def mac(self, key: Key, message: bytes) -> tuple[int, bytes]:
         check_operation(key, "mac")
-        key, grant = await self._reserve(key, 1)
-        ref = key.ref(grant.version.number)
+        key, ref = await self._reserve(key, 1)
         return ref.version, await self.backend(key).mac(ref, message)
 
     def verification_versions(
