@@ -63,7 +63,7 @@ class Plugins:
             self.manager.register(plugin)
         self.manager.check_pending()
         self._hook = self.manager.hook
-        self._decisions: dict[AuthzRequest, bool] = {}
+        self._decisions: dict[tuple[str, str, str | None, str | None], bool] = {}
         self.policies: list[Policy] = [
             policy for batch in self._hook.kb_policies(config=config) for policy in batch
         ]
@@ -113,12 +113,18 @@ class Plugins:
         start), so decisions are remembered in a bounded cache: most traffic
         is the same few principals using the same few keys.
         """
-        cached = self._decisions.get(request)
+        return self.decide(request.principal, request.operation, request.key, request.classification)
+
+    def decide(self, principal: str, operation: str, key: str | None, classification: str | None) -> bool:
+        """:meth:`authorize` of the request with these fields, built only when not cached."""
+        fields = (principal, operation, key, classification)
+        cached = self._decisions.get(fields)
         if cached is None:
+            request = AuthzRequest(principal, operation, key, classification)
             cached = combine(policy.authorize(request) for policy in self.policies)
             if len(self._decisions) >= DECISION_CACHE_SIZE:
                 self._decisions.clear()
-            self._decisions[request] = cached
+            self._decisions[fields] = cached
         return cached
 
     def roles(self, principal: str) -> list[str]:

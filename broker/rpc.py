@@ -36,7 +36,7 @@ from .methods_keys import KEY_METHODS, target
 from .methods_report import REPORT_METHODS
 from .metrics import Metrics
 from .params import as_str, parse
-from .policy import AuthzRequest, RpcMethod
+from .policy import RpcMethod
 from .service import KeyService
 from .subscriptions import Subscriptions
 
@@ -180,13 +180,12 @@ class Dispatcher:
     def allowed(
         self, call: Call, key_name: str | None, key: Key | None = None, op: str | None = None
     ) -> bool:
-        request = AuthzRequest(
-            principal=call.ctx.principal.name,
-            operation=op or call.method,
-            key=key_name,
-            classification=key.classification.value if key is not None else None,
+        return self.plugins.decide(
+            call.ctx.principal.name,
+            op or call.method,
+            key_name,
+            key.classification.value if key is not None else None,
         )
-        return self.plugins.authorize(request)
 
     async def key_for(self, call: Call, name: str) -> Key:
         """Find a key and authorize the call on it.
