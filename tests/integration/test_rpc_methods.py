@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from broker.app import Broker, open_broker
 from broker.audit import verify_audit_dir
 from broker.envelope import parse_header
 from broker.errors import BrokerError
+from broker.keys import KeyState
 from tests.conftest import Caller, ConfigFactory
 
 
@@ -271,6 +273,24 @@ async def test_usage_limit_rotates_before_crossing(admin: Caller) -> None:
     await fails(admin("encrypt_batch", key="n", items=[b"x"] * 11), "limit_exceeded")
     out = await admin("encrypt_batch", key="n", items=[b"x"] * 10)
     assert out["version"] == 4
+
+
+async def test_encrypt_follows_a_change_made_by_another_broker(admin: Caller, broker: Broker) -> None:
+    # Repeated encrypts reuse what the first one worked out about the key
+    # (its limit, version and meter); a change made elsewhere reaches this
+    # broker as a forget (the cluster feed), after which the next encrypt
+    # must see the stored key, not the plan.
+    await admin("key.create", name="shared", type="aes256-gcm")
+    for _ in range(3):
+        assert (await admin("encrypt", key="shared", plaintext=b"x"))["version"] == 1
+    store = broker.service.store
+    current = await store.get_key("shared")
+    assert current is not None
+    elsewhere = replace(current, state=KeyState.DEACTIVATED, revision=current.revision + 1)
+    await store.replace_key(elsewhere, expected_revision=current.revision)
+    assert (await admin("encrypt", key="shared", plaintext=b"x"))["version"] == 1  # not told yet
+    broker.service.forget("shared")
+    await fails(admin("encrypt", key="shared", plaintext=b"x"), "invalid_state")
 
 
 async def test_strangers_are_denied_and_learn_nothing(broker: Broker, admin: Caller) -> None:
