@@ -13,6 +13,8 @@
 #define _GNU_SOURCE
 #include "kb.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <strings.h>
 #include <pthread.h>
@@ -1204,5 +1206,73 @@ int kb_hmac_verify(kb_slot *slot, const unsigned char *msg, size_t msg_len, cons
     if (rc == KB_OK)
         rc = tag_len == KB_MAC_LEN && CRYPTO_memcmp(mac, tag, KB_MAC_LEN) == 0;
     OPENSSL_cleanse(mac, sizeof(mac));
+    return rc;
+}
+
+
+/* --- fdatasync off the event loop ----------------------------------------- */
+
+/* Stack of a flushing thread: it makes three system calls. */
+#define KB_SYNC_STACK ((size_t)64 * 1024)
+
+typedef struct {
+    int fd;        /* duplicate of the file to flush: the thread's to close */
+    int notify_fd; /* duplicate of the caller's eventfd: the thread's to close */
+} kb_sync_job;
+
+static void *kb_sync_main(void *arg)
+{
+    kb_sync_job job = *(kb_sync_job *)arg;
+    free(arg);
+    /* An eventfd write of 0 would wake nobody: success is 1, failure 1 + errno. */
+    uint64_t outcome = 1;
+    if (fdatasync(job.fd) != 0)
+        outcome = 1 + (uint64_t)errno;
+    ssize_t written;
+    do {
+        written = write(job.notify_fd, &outcome, sizeof outcome);
+    } while (written < 0 && errno == EINTR);
+    /* An eventfd write of 8 bytes either succeeds whole or fails (only on
+     * counter overflow, impossible with one write per eventfd); the caller
+     * then waits in vain, which a short write could not make better. */
+    close(job.fd);
+    close(job.notify_fd);
+    return NULL;
+}
+
+int kb_fdatasync_start(int fd, int notify_fd)
+{
+    kb_sync_job *job = malloc(sizeof *job);
+    if (job == NULL)
+        return ENOMEM;
+    job->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (job->fd < 0) {
+        int err = errno;
+        free(job);
+        return err;
+    }
+    job->notify_fd = fcntl(notify_fd, F_DUPFD_CLOEXEC, 0);
+    if (job->notify_fd < 0) {
+        int err = errno;
+        close(job->fd);
+        free(job);
+        return err;
+    }
+    pthread_attr_t attr;
+    int rc = pthread_attr_init(&attr);
+    if (rc == 0) {
+        rc = pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        if (rc == 0)
+            rc = pthread_attr_setstacksize(&attr, KB_SYNC_STACK);
+        pthread_t thread;
+        if (rc == 0)
+            rc = pthread_create(&thread, &attr, kb_sync_main, job);
+        pthread_attr_destroy(&attr);
+    }
+    if (rc != 0) {
+        close(job->fd);
+        close(job->notify_fd);
+        free(job);
+    }
     return rc;
 }

@@ -53,6 +53,7 @@ from broker.audit import (
     parse_valid_line,
 )
 from broker.config import Config
+from broker.durable import fdatasync, flush
 from broker.hookspecs import hookimpl
 
 __all__ = ["DIR_MODE", "FILE_MODE", "FileAuditSink", "kb_audit_sinks"]
@@ -85,9 +86,10 @@ class FileAuditSink:
         broker on the same data directory fails to start instead of forking
         the chain; :meth:`aclose` releases it.
 
-    Fsyncs and file set-up run in a worker thread, through the sink's own
-    limiter so audit writes never wait behind unrelated work in trio's
-    default thread pool; :meth:`append` alone writes on the event loop.
+    File set-up and :meth:`write` run in a worker thread, through the
+    sink's own limiter so audit writes never wait behind unrelated work in
+    trio's default thread pool; :meth:`append` writes on the event loop and
+    :meth:`sync` flushes on a native thread.
     """
 
     name = "file"
@@ -147,12 +149,12 @@ class FileAuditSink:
             self._append(records, sync=False)
 
     async def sync(self) -> None:
-        """Fsync everything appended so far (in a worker thread).
+        """Fsync everything appended so far (:func:`broker.durable.fdatasync`: off the event loop).
 
         Raises:
             OSError: the fsync failed or the sink is closed.
         """
-        await trio.to_thread.run_sync(self._sync_open, limiter=self._limiter)
+        await fdatasync(self._open_fd())
 
     async def aclose(self) -> None:
         """Close the file, releasing the lock. Idempotent."""
@@ -195,7 +197,7 @@ class FileAuditSink:
         # tail is set aside twice on the next start, never lost.
         torn_path, lines = _set_aside(fd, self.directory, good_end, size)
         os.ftruncate(fd, good_end)
-        _sync(fd)
+        flush(fd)
         return ChainHead(
             seq=seq, hash=digest, set_aside_bytes=size - good_end, set_aside_path=str(torn_path),
             set_aside_lines=lines,
@@ -210,15 +212,12 @@ class FileAuditSink:
             raise OSError(errno.EBADF, "audit log is closed", str(self.path))
         return fd
 
-    def _sync_open(self) -> None:
-        _sync(self._open_fd())
-
     def _append(self, records: Sequence[AuditRecord], *, sync: bool) -> None:
         fd = self._open_fd()
         if self._dirty:
             os.ftruncate(fd, self._size)
             if sync:
-                _sync(fd)
+                flush(fd)
             self._dirty = False
         data = records[0].to_json_line() if len(records) == 1 else b"".join(r.to_json_line() for r in records)
         try:
@@ -226,12 +225,12 @@ class FileAuditSink:
             # to flush, so durability is exactly the sync below.
             _write_all(fd, data)
             if sync:
-                _sync(fd)
+                flush(fd)
         except OSError:
             self._dirty = True
             try:
                 os.ftruncate(fd, self._size)
-                _sync(fd)
+                flush(fd)
                 self._dirty = False
             except OSError:
                 pass  # _dirty stays set: the next write retries the rollback first
@@ -240,15 +239,6 @@ class FileAuditSink:
 
 
 # --- helpers -----------------------------------------------------------------
-
-
-def _sync(fd: int) -> None:
-    # fdatasync also persists the new file size (needed to read the data
-    # back) but skips timestamps: one journal write less per batch.
-    if hasattr(os, "fdatasync"):
-        os.fdatasync(fd)
-    else:  # macOS
-        os.fsync(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Run the envelope tests against an AddressSanitizer + UBSan build of broker._native.
+"""Run the envelope and flush tests against an AddressSanitizer + UBSan build of broker._native.
 
 The module is rebuilt with ``KEYBROKER_SANITIZE=1 native/build.py --tmpdir``
 into a temporary directory next to a copy of the broker package, and pytest
@@ -24,6 +24,7 @@ TEST_FILES = [
     "tests/unit/test_envelope.py",
     "tests/unit/test_envelope_engine.py",
     "tests/property/test_envelope_props.py",
+    "tests/unit/test_durable.py",
 ]
 BUILD_TIMEOUT = 240
 RUN_TIMEOUT = 180

@@ -1,0 +1,107 @@
+"""broker.durable.fdatasync: a flush on a native thread, reported through an eventfd."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from broker._native import lib
+from broker.durable import fdatasync, flush
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "eventfd"), reason="the native flush is Linux-only")
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def _settled_fd_count(baseline: int) -> int:
+    # Each flushing thread closes its duplicates just after reporting.
+    with trio.move_on_after(2):
+        while _open_fds() > baseline:
+            await trio.sleep(0.005)
+    return _open_fds()
+
+
+async def test_flushes_what_was_written(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, b"record\n")
+        await fdatasync(fd)
+        flush(fd)  # the blocking twin accepts the same descriptor
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"record\n"
+
+
+@pytest.mark.parametrize(
+    ("make_fd", "code"),
+    [
+        (lambda: os.pipe()[0], errno.EINVAL),  # reported by the flushing thread
+        (lambda: 2**20, errno.EBADF),  # refused before any thread starts
+    ],
+    ids=["pipe", "closed"],
+)
+async def test_failures_raise_the_flush_errno(make_fd: object, code: int) -> None:
+    fd = make_fd()  # type: ignore[operator]
+    with pytest.raises(OSError) as info:
+        await fdatasync(fd)
+    assert info.value.errno == code
+
+
+async def test_many_flushes_at_once_all_finish_and_leave_no_descriptor(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "log", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"x")
+        baseline = _open_fds()
+        done = 0
+
+        async def one() -> None:
+            nonlocal done
+            await fdatasync(fd)
+            done += 1
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(40):
+                nursery.start_soon(one)
+        assert done == 40
+        assert await _settled_fd_count(baseline) == baseline
+    finally:
+        os.close(fd)
+
+
+async def test_the_thread_reports_to_its_own_duplicate_of_the_eventfd(tmp_path: Path) -> None:
+    # The caller may close its eventfd while the flush runs; if the number
+    # is reused at once, the report must not land in the new file.
+    fd = os.open(tmp_path / "log", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        for _ in range(20):
+            notify = os.eventfd(0, os.EFD_CLOEXEC)
+            assert lib.kb_fdatasync_start(fd, notify) == 0
+            os.close(notify)
+            reused = os.open(tmp_path / "reused", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                await trio.sleep(0.01)
+                assert os.fstat(reused).st_size == 0
+            finally:
+                os.close(reused)
+    finally:
+        os.close(fd)
+
+
+async def test_a_started_flush_is_waited_for_despite_cancellation(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "log", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        finished = False
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await fdatasync(fd)
+            finished = True
+        assert finished and not scope.cancelled_caught
+    finally:
+        os.close(fd)
