@@ -1,9 +1,12 @@
 """Built-in store: key metadata and wrapped material in one SQLite database.
 
 keybroker's embedded default (``store = "sqlite"``): the database is
-``<data_dir>/keys.db``, in WAL mode with ``synchronous=FULL`` (a change is on
-disk before the broker replies), ``secure_delete`` (erased material is
-zeroed, not just unlinked) and foreign keys on. The file is 0600 in a 0700
+``<data_dir>/keys.db``, in WAL mode. Changes are written on the event loop
+and committed without a flush (``synchronous=NORMAL``); the store then
+flushes the log on a native thread (:func:`broker.durable.fdatasync`), so a
+change is on disk before the broker replies, as with ``synchronous=FULL``,
+without a worker thread per write. ``secure_delete`` (erased material is
+zeroed, not just unlinked) and foreign keys are on. The file is 0600 in a 0700
 directory. Each state change is one transaction, so a crash at any instant
 leaves every key as it was before or after a change, never in between. When
 one machine is not enough, several brokers share a PostgreSQL store instead.
@@ -24,7 +27,8 @@ and a test that subclasses
 :class:`broker.testing.store_suite.StoreConformance` (see
 tests/plugin_contract/test_sqlite_store.py). It uses only the public plugin
 API: :mod:`broker.keys`, :mod:`broker.store`, :mod:`broker.errors`,
-:class:`broker.config.Config` and :data:`broker.hookspecs.hookimpl`.
+:mod:`broker.durable`, :class:`broker.config.Config` and
+:data:`broker.hookspecs.hookimpl`.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from typing import Final, TypeVar, final
 
 import trio
 
+from broker.durable import fdatasync
 from broker.errors import AlreadyExists, NotFound, Unavailable
 from broker.keys import Key, KeyState
 from broker.store import check_document_ref, key_columns, key_from_columns, lost_replace, version_columns
@@ -49,6 +50,11 @@ FILE_MODE: Final = 0o600
 # How long a write waits for another process holding the database's write
 # lock (an operator's sqlite3 shell, a backup) before giving up as unavailable.
 DEFAULT_BUSY_TIMEOUT_S: Final = 5.0
+
+_SQLITE_BUSY: Final = 5
+# The writer checkpoints the log (in a worker thread) after this many
+# committed groups: about what SQLite's default of 1,000 log pages would do.
+CHECKPOINT_EVERY_GROUPS: Final = 256
 
 # Primary SQLite result codes that mean "the medium cannot serve now".
 _UNAVAILABLE_CODES: Final[Mapping[int, str]] = {
@@ -324,7 +330,8 @@ def _connect(path: Path, busy_timeout_s: float, *, read_only: bool) -> sqlite3.C
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise Unavailable(f"the key store cannot use write-ahead logging (journal mode {mode})")
-        # FULL: a commit is on disk (WAL fsynced) before the call returns.
+        # FULL: a commit is on disk (WAL fsynced) before the call returns
+        # (the writer changes this once its schema is up to date: _for_the_loop).
         conn.execute("PRAGMA synchronous = FULL")
         # Freed and overwritten content is zeroed, so erased material does not
         # linger in free pages.
@@ -356,18 +363,31 @@ class _Change:
         return self.value
 
 
-def _write_group(conn: sqlite3.Connection, changes: Sequence[_Change]) -> None:
+def _write_group(conn: sqlite3.Connection, changes: Sequence[_Change], *, wait_ms: int = 0) -> bool:
     """Write ``changes`` in one IMMEDIATE transaction, each in a savepoint; record each outcome.
 
     A change that raises is rolled back to its savepoint alone. A failure of
     the medium that ends the whole transaction, or of the commit, fails
-    every change of the group: none of them is on disk.
+    every change of the group: none of them is on disk. The commit does not
+    flush the log (see :class:`_WriteAheadLog`).
+
+    Returns False, having done nothing, when another connection holds the
+    write lock and ``wait_ms`` is 0; with ``wait_ms`` it waits that long
+    for the lock (and fails the group as unavailable after).
     """
     try:
-        conn.execute("BEGIN IMMEDIATE")
+        if wait_ms:
+            conn.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        finally:
+            if wait_ms:
+                conn.execute("PRAGMA busy_timeout = 0")
     except sqlite3.Error as exc:
+        if not wait_ms and (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == _SQLITE_BUSY:
+            return False
         _fail_all(changes, exc)
-        return
+        return True
     for change in changes:
         try:
             conn.execute("SAVEPOINT change")
@@ -376,7 +396,7 @@ def _write_group(conn: sqlite3.Connection, changes: Sequence[_Change]) -> None:
         except Exception as exc:
             if not conn.in_transaction:  # SQLite rolled the whole transaction back
                 _fail_all(changes, exc)
-                return
+                return True
             conn.execute("ROLLBACK TO change")
             conn.execute("RELEASE change")
             change.error = _translate(exc)
@@ -386,6 +406,25 @@ def _write_group(conn: sqlite3.Connection, changes: Sequence[_Change]) -> None:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         _fail_all(changes, exc)
+    return True
+
+
+def _for_the_loop(conn: sqlite3.Connection) -> None:
+    """Settings of the writer, whose changes run on the event loop (:meth:`_Connection.change`)."""
+    # The commit writes the log without flushing it (NORMAL), and the store
+    # flushes the log itself before anyone learns the outcome
+    # (_WriteAheadLog): together what FULL does inside the commit.
+    conn.execute("PRAGMA synchronous = NORMAL")
+    # Checkpoints run in a worker thread, never inside a commit on the
+    # event loop; nor does a commit wait there for another process's lock
+    # (_write_group reports it, and a thread waits instead).
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("PRAGMA busy_timeout = 0")
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    """Copy the log's committed pages into the database without waiting for readers."""
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 def _fail_all(changes: Sequence[_Change], exc: Exception) -> None:
@@ -401,13 +440,53 @@ def _translate(exc: Exception) -> BaseException:
     return exc
 
 
-class _Connection:
-    """One sqlite3 connection, used by one worker thread at a time."""
+class _WriteAheadLog:
+    """The database's ``-wal`` file, flushed after each commit of the writer.
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    With ``synchronous = NORMAL`` a commit writes its frames to the log
+    without fsync; flushing the log file then makes the transaction durable,
+    exactly the sync FULL makes at the end of a commit. The flush runs on a
+    native thread (:func:`broker.durable.fdatasync`). The file is reopened
+    if it was replaced (a log is only removed when the last connection
+    closes, so this is defence, not routine).
+    """
+
+    def __init__(self, db_path: Path) -> None:
+        self.path = db_path.with_name(db_path.name + "-wal")
+        self._fd: int | None = None
+        self._inode = -1
+
+    async def flush(self) -> None:
+        """Make every commit so far durable.
+
+        Raises:
+            OSError: the log cannot be opened or flushed.
+        """
+        inode = os.stat(self.path).st_ino
+        if self._fd is None or inode != self._inode:
+            self.close()
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            self._inode = os.fstat(self._fd).st_ino
+        await fdatasync(self._fd)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+class _Connection:
+    """One sqlite3 connection, used by one task at a time; the writer also owns the log."""
+
+    def __init__(
+        self, conn: sqlite3.Connection, log: _WriteAheadLog | None = None, busy_timeout_s: float = 0.0
+    ) -> None:
         self.conn: sqlite3.Connection | None = conn
         self.lock = trio.Lock()
         self._queued: list[_Change] = []
+        self._log = log
+        self._busy_timeout_s = busy_timeout_s
+        self._groups = 0  # committed since the last checkpoint
 
     async def change(self, body: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``body`` in a write transaction shared with the changes queued beside it.
@@ -443,15 +522,34 @@ class _Connection:
         changes, self._queued = self._queued, []
         for queued in changes:
             queued.taken = True
+        conn = self.conn
         try:
-            conn = self.conn
-            if conn is None:
+            if conn is None or self._log is None:
                 _fail_all(changes, Unavailable("the key store is closed"))
-            else:
-                await trio.to_thread.run_sync(_write_group, conn, changes)
+                return
+            # Statements and commit run here on the event loop: a few tens of
+            # microseconds per change, where a worker thread would first wait
+            # for the GIL the busy loop keeps retaking. Only when another
+            # process holds the write lock does a thread wait for it.
+            if not _write_group(conn, changes):
+                wait_ms = max(1, round(self._busy_timeout_s * 1000))
+                await trio.to_thread.run_sync(functools.partial(_write_group, conn, changes, wait_ms=wait_ms))
+            if any(change.error is None for change in changes):
+                try:
+                    await self._log.flush()
+                except OSError as exc:
+                    # Committed, but not known to be durable: nobody is told
+                    # it succeeded (the data is visible and may survive).
+                    _fail_all(changes, Unavailable(f"the key store could not flush its log: {exc.strerror}"))
+                self._groups += 1
         finally:
             for queued in changes:
                 queued.finished.set()
+        if self._groups >= CHECKPOINT_EVERY_GROUPS:
+            self._groups = 0
+            # Under the lock, after the group's callers were released.
+            with contextlib.suppress(Unavailable):
+                await trio.to_thread.run_sync(_translated, functools.partial(_checkpoint, conn))
 
     async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         async with self.lock:
@@ -463,6 +561,8 @@ class _Connection:
     async def close(self) -> None:
         async with self.lock:
             conn, self.conn = self.conn, None
+            if self._log is not None:
+                self._log.close()
             if conn is not None:
                 await trio.to_thread.run_sync(conn.close)
 
@@ -518,6 +618,7 @@ class SQLiteStore:
             writer = _connect(self.path, self.busy_timeout_s, read_only=False)
             try:
                 migrate(writer, where=str(self.path))
+                _for_the_loop(writer)
                 reader = _connect(self.path, self.busy_timeout_s, read_only=True)
             except BaseException:
                 writer.close()
@@ -525,7 +626,8 @@ class SQLiteStore:
             return writer, reader
 
         writer, reader = await trio.to_thread.run_sync(_translated, connect)
-        self._writer, self._reader = _Connection(writer), _Connection(reader)
+        self._writer = _Connection(writer, _WriteAheadLog(self.path), self.busy_timeout_s)
+        self._reader = _Connection(reader)
 
     async def aclose(self) -> None:
         """Close both connections, waiting for a call in progress. Idempotent."""
@@ -683,7 +785,7 @@ class SQLiteStore:
     async def pragmas(self) -> dict[str, object]:
         """The settings the writer connection runs with, for operators and tests.
 
-        Keys: ``journal_mode``, ``synchronous`` (2 = FULL), ``secure_delete``,
+        Keys: ``journal_mode``, ``synchronous`` (1 = NORMAL; the store flushes the log), ``secure_delete``,
         ``foreign_keys``, ``user_version`` (the schema version) and
         ``schema_version_known`` (the newest this code can migrate to).
         """

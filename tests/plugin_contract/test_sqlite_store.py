@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -115,7 +114,7 @@ async def test_existing_loose_file_is_tightened(db_path: Path) -> None:
 async def test_connection_settings(opened: SQLiteStore) -> None:
     assert await opened.pragmas() == {
         "journal_mode": "wal",
-        "synchronous": 2,  # FULL
+        "synchronous": 1,  # NORMAL: the store flushes the log after each commit itself
         "secure_delete": 1,
         "foreign_keys": 1,
         "user_version": SCHEMA_VERSION,
@@ -227,6 +226,60 @@ async def test_lock_held_too_long_is_unavailable(opened: SQLiteStore, db_path: P
         await slow.aclose()
 
 
+async def test_a_lock_released_in_time_is_waited_for(opened: SQLiteStore, db_path: Path) -> None:
+    blocker = raw(db_path)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(opened.insert_key, make_key("waited"))
+            await trio.sleep(0.1)
+            assert await opened.get_key("waited") is None
+            blocker.execute("ROLLBACK")
+        assert await opened.get_key("waited") is not None
+    finally:
+        blocker.close()
+
+
+async def test_a_change_returns_only_once_its_log_is_flushed(
+    opened: SQLiteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer commits without fsync (synchronous = NORMAL): what makes a
+    # change durable is the flush of the log that follows the commit.
+    log = db_path.with_name(db_path.name + "-wal")
+    flushed: list[tuple[int, int]] = []
+    real = keybroker_sqlite.store.fdatasync
+
+    async def recording(fd: int) -> None:
+        await real(fd)
+        flushed.append((os.fstat(fd).st_ino, os.fstat(fd).st_size))
+
+    monkeypatch.setattr(keybroker_sqlite.store, "fdatasync", recording)
+    for name in ("one", "two"):
+        await opened.insert_key(make_key(name))
+        assert flushed[-1] == (log.stat().st_ino, log.stat().st_size)
+    assert len(flushed) == 2
+
+
+async def test_a_failed_flush_fails_the_change(opened: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(keybroker_sqlite.store, "fdatasync", failing)
+    with pytest.raises(Unavailable, match="flush"):
+        await opened.insert_key(make_key("unflushed"))
+    monkeypatch.undo()
+    await opened.insert_key(make_key("flushed"))
+
+
+async def test_the_log_is_checkpointed_into_the_database(opened: SQLiteStore, db_path: Path) -> None:
+    # The writer never checkpoints inside a commit; the store does so in a
+    # worker thread every CHECKPOINT_EVERY_GROUPS groups.
+    before = db_path.stat().st_size
+    for index in range(keybroker_sqlite.store.CHECKPOINT_EVERY_GROUPS + 1):
+        await opened.insert_key(make_key(f"k{index}"))
+    assert db_path.stat().st_size > before  # pages reached the main file
+
+
 async def test_closed_store_is_unavailable(opened: SQLiteStore) -> None:
     await opened.aclose()
     with pytest.raises(Unavailable):
@@ -280,19 +333,24 @@ async def test_concurrent_changes_share_commits_and_fail_alone(opened: SQLiteSto
     assert sorted(k.name for k in stored) == sorted(set(names))
 
 
-async def test_a_change_cancelled_while_queued_is_not_written(opened: SQLiteStore) -> None:
-    writer = opened._write_conn()
-    release = threading.Event()
+async def test_a_change_cancelled_while_queued_is_not_written(
+    opened: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = trio.Event()
+    real = keybroker_sqlite.store.fdatasync
 
-    def blocking(conn: sqlite3.Connection) -> None:
-        release.wait(10)
+    async def slow_flush(fd: int) -> None:
+        await release.wait()
+        await real(fd)
 
+    monkeypatch.setattr(keybroker_sqlite.store, "fdatasync", slow_flush)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(writer.change, blocking)
-        await trio.sleep(0.05)  # the first change holds the writer
+        nursery.start_soon(opened.insert_key, make_key("g/first"))
+        await trio.sleep(0.05)  # the first change holds the writer, flushing
         with trio.move_on_after(0.05):
             await opened.insert_key(make_key("g/cancelled"))
         release.set()
+    assert await opened.get_key("g/first") is not None
     assert await opened.get_key("g/cancelled") is None
     await opened.insert_key(make_key("g/after"))  # the writer is usable again
     assert await opened.get_key("g/after") is not None
