@@ -35,6 +35,8 @@ PRINCIPAL = "scheduler"
 PAGE = 500
 # Certificates are looked at hourly: their expiry windows are days long.
 CERT_CHECK_INTERVAL_S = 3600
+# The pause after a pass is at least this many times the pass's duration.
+PAUSE_PER_PASS_TIME = 20
 
 
 class Action(StrEnum):
@@ -190,12 +192,20 @@ class Scheduler:
     async def run(
         self, interval_s: float, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Look for due work every ``interval_s`` seconds until cancelled."""
+        """Look for due work every ``interval_s`` seconds until cancelled.
+
+        A pass reads every key, so with very many keys it takes a while; the
+        pause after a pass is then stretched to :data:`PAUSE_PER_PASS_TIME`
+        times its length, which keeps the scheduler to a few percent of the
+        broker's time whatever the number of keys (due work is applied that
+        much later).
+        """
         task_status.started()
         while True:
+            started = trio.current_time()
             try:
                 await self.run_once()
             except BrokerError as exc:
                 # The store may be unavailable for a while; try again next time.
                 log.warning("scheduler pass failed: %s", exc.code)
-            await trio.sleep(interval_s)
+            await trio.sleep(max(interval_s, (trio.current_time() - started) * PAUSE_PER_PASS_TIME))

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from broker.app import Broker, open_broker
 from broker.client import AsyncClient
@@ -20,7 +21,7 @@ from broker.envelope import parse_header
 from broker.errors import BrokerError
 from broker.keys import Classification, KeyType
 from broker.lifecycle import new_key
-from broker.scheduler import Action, due_action
+from broker.scheduler import PAUSE_PER_PASS_TIME, Action, Scheduler, due_action
 from tests.conftest import Caller, ConfigFactory
 
 DAY = 86_400
@@ -269,3 +270,23 @@ async def test_subscriber_sees_rotation_within_a_second(served: Any) -> None:
                     await trio.sleep(0.005)
             assert trio.current_time() - started < 1.0
         assert [(e["name"], e["event"], e["version"]) for e in seen] == [("svc/k", "rotated", 2)]
+
+
+async def test_a_long_pass_stretches_the_pause_after_it(autojump_clock: trio.testing.MockClock) -> None:
+    # A pass reads every key; with very many keys the pause after it grows
+    # with it, so the scheduler never takes more than a few percent of time.
+    starts: list[float] = []
+
+    class Timed(Scheduler):
+        async def run_once(self) -> int:
+            starts.append(trio.current_time())
+            await trio.sleep(2.0 if len(starts) == 1 else 0.0)  # the first pass is long
+            return 0
+
+    timed = Timed(service=None, audit=None, is_leader=lambda: True)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(timed.run, 5.0)
+        await trio.sleep(60)
+        nursery.cancel_scope.cancel()
+    assert starts[1] - starts[0] == pytest.approx(2.0 + 2.0 * PAUSE_PER_PASS_TIME)
+    assert starts[2] - starts[1] == pytest.approx(5.0)  # a quick pass: the configured interval
