@@ -107,7 +107,7 @@ class Scheduler:
         applied = 0
         after: str | None = None
         while True:
-            keys = await self.service.list_keys(prefix="", state=None, limit=PAGE, after=after)
+            keys = await self.service.list_scheduled(limit=PAGE, after=after)
             for key in keys:
                 applied += await self._apply_due(key)
             if len(keys) < PAGE:
@@ -194,11 +194,11 @@ class Scheduler:
     ) -> None:
         """Look for due work every ``interval_s`` seconds until cancelled.
 
-        A pass reads every key, so with very many keys it takes a while; the
-        pause after a pass is then stretched to :data:`PAUSE_PER_PASS_TIME`
-        times its length, which keeps the scheduler to a few percent of the
-        broker's time whatever the number of keys (due work is applied that
-        much later).
+        A pass reads the keys time can make due (:func:`broker.store.is_scheduled`),
+        so with very many of them it takes a while; the pause after a pass is
+        then stretched to :data:`PAUSE_PER_PASS_TIME` times its length, which
+        keeps the scheduler to a few percent of the broker's time whatever
+        the number of keys (due work is applied that much later).
         """
         task_status.started()
         while True:

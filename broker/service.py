@@ -195,6 +195,14 @@ class KeyService:
     ) -> list[Key]:
         return await self.store.list_keys(prefix=prefix, state=state, after=after, limit=limit)
 
+    async def list_scheduled(self, *, limit: int, after: str | None) -> list[Key]:
+        """A page of the keys time can make due (every key, with a store that cannot tell them)."""
+        lister = getattr(self.store, "list_scheduled", None)
+        if lister is None:
+            return await self.store.list_keys(prefix="", state=None, after=after, limit=limit)
+        keys: list[Key] = await lister(after=after, limit=limit)
+        return keys
+
     def metadata(self, key: Key) -> dict[str, Any]:
         """Wire metadata with this broker's live use counts."""
         live = {

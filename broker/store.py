@@ -22,6 +22,7 @@ __all__ = [
     "VERSION_COLUMNS",
     "Store",
     "check_document_ref",
+    "is_scheduled",
     "key_columns",
     "key_from_columns",
     "lost_replace",
@@ -59,6 +60,21 @@ KEY_COLUMNS: Final = (
 )
 #: A version's columns (besides its key's id), in the order stores select them.
 VERSION_COLUMNS: Final = ("number", "state", "created_at", "uses", "material", "origin")
+
+
+def is_scheduled(key: Key) -> bool:
+    """Whether time alone can make an action due on ``key`` (what :meth:`Store.list_scheduled` lists).
+
+    A key with a destroy, activation or deactivation time, or an active key
+    with a rotation period. The scheduler decides what is due now; every
+    other key is never due and need not be read.
+    """
+    return (
+        key.destroy_at is not None
+        or key.activate_at is not None
+        or key.deactivate_at is not None
+        or (key.rotation_period_s > 0 and key.state is KeyState.ACTIVE)
+    )
 
 
 def key_columns(key: Key) -> dict[str, Any]:
@@ -212,6 +228,13 @@ class Store(Protocol):
         self, *, prefix: str = "", state: KeyState | None = None, after: str | None = None, limit: int = 100
     ) -> list[Key]:
         """Keys ordered by name, with names > ``after``, starting with ``prefix``."""
+
+    async def list_scheduled(self, *, after: str | None = None, limit: int = 100) -> list[Key]:
+        """The keys :func:`is_scheduled` holds for, ordered by name, with names > ``after``.
+
+        The scheduler's pass reads only these. Optional: with a store that
+        lacks it, the scheduler reads every key through :meth:`list_keys`.
+        """
 
     async def reserve_uses(self, key_id: bytes, version: int, count: int, limit: int | None) -> int:
         """Atomically add up to ``count`` to the version's reserved uses, never past ``limit``.

@@ -8,7 +8,7 @@ fixture (the store the tests use, opened and closed by the fixture)::
     from pathlib import Path
 
     import pytest
-    from broker.store import Store
+    from broker.store import Store, is_scheduled
     from broker.testing.store_suite import OpenStore, StoreConformance
 
     class TestMyStore(StoreConformance):
@@ -64,7 +64,7 @@ from hypothesis import strategies as st
 from broker.errors import AlreadyExists, NotFound, StaleRevision
 from broker.keys import NAME_PATTERN, Classification, Key, KeyState, KeyType, Version, VersionState
 from broker.lifecycle import Transition, add_version, compromise, new_key, transition, update_settings
-from broker.store import Store
+from broker.store import Store, is_scheduled
 
 __all__ = ["OpenStore", "StoreConformance", "key_values", "keys"]
 
@@ -427,6 +427,31 @@ class StoreConformance:
         ]:
             assert [k.name for k in await store.list_keys(state=state)] == expected
         assert len(await store.list_keys(prefix="st/")) == 4
+
+    async def test_list_scheduled_holds_exactly_the_keys_time_can_make_due(self, store: Store) -> None:
+        plain = make_key("sc/plain")
+        keys = [
+            plain,
+            make_key("sc/rotating", rotation_period_s=3600),
+            transition(make_key("sc/rotating-off", rotation_period_s=3600), Transition.DEACTIVATE, NOW + 1),
+            make_key("sc/activates", activate=False, activate_at=NOW + 60),
+            make_key("sc/deactivates", deactivate_at=NOW + 60),
+            transition(make_key("sc/destroys"), Transition.SCHEDULE_DESTROY, NOW + 1),
+            transition(make_key("sc/disabled"), Transition.DISABLE, NOW + 1),
+        ]
+        await self._insert_all(store, keys)
+        expected = sorted(k.name for k in keys if is_scheduled(k))
+        assert expected == ["sc/activates", "sc/deactivates", "sc/destroys", "sc/rotating"]
+        listed: list[str] = []
+        after: str | None = None
+        while page := [k.name for k in await store.list_scheduled(after=after, limit=2)]:
+            assert len(page) <= 2
+            listed += page
+            after = page[-1]
+        assert listed == expected
+        by_name = {k.name: k for k in keys}
+        for key in await store.list_scheduled(limit=10):
+            assert_stored(key, by_name[key.name])
 
     async def test_list_pages_with_after_and_limit(self, store: Store) -> None:
         keys = [make_key(f"pg/{i:02d}") for i in range(7)]

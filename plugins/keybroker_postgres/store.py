@@ -95,6 +95,8 @@ _SELECT_PAGE: Final = """
         WHERE name >= %(prefix)s AND starts_with(name, %(prefix)s)
           AND (%(after)s::text IS NULL OR name > %(after)s)
           AND (%(state)s::text IS NULL OR state = %(state)s)
+          AND (NOT %(scheduled)s OR destroy_at IS NOT NULL OR activate_at IS NOT NULL
+               OR deactivate_at IS NOT NULL OR (rotation_period_s > 0 AND state = 'active'))
         ORDER BY name LIMIT %(limit)s
     )
     SELECT k.id, k.name, k.type, k.protection, k.classification, k.state, k.prior_state, k.primary_version,
@@ -415,6 +417,15 @@ class PostgresStore:
             after: the last name of the previous page (a cursor).
             limit: page size.
         """
+        return await self._page(prefix, state, after, limit, scheduled=False)
+
+    async def list_scheduled(self, *, after: str | None = None, limit: int = 100) -> list[Key]:
+        """Up to ``limit`` keys that time can make due (:func:`broker.store.is_scheduled`), by name."""
+        return await self._page("", None, after, limit, scheduled=True)
+
+    async def _page(
+        self, prefix: str, state: KeyState | None, after: str | None, limit: int, *, scheduled: bool
+    ) -> list[Key]:
         if limit < 0:
             raise ValueError("limit must not be negative")
         params = {
@@ -422,6 +433,7 @@ class PostgresStore:
             "after": after,
             "state": None if state is None else state.value,
             "limit": limit,
+            "scheduled": scheduled,
         }
         rows = await self.pool.run(lambda c: c.execute(_SELECT_PAGE, params).fetchall())
         return _keys_from_rows(rows)

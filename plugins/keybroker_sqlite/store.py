@@ -97,6 +97,9 @@ _SELECT_PAGE: Final = """
     FROM keys
     WHERE name >= :prefix AND substr(name, 1, :prefix_len) = :prefix
       AND (:after IS NULL OR name > :after) AND (:state IS NULL OR state = :state)
+      -- :scheduled selects broker.store.is_scheduled
+      AND (:scheduled = 0 OR destroy_at IS NOT NULL OR activate_at IS NOT NULL
+           OR deactivate_at IS NOT NULL OR (rotation_period_s > 0 AND state = 'active'))
     ORDER BY name LIMIT :limit
 """
 # The same page's versions, read in the same transaction (so the same snapshot).
@@ -106,6 +109,8 @@ _SELECT_PAGE_VERSIONS: Final = """
         SELECT id FROM keys
         WHERE name >= :prefix AND substr(name, 1, :prefix_len) = :prefix
           AND (:after IS NULL OR name > :after) AND (:state IS NULL OR state = :state)
+          AND (:scheduled = 0 OR destroy_at IS NOT NULL OR activate_at IS NOT NULL
+               OR deactivate_at IS NOT NULL OR (rotation_period_s > 0 AND state = 'active'))
         ORDER BY name LIMIT :limit
     )
     ORDER BY key_id, number
@@ -282,7 +287,13 @@ def _select_one(conn: sqlite3.Connection, query: str, value: object) -> Key | No
 
 
 def _select_page(
-    conn: sqlite3.Connection, prefix: str, state: KeyState | None, after: str | None, limit: int
+    conn: sqlite3.Connection,
+    prefix: str,
+    state: KeyState | None,
+    after: str | None,
+    limit: int,
+    *,
+    scheduled: bool = False,
 ) -> list[Key]:
     params = {
         "prefix": prefix,
@@ -290,6 +301,7 @@ def _select_page(
         "after": after,
         "state": None if state is None else state.value,
         "limit": limit,
+        "scheduled": int(scheduled),
     }
     return _load(conn.execute(_SELECT_PAGE, params).fetchall(), conn.execute(_SELECT_PAGE_VERSIONS, params))
 
@@ -727,10 +739,21 @@ class SQLiteStore:
             after: the last name of the previous page (a cursor).
             limit: page size.
         """
+        return await self._page(prefix, state, after, limit, scheduled=False)
+
+    async def list_scheduled(self, *, after: str | None = None, limit: int = 100) -> list[Key]:
+        """Up to ``limit`` keys that time can make due (:func:`broker.store.is_scheduled`), by name."""
+        return await self._page("", None, after, limit, scheduled=True)
+
+    async def _page(
+        self, prefix: str, state: KeyState | None, after: str | None, limit: int, *, scheduled: bool
+    ) -> list[Key]:
         if limit < 0:
             raise ValueError("limit must not be negative")
         return await self._read_conn().run(
-            lambda c: _in_read_transaction(c, lambda t: _select_page(t, prefix, state, after, limit))
+            lambda c: _in_read_transaction(
+                c, lambda t: _select_page(t, prefix, state, after, limit, scheduled=scheduled)
+            )
         )
 
     # --- documents -------------------------------------------------------------
