@@ -19,9 +19,10 @@ from broker.client import AsyncClient
 from broker.config import Config
 from broker.envelope import parse_header
 from broker.errors import BrokerError
-from broker.keys import Classification, KeyType
+from broker.keys import Classification, Key, KeyType
 from broker.lifecycle import new_key
 from broker.scheduler import PAUSE_PER_PASS_TIME, Action, Scheduler, due_action
+from broker.service import KeyService
 from tests.conftest import Caller, ConfigFactory
 
 DAY = 86_400
@@ -290,3 +291,20 @@ async def test_a_long_pass_stretches_the_pause_after_it(autojump_clock: trio.tes
         nursery.cancel_scope.cancel()
     assert starts[1] - starts[0] == pytest.approx(2.0 + 2.0 * PAUSE_PER_PASS_TIME)
     assert starts[2] - starts[1] == pytest.approx(5.0)  # a quick pass: the configured interval
+
+
+async def test_a_store_without_list_scheduled_has_every_key_read() -> None:
+    # list_scheduled is newer than the Store interface's first version: a
+    # third-party store without it still gets a working scheduler.
+    seen: list[dict[str, Any]] = []
+    everything = [new_key(key_id=bytes(16), name="plain", key_type=KeyType.AES256_GCM, protection="software",
+                          classification=Classification.INTERNAL, material=b"m", now=1)]
+
+    class ListOnly:
+        async def list_keys(self, **query: Any) -> list[Key]:
+            seen.append(query)
+            return everything
+
+    service = KeyService(store=ListOnly(), backends={}, plugins=None)  # type: ignore[arg-type]
+    assert await service.list_scheduled(limit=7, after="a") == everything
+    assert seen == [{"prefix": "", "state": None, "after": "a", "limit": 7}]
