@@ -297,8 +297,16 @@ async def test_a_store_without_list_scheduled_has_every_key_read() -> None:
     # list_scheduled is newer than the Store interface's first version: a
     # third-party store without it still gets a working scheduler.
     seen: list[dict[str, Any]] = []
-    everything = [new_key(key_id=bytes(16), name="plain", key_type=KeyType.AES256_GCM, protection="software",
-                          classification=Classification.INTERNAL, material=b"m", now=1)]
+    plain = new_key(
+        key_id=bytes(16),
+        name="plain",
+        key_type=KeyType.AES256_GCM,
+        protection="software",
+        classification=Classification.INTERNAL,
+        material=b"m",
+        now=1,
+    )
+    everything = [plain]
 
     class ListOnly:
         async def list_keys(self, **query: Any) -> list[Key]:
