@@ -8,7 +8,7 @@ fixture (the store the tests use, opened and closed by the fixture)::
     from pathlib import Path
 
     import pytest
-    from broker.store import Store, is_scheduled
+    from broker.store import Store
     from broker.testing.store_suite import OpenStore, StoreConformance
 
     class TestMyStore(StoreConformance):
