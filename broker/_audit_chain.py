@@ -49,10 +49,31 @@ def _json_opt(value: str | None) -> str:
     return "null" if value is None else _json_str(value)
 
 
-def _split_values(
-    *, seq: int, ts: str, node: str, principal: str, op: str, key: str | None, version: int | None,
-    outcome: str, code: str | None, alarm: bool, details: Mapping[str, Any], prev: str,
-) -> tuple[str, str]:
+@dataclass(slots=True)
+class _Entry:
+    """A record waiting for its place in the chain (seq, prev and hash); fields already checked."""
+
+    ts: str
+    principal: str
+    op: str
+    outcome: str
+    key: str | None
+    version: int | None
+    code: str | None
+    alarm: bool
+    details: dict[str, DetailValue]  # a private copy
+
+
+# (head, text before prev, text between prev and seq, text after ts) of a
+# record: its encoded parts but for seq, ts and prev (see _split_values).
+_Shape = tuple[str, str, str, str]
+# The shapes of records without details, by the fields they encode (see
+# _split_values), and how many are kept at most.
+_SHAPES: dict[tuple[Any, ...], _Shape] = {}
+MAX_SHAPES: Final = 4096
+
+
+def _split_values(seq: int, entry: _Entry, node: str, prev: str) -> tuple[str, str]:
     """The canonical JSON of a record without ``hash``, cut where ``hash`` belongs.
 
     ``(head + tail).encode()`` equals :func:`_canonical` of the same fields;
@@ -61,17 +82,35 @@ def _split_values(
     everything else the writer does per record; the property tests check it
     against :func:`_canonical`, which verification keeps using.
     """
-    head = (
-        f'{{"alarm":{"true" if alarm else "false"},"code":{_json_opt(code)},'
-        f'"details":{_canonical(details).decode() if details else "{}"},'
+    if entry.details:
+        shape = _encode_shape(entry, node)
+    else:
+        # Records without details mostly repeat who did what to which key:
+        # their encoded parts are kept, so only seq, ts and prev are encoded.
+        shape_key = (entry.alarm, entry.code, entry.key, node, entry.op, entry.outcome, entry.principal,
+                     entry.version)
+        shape = _SHAPES.get(shape_key)
+        if shape is None:
+            if len(_SHAPES) >= MAX_SHAPES:
+                _SHAPES.clear()
+            shape = _SHAPES[shape_key] = _encode_shape(entry, node)
+    head, before_prev, before_seq, after_ts = shape
+    seq_text = int.__repr__(seq)
+    return head, f'{before_prev}{_json_str(prev)}{before_seq}{seq_text},"ts":{_json_str(entry.ts)}{after_ts}'
+
+
+def _encode_shape(entry: _Entry, node: str) -> _Shape:
+    """The encoded parts of ``entry``'s record around its seq, ts and prev (see :func:`_split_values`)."""
+    details = entry.details
+    version = entry.version
+    return (
+        f'{{"alarm":{"true" if entry.alarm else "false"},"code":{_json_opt(entry.code)},'
+        f'"details":{_canonical(details).decode() if details else "{}"},',
+        f'"key":{_json_opt(entry.key)},"node":{_json_str(node)},"op":{_json_str(entry.op)},'
+        f'"outcome":{_json_str(entry.outcome)},"prev":',
+        f',"principal":{_json_str(entry.principal)},"seq":',
+        f',"version":{"null" if version is None else int.__repr__(version)}}}',
     )
-    tail = (
-        f'"key":{_json_opt(key)},"node":{_json_str(node)},"op":{_json_str(op)},'
-        f'"outcome":{_json_str(outcome)},"prev":{_json_str(prev)},'
-        f'"principal":{_json_str(principal)},"seq":{int.__repr__(seq)},'
-        f'"ts":{_json_str(ts)},"version":{"null" if version is None else int.__repr__(version)}}}'
-    )
-    return head, tail
 
 
 def _check_str(name: str, value: object, *, optional: bool = False) -> None:
@@ -244,29 +283,32 @@ class AuditRecord:
         return hash(self.hash)
 
     @classmethod
-    def _chain_next(
-        cls, *, seq: int, ts: str, node: str, principal: str, op: str, key: str | None, version: int | None,
-        outcome: str, code: str | None, alarm: bool, details: dict[str, DetailValue], prev: str,
-    ) -> AuditRecord:
-        """Hash the fields (every one but ``hash``) and build the record, skipping ``__post_init__``.
+    def _chain_next(cls, seq: int, entry: _Entry, node: str, prev: str) -> AuditRecord:
+        """Hash ``entry`` at ``seq`` after ``prev`` and build its record, skipping ``__post_init__``.
 
         The writer's hot path: every field of a queued entry was checked when
         :meth:`broker.audit.AuditLog.record` accepted it, and seq and prev are
-        the writer's own. ``details`` must be a private dict. The record keeps
-        its encoded line.
+        the writer's own. The record keeps its encoded line.
         """
-        head, tail = _split_values(
-            seq=seq, ts=ts, node=node, principal=principal, op=op, key=key, version=version, outcome=outcome,
-            code=code, alarm=alarm, details=details, prev=prev,
-        )
+        head, tail = _split_values(seq, entry, node, prev)
         digest = hashlib.sha256(f"{head}{tail}".encode()).hexdigest()
+        # Slot by slot, unrolled: a loop over the setters costs twice as much.
         record = object.__new__(cls)
-        for setter, value in zip(_SETTERS, (
-            seq, ts, node, principal, op, key, version, outcome, code, alarm,
-            MappingProxyType(details) if details else _NO_DETAILS, prev, digest,
-            f'{head}"hash":"{digest}",{tail}\n'.encode(),
-        ), strict=True):
-            setter(record, value)
+        details = entry.details
+        _set_seq(record, seq)
+        _set_ts(record, entry.ts)
+        _set_node(record, node)
+        _set_principal(record, entry.principal)
+        _set_op(record, entry.op)
+        _set_key(record, entry.key)
+        _set_version(record, entry.version)
+        _set_outcome(record, entry.outcome)
+        _set_code(record, entry.code)
+        _set_alarm(record, entry.alarm)
+        _set_details(record, MappingProxyType(details) if details else _NO_DETAILS)
+        _set_prev(record, prev)
+        _set_hash(record, digest)
+        _set_line(record, f'{head}"hash":"{digest}",{tail}\n'.encode())
         return record
 
     def to_dict(self) -> dict[str, Any]:
@@ -312,9 +354,10 @@ class AuditRecord:
         return cls(**obj)
 
 
-# Slot setters of AuditRecord in _chain_next's order: they write a frozen
-# record's slots without the checks of __setattr__ (cheaper per record).
-_SETTERS: Final = tuple(
+# Slot setters of AuditRecord for _chain_next: they write a frozen record's
+# slots without the checks of __setattr__ (cheaper per record).
+(_set_seq, _set_ts, _set_node, _set_principal, _set_op, _set_key, _set_version, _set_outcome, _set_code,
+ _set_alarm, _set_details, _set_prev, _set_hash, _set_line) = (
     AuditRecord.__dict__[name].__set__
     for name in ("seq", "ts", "node", "principal", "op", "key", "version", "outcome", "code", "alarm",
                  "details", "prev", "hash", "_line")

@@ -31,7 +31,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol, TextIO, final, runtime_checkable
 
@@ -48,6 +47,7 @@ from ._audit_chain import (
     _check_int,
     _check_str,
     _checked_details,
+    _Entry,
     _rfc3339,
     chain_hash,
     parse_valid_line,
@@ -242,21 +242,6 @@ class StagedAuditSink(AuditSink, Protocol):
 # --- the trio side ---------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Entry:
-    """A record waiting for its place in the chain (seq, prev and hash)."""
-
-    ts: str
-    principal: str
-    op: str
-    outcome: str
-    key: str | None
-    version: int | None
-    code: str | None
-    alarm: bool
-    details: dict[str, DetailValue]  # already checked, private copy
-
-
 class _Batch:
     """Entries queued since the last commit, and their shared result."""
 
@@ -416,8 +401,9 @@ class AuditLog:
         """Records each non-primary sink has missed so far, by sink name."""
         return {f.sink.name: f.gaps for f in self._fanouts}
 
+    @staticmethod
     def _entry(
-        self,
+        ts: str,
         *,
         principal: str,
         op: str,
@@ -442,8 +428,7 @@ class AuditLog:
             _check_int("version", version, optional=True)
             if not isinstance(alarm, bool):
                 raise TypeError("audit alarm must be a bool")
-        return _Entry(_rfc3339(self._clock()), principal, op, outcome, key, version, code, alarm,
-                      _checked_details(details))
+        return _Entry(ts, principal, op, outcome, key, version, code, alarm, _checked_details(details))
 
     async def record(
         self,
@@ -497,6 +482,7 @@ class AuditLog:
         if self._closing:
             raise Unavailable("audit log unavailable (closed)")
         entry = self._entry(
+            _rfc3339(self._clock()),
             principal=principal, op=op, outcome=outcome, key=key, version=version, code=code, alarm=alarm,
             details=details,
         )
@@ -524,7 +510,9 @@ class AuditLog:
         """
         if self._closing:
             raise Unavailable("audit log unavailable (closed)")
-        entries = [self._entry(**fields) for fields in records]
+        # One time for the call: its records are accepted at the same moment.
+        ts = _rfc3339(self._clock())
+        entries = [self._entry(ts, **fields) for fields in records]
         if not entries:
             return []
         return await self._submit(entries, durable or any(e.alarm for e in entries))
@@ -546,12 +534,9 @@ class AuditLog:
         seq, prev = self._seq, self._hash
         records: list[AuditRecord] = []
         node = self._node
-        for e in entries:
+        for entry in entries:
             seq += 1
-            record = AuditRecord._chain_next(
-                seq=seq, ts=e.ts, node=node, principal=e.principal, op=e.op, key=e.key, version=e.version,
-                outcome=e.outcome, code=e.code, alarm=e.alarm, details=e.details, prev=prev,
-            )
+            record = AuditRecord._chain_next(seq, entry, node, prev)
             prev = record.hash
             records.append(record)
         return records
@@ -761,8 +746,8 @@ async def open_audit_log(
                 nursery.start_soon(fanout.run)
             if head.set_aside_bytes:
                 log._notes.append(log._entry(
-                    principal="keybroker", op="audit.recover", outcome="recovered", key=None, version=None,
-                    code=None, alarm=head.set_aside_lines > 0,
+                    _rfc3339(clock()), principal="keybroker", op="audit.recover", outcome="recovered",
+                    key=None, version=None, code=None, alarm=head.set_aside_lines > 0,
                     details={"set_aside_bytes": head.set_aside_bytes, "set_aside_to": head.set_aside_path,
                              "set_aside_lines": head.set_aside_lines, "after_seq": head.seq},
                 ))

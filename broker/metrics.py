@@ -64,9 +64,10 @@ class _Histogram:
         self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.total = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.total += value
+    def observe(self, value: float, count: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += count
+        for _ in range(count):  # added one by one, as count observations would be
+            self.total += value
 
     def buckets(self) -> list[tuple[str, float]]:
         """Cumulative counts per upper bound, as the exposition format wants them."""
@@ -89,18 +90,18 @@ class _RequestCollector(Collector):
         self.latency: dict[str, _Histogram] = {}
         self.batch_items: dict[str, _Histogram] = {}
 
-    def observe(self, method: str, code: str, seconds: float, items: int | None) -> None:
+    def observe(self, method: str, code: str, seconds: float, items: int | None, count: int) -> None:
         key = (method, code)
-        self.requests[key] = self.requests.get(key, 0) + 1
+        self.requests[key] = self.requests.get(key, 0) + count
         latency = self.latency.get(method)
         if latency is None:
             latency = self.latency[method] = _Histogram(LATENCY_BUCKETS)
-        latency.observe(seconds)
+        latency.observe(seconds, count)
         if items is not None:
             batch = self.batch_items.get(method)
             if batch is None:
                 batch = self.batch_items[method] = _Histogram(BATCH_BUCKETS)
-            batch.observe(items)
+            batch.observe(items, count)
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -134,9 +135,11 @@ class Metrics:
             registry=self.registry,
         )
 
-    def observe(self, method: str, code: str, seconds: float, items: int | None) -> None:
-        """Count one request: its outcome code, latency and (for batches) item count."""
-        self._requests.observe(method, code, seconds, items)
+    def observe(
+        self, method: str, code: str, seconds: float, items: int | None, count: int = 1
+    ) -> None:
+        """Count ``count`` requests, each with this outcome code, latency and (for batches) item count."""
+        self._requests.observe(method, code, seconds, items, count)
 
     def set_key_counts(self, counts: Mapping[str, int]) -> None:
         for state, count in counts.items():

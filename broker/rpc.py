@@ -163,8 +163,12 @@ class Dispatcher:
             # A use is released only once its record is written.
             outcomes = [exc] * len(outcomes)
         elapsed = time.perf_counter() - started
+        codes: dict[str, int] = {}
         for out in outcomes:
-            self.metrics.observe(method, out.code if isinstance(out, BrokerError) else "ok", elapsed, None)
+            code = out.code if isinstance(out, BrokerError) else "ok"
+            codes[code] = codes.get(code, 0) + 1
+        for code, count in codes.items():
+            self.metrics.observe(method, code, elapsed, None, count)
         return outcomes
 
     def connection_closed(self, ctx: RequestContext) -> None:

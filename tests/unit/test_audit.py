@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from broker._audit_chain import _SHAPES, MAX_SHAPES, _Entry
 from broker.audit import (
     AUDIT_FILE_NAME,
     GENESIS,
@@ -93,6 +94,22 @@ def test_canonical_line() -> None:
     assert list(obj) == sorted(obj)
     assert list(obj["details"]) == ["a", "b"]
     assert AuditRecord.from_json(obj) == record
+
+
+def test_kept_record_shapes_are_bounded_and_stay_exact() -> None:
+    # The writer keeps the encoded parts of records without details by who
+    # did what to which key; many distinct ones must neither grow that
+    # without bound nor change a record's bytes.
+    prev = GENESIS
+    for seq in range(1, MAX_SHAPES + 50):
+        entry = _Entry(TS, f"uid:{seq}", "encrypt", "allowed", "k", 1, None, False, {})
+        chained = AuditRecord._chain_next(seq, entry, "n1", prev)
+        if seq % 500 == 0 or seq > MAX_SHAPES - 2:
+            sealed = AuditRecord.seal(seq=seq, prev=prev, ts=TS, node="n1", principal=f"uid:{seq}",
+                                      op="encrypt", outcome="allowed", key="k", version=1)
+            assert chained.to_json_line() == sealed.to_json_line()
+        assert len(_SHAPES) <= MAX_SHAPES
+        prev = chained.hash
 
 
 def test_records_are_hashable_by_chain_hash() -> None:
