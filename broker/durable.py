@@ -8,7 +8,8 @@ switch interval, so that thread can wait far longer than the flush takes:
 with 8 clients creating keys, ~200 µs to start and ~100 µs to report back,
 around a 270 µs flush. :func:`fdatasync` flushes on a native thread that
 never enters Python and reports through an eventfd, which the event loop
-waits on like any socket.
+waits on like any socket. Up to eight such threads are started as needed and
+kept for the life of the process; more flushes at once wait their turn.
 
 Plugins (audit sinks, stores) use it for the flush that stands between a
 write and its acknowledgement.

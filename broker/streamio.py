@@ -60,7 +60,8 @@ class SocketIO:
 
     def __init__(self, stream: trio.SocketStream, poller: BusyPoller | None = None) -> None:
         self._poller = poller
-        self._sock = stream.socket
+        # Waits are on the descriptor itself: given the socket object, trio
+        # would ask it for its fileno() at every wait.
         self._fd = stream.socket.fileno()
         self._unyielded = 0  # reads in a row that found data waiting
         # Reads land in one buffer kept for the connection: a fresh 256 KiB
@@ -85,7 +86,7 @@ class SocketIO:
                 self._unyielded = 0
                 count = await self._poll() if poll else None
                 if count is None:
-                    await trio.lowlevel.wait_readable(self._sock)
+                    await trio.lowlevel.wait_readable(self._fd)
                     count = self._read()
             else:
                 count = self._read()
@@ -153,7 +154,7 @@ class SocketIO:
             sent = self.try_send(view)
             view = view[sent:]
             if view:
-                await trio.lowlevel.wait_writable(self._sock)
+                await trio.lowlevel.wait_writable(self._fd)
 
 
 def stream_io(stream: trio.abc.Stream, poller: BusyPoller | None = None) -> StreamIO | SocketIO:

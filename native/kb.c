@@ -1212,39 +1212,130 @@ int kb_hmac_verify(kb_slot *slot, const unsigned char *msg, size_t msg_len, cons
 
 /* --- fdatasync off the event loop ----------------------------------------- */
 
-/* Stack of a flushing thread: it makes three system calls. */
+/* Flushes run on a few threads kept for the life of the process. A thread
+ * started per flush cost about as much CPU as the flush itself and added as
+ * much again to its latency. At most KB_FLUSHERS flushes run at once; more
+ * wait their turn, oldest first. */
+#define KB_FLUSHERS 8u
+/* Stack of a flushing thread: it makes a few system calls, nothing more. */
 #define KB_SYNC_STACK ((size_t)64 * 1024)
 
-typedef struct {
-    int fd;        /* duplicate of the file to flush: the thread's to close */
-    int notify_fd; /* duplicate of the caller's eventfd: the thread's to close */
+typedef struct kb_sync_job {
+    int fd;        /* duplicate of the file to flush: closed once flushed */
+    int notify_fd; /* duplicate of the caller's eventfd: closed once written */
+    struct kb_sync_job *next;
 } kb_sync_job;
 
-static void *kb_sync_main(void *arg)
+/* The queue and the threads' counts, all under flush_mu. */
+static pthread_mutex_t flush_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t flush_cv = PTHREAD_COND_INITIALIZER;
+static kb_sync_job *flush_head, *flush_tail; /* waiting jobs, oldest first */
+static unsigned flush_queued;  /* jobs in the queue */
+static unsigned flush_threads; /* flushing threads alive */
+static unsigned flush_idle;    /* of those, waiting for a job */
+static pthread_once_t flush_once = PTHREAD_ONCE_INIT;
+static int flush_init_error; /* set once by kb_flush_init */
+
+static void kb_sync_job_free(kb_sync_job *job)
 {
-    kb_sync_job job = *(kb_sync_job *)arg;
-    free(arg);
+    close(job->fd);
+    close(job->notify_fd);
+    free(job);
+}
+
+static void kb_sync_run(kb_sync_job *job)
+{
     /* An eventfd write of 0 would wake nobody: success is 1, failure 1 + errno. */
     uint64_t outcome = 1;
-    if (fdatasync(job.fd) != 0)
+    if (fdatasync(job->fd) != 0)
         outcome = 1 + (uint64_t)errno;
     ssize_t written;
     do {
-        written = write(job.notify_fd, &outcome, sizeof outcome);
+        written = write(job->notify_fd, &outcome, sizeof outcome);
     } while (written < 0 && errno == EINTR);
     /* An eventfd write of 8 bytes either succeeds whole or fails (only on
      * counter overflow, impossible with one write per eventfd); the caller
      * then waits in vain, which a short write could not make better. */
-    close(job.fd);
-    close(job.notify_fd);
+    kb_sync_job_free(job);
+}
+
+static void *kb_flusher_main(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&flush_mu);
+    for (;;) {
+        while (flush_head == NULL) {
+            flush_idle++;
+            pthread_cond_wait(&flush_cv, &flush_mu);
+            flush_idle--;
+        }
+        kb_sync_job *job = flush_head;
+        flush_head = job->next;
+        if (flush_head == NULL)
+            flush_tail = NULL;
+        flush_queued--;
+        pthread_mutex_unlock(&flush_mu);
+        kb_sync_run(job);
+        pthread_mutex_lock(&flush_mu);
+    }
     return NULL;
+}
+
+/* fork() keeps only the calling thread: the child starts with no flushers.
+ * Jobs queued at the fork are the parent's; the child drops its copies. */
+static void kb_flush_prepare(void) { pthread_mutex_lock(&flush_mu); }
+static void kb_flush_parent(void) { pthread_mutex_unlock(&flush_mu); }
+static void kb_flush_child(void)
+{
+    kb_sync_job *job = flush_head;
+    while (job != NULL) {
+        kb_sync_job *next = job->next;
+        kb_sync_job_free(job);
+        job = next;
+    }
+    flush_head = flush_tail = NULL;
+    flush_queued = flush_threads = flush_idle = 0;
+    pthread_mutex_init(&flush_mu, NULL);
+    pthread_cond_init(&flush_cv, NULL);
+}
+
+static void kb_flush_init(void)
+{
+    /* Without the handlers a forked child would queue jobs for threads it
+     * does not have, so no flush is taken without them. */
+    flush_init_error = pthread_atfork(kb_flush_prepare, kb_flush_parent, kb_flush_child);
+}
+
+/* Starts one more flushing thread (flush_mu held); 0 or an errno. */
+static int kb_flusher_start(void)
+{
+    pthread_attr_t attr;
+    int rc = pthread_attr_init(&attr);
+    if (rc != 0)
+        return rc;
+    rc = pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    if (rc == 0)
+        rc = pthread_attr_setstacksize(&attr, KB_SYNC_STACK);
+    pthread_t thread;
+    if (rc == 0)
+        rc = pthread_create(&thread, &attr, kb_flusher_main, NULL);
+    pthread_attr_destroy(&attr);
+    if (rc == 0)
+        flush_threads++;
+    return rc;
 }
 
 int kb_fdatasync_start(int fd, int notify_fd)
 {
+    int rc = pthread_once(&flush_once, kb_flush_init);
+    if (rc != 0)
+        return rc;
+    if (flush_init_error != 0)
+        return flush_init_error;
     kb_sync_job *job = malloc(sizeof *job);
     if (job == NULL)
         return ENOMEM;
+    job->next = NULL;
     job->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
     if (job->fd < 0) {
         int err = errno;
@@ -1258,21 +1349,27 @@ int kb_fdatasync_start(int fd, int notify_fd)
         free(job);
         return err;
     }
-    pthread_attr_t attr;
-    int rc = pthread_attr_init(&attr);
+    pthread_mutex_lock(&flush_mu);
+    if (flush_idle > flush_queued) {
+        /* An idle thread is left over once the queued jobs are taken. */
+        rc = pthread_cond_signal(&flush_cv);
+    } else if (flush_threads < KB_FLUSHERS) {
+        rc = kb_flusher_start();
+        /* Without a new thread the job still runs: every thread alive
+         * comes back to the queue once its flush is done. */
+        if (rc != 0 && flush_threads > 0)
+            rc = 0;
+    }
     if (rc == 0) {
-        rc = pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        if (rc == 0)
-            rc = pthread_attr_setstacksize(&attr, KB_SYNC_STACK);
-        pthread_t thread;
-        if (rc == 0)
-            rc = pthread_create(&thread, &attr, kb_sync_main, job);
-        pthread_attr_destroy(&attr);
+        if (flush_tail == NULL)
+            flush_head = job;
+        else
+            flush_tail->next = job;
+        flush_tail = job;
+        flush_queued++;
     }
-    if (rc != 0) {
-        close(job->fd);
-        close(job->notify_fd);
-        free(job);
-    }
+    pthread_mutex_unlock(&flush_mu);
+    if (rc != 0)
+        kb_sync_job_free(job);
     return rc;
 }

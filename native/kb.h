@@ -122,12 +122,12 @@ int kb_hmac(kb_slot *slot, const unsigned char *msg, size_t msg_len,
 int kb_hmac_verify(kb_slot *slot, const unsigned char *msg, size_t msg_len,
                    const unsigned char *tag, size_t tag_len);
 
-/* fdatasync(fd) on a detached thread of its own, which then writes the
- * outcome to the eventfd notify_fd: 1 for success, 1 + errno for failure.
- * The thread works on duplicates of both descriptors, closed when it is
- * done, so the caller may close its own at any time. The thread never
- * enters Python. Returns 0 once the thread is started, else an errno
- * (nothing is written to notify_fd then). */
+/* fdatasync(fd) on one of a few native flushing threads kept for the
+ * process, which then writes the outcome to the eventfd notify_fd: 1 for
+ * success, 1 + errno for failure. The flush works on duplicates of both
+ * descriptors, closed when it is done, so the caller may close its own at
+ * any time. The threads never enter Python. Returns 0 once the flush is
+ * queued, else an errno (nothing is written to notify_fd then). */
 int kb_fdatasync_start(int fd, int notify_fd);
 
 #endif

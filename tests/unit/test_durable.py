@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,50 @@ async def test_a_started_flush_is_waited_for_despite_cancellation(tmp_path: Path
         assert finished and not scope.cancelled_caught
     finally:
         os.close(fd)
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+async def test_flushes_share_a_few_threads_kept_for_the_process(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "log", os.O_RDWR | os.O_CREAT, 0o600)
+    before = _threads()
+    try:
+        for _ in range(3):
+            notifies = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(40)]
+            try:
+                for notify in notifies:
+                    os.write(fd, b"x")
+                    assert lib.kb_fdatasync_start(fd, notify) == 0
+                # Forty flushes in flight, at most eight threads for them.
+                assert _threads() - before <= 8
+                for notify in notifies:
+                    assert os.eventfd_read(notify) == 1
+            finally:
+                for notify in notifies:
+                    os.close(notify)
+    finally:
+        os.close(fd)
+
+
+def test_a_forked_child_flushes_with_threads_of_its_own(tmp_path: Path) -> None:
+    # The parent's flushers do not exist in a child: it must start its own
+    # rather than queue for them forever.
+    fd = os.open(tmp_path / "log", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        trio.run(fdatasync, fd)  # the parent has flushers now
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports by exit status
+            code = 1
+            try:
+                signal.alarm(5)  # a child stuck in the queue dies instead
+                os.write(fd, b"child\n")
+                trio.run(fdatasync, fd)
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
