@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring as _json_str  # type: ignore[attr-defined]
 from types import MappingProxyType
-from typing import Any, Final, final
+from typing import Any, Final, final, overload
 
 #: ``prev`` of the first record: there is nothing before it.
 GENESIS: Final = "0" * 64
@@ -221,7 +221,7 @@ class AuditRecord:
     details: Mapping[str, DetailValue]
     prev: str
     hash: str
-    # The encoded line, kept by records the writer chained (see _chain_next).
+    # The encoded line, kept by records the writer chained (see _chain_entries).
     _line: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -283,15 +283,10 @@ class AuditRecord:
         return hash(self.hash)
 
     @classmethod
-    def _chain_next(cls, seq: int, entry: _Entry, node: str, prev: str) -> AuditRecord:
-        """Hash ``entry`` at ``seq`` after ``prev`` and build its record, skipping ``__post_init__``.
-
-        The writer's hot path: every field of a queued entry was checked when
-        :meth:`broker.audit.AuditLog.record` accepted it, and seq and prev are
-        the writer's own. The record keeps its encoded line.
-        """
-        head, tail = _split_values(seq, entry, node, prev)
-        digest = hashlib.sha256(f"{head}{tail}".encode()).hexdigest()
+    def _assemble(
+        cls, seq: int, entry: _Entry, node: str, *, prev: str, digest: str, line: bytes
+    ) -> AuditRecord:
+        """The record of a chained entry, skipping ``__post_init__`` (see :class:`_Chained`)."""
         # Slot by slot, unrolled: a loop over the setters costs twice as much.
         record = object.__new__(cls)
         details = entry.details
@@ -308,7 +303,7 @@ class AuditRecord:
         _set_details(record, MappingProxyType(details) if details else _NO_DETAILS)
         _set_prev(record, prev)
         _set_hash(record, digest)
-        _set_line(record, f'{head}"hash":"{digest}",{tail}\n'.encode())
+        _set_line(record, line)
         return record
 
     def to_dict(self) -> dict[str, Any]:
@@ -354,7 +349,7 @@ class AuditRecord:
         return cls(**obj)
 
 
-# Slot setters of AuditRecord for _chain_next: they write a frozen record's
+# Slot setters of AuditRecord for _assemble: they write a frozen record's
 # slots without the checks of __setattr__ (cheaper per record).
 (_set_seq, _set_ts, _set_node, _set_principal, _set_op, _set_key, _set_version, _set_outcome, _set_code,
  _set_alarm, _set_details, _set_prev, _set_hash, _set_line) = (
@@ -363,6 +358,94 @@ class AuditRecord:
                  "details", "prev", "hash", "_line")
 )
 _NO_DETAILS: Final[Mapping[str, DetailValue]] = MappingProxyType({})
+
+
+def _chain_entries(entries: Sequence[_Entry], node: str, seq: int, prev: str) -> _Chained:
+    """``entries`` chained after the record ``(seq, prev)``: their hashes and lines.
+
+    The writer's hot path: every field of an entry was checked when
+    :meth:`broker.audit.AuditLog.record` accepted it, and seq and prev are
+    the writer's own.
+    """
+    hashes: list[str] = []
+    lines: list[bytes] = []
+    sha256 = hashlib.sha256
+    at, digest = seq, prev
+    for entry in entries:
+        at += 1
+        head, tail = _split_values(at, entry, node, digest)
+        digest = sha256(f"{head}{tail}".encode()).hexdigest()
+        hashes.append(digest)
+        lines.append(f'{head}"hash":"{digest}",{tail}\n'.encode())
+    return _Chained((entries, node, seq, prev, hashes, lines), 0, len(lines))
+
+
+# What _Chained views: the entries, the node, the seq and hash of the record
+# before the first, and each record's hash and line.
+_Chain = tuple[Sequence[_Entry], str, int, str, list[str], list[bytes]]
+
+
+@final
+class _Chained(Sequence[AuditRecord]):
+    """Records the writer chained, kept as their hashes and lines; records ``start`` to ``stop``.
+
+    Most records are only ever written out as lines, so each
+    :class:`AuditRecord` is built when a sink or a caller reads it. A slice
+    is a view of the same records.
+    """
+
+    __slots__ = ("_chain", "_start", "_stop")
+
+    def __init__(self, chain: _Chain, start: int, stop: int) -> None:
+        self._chain, self._start, self._stop = chain, start, stop
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+    @overload
+    def __getitem__(self, index: int) -> AuditRecord: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[AuditRecord]: ...
+    def __getitem__(self, index: int | slice) -> AuditRecord | Sequence[AuditRecord]:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return [self[i] for i in range(start, stop, step)]
+            return _Chained(self._chain, self._start + start, self._start + max(start, stop))
+        at = index + len(self) if index < 0 else index
+        if not 0 <= at < len(self):
+            raise IndexError("chained record index out of range")
+        i = self._start + at
+        entries, node, after, prev, hashes, lines = self._chain
+        before = hashes[i - 1] if i else prev
+        return AuditRecord._assemble(
+            after + 1 + i, entries[i], node, prev=before, digest=hashes[i], line=lines[i]
+        )
+
+    @property
+    def end(self) -> tuple[int, str]:
+        """(seq, hash) of the view's last record (of the record before it, for an empty view)."""
+        _, _, after, prev, hashes, _ = self._chain
+        stop = self._stop
+        return after + stop, hashes[stop - 1] if stop else prev
+
+    def lines(self) -> bytes:
+        """The records' canonical lines, concatenated."""
+        lines = self._chain[5]
+        if self._start == 0 and self._stop == len(lines):
+            return lines[0] if len(lines) == 1 else b"".join(lines)
+        return b"".join(lines[self._start : self._stop])
+
+
+def joined_lines(records: Sequence[AuditRecord]) -> bytes:
+    """The records' canonical lines (:meth:`AuditRecord.to_json_line`), concatenated.
+
+    What a sink that stores lines writes; for the records the writer hands
+    to sinks it costs one join, without building each record.
+    """
+    if isinstance(records, _Chained):
+        return records.lines()
+    return b"".join(record.to_json_line() for record in records)
 
 
 @final

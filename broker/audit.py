@@ -44,12 +44,15 @@ from ._audit_chain import (
     ChainHead,
     DetailValue,
     VerifyResult,
+    _chain_entries,
+    _Chained,
     _check_int,
     _check_str,
     _checked_details,
     _Entry,
     _rfc3339,
     chain_hash,
+    joined_lines,
     parse_valid_line,
     verify_chain,
 )
@@ -69,6 +72,7 @@ __all__ = [
     "VerifyResult",
     "audit_verify_main",
     "chain_hash",
+    "joined_lines",
     "open_audit_log",
     "parse_valid_line",
     "verify_audit_dir",
@@ -249,7 +253,7 @@ class _Batch:
 
     def __init__(self) -> None:
         self.entries: list[_Entry] = []
-        self.records: list[AuditRecord] | None = None  # set once durable
+        self.records: Sequence[AuditRecord] | None = None  # set once durable
         self.done = trio.Event()
 
 
@@ -490,7 +494,7 @@ class AuditLog:
 
     async def record_many(
         self, records: Sequence[Mapping[str, Any]], *, durable: bool = True
-    ) -> list[AuditRecord]:
+    ) -> Sequence[AuditRecord]:
         """Append several records at once, in order: what :meth:`record` does for each, in one write.
 
         Args:
@@ -500,7 +504,7 @@ class AuditLog:
                 the whole call wait for the fsync.
 
         Returns:
-            The records as written.
+            The records as written (each built when read).
 
         Raises:
             TypeError, ValueError, Unavailable: as :meth:`record`; on any of
@@ -517,7 +521,7 @@ class AuditLog:
             return []
         return await self._submit(entries, durable or any(e.alarm for e in entries))
 
-    async def _submit(self, entries: list[_Entry], durable: bool) -> list[AuditRecord]:
+    async def _submit(self, entries: list[_Entry], durable: bool) -> Sequence[AuditRecord]:
         if self._staged is not None:
             return await self._record_staged(self._staged, entries, durable)
         batch = self._batch
@@ -529,17 +533,9 @@ class AuditLog:
             raise Unavailable("audit log unavailable")
         return batch.records[index : index + len(entries)]
 
-    def _chain(self, entries: Sequence[_Entry]) -> list[AuditRecord]:
+    def _chain(self, entries: Sequence[_Entry]) -> _Chained:
         """``entries`` as records chained on the current head (the head does not move)."""
-        seq, prev = self._seq, self._hash
-        records: list[AuditRecord] = []
-        node = self._node
-        for entry in entries:
-            seq += 1
-            record = AuditRecord._chain_next(seq, entry, node, prev)
-            prev = record.hash
-            records.append(record)
-        return records
+        return _chain_entries(entries, self._node, self._seq, self._hash)
 
     def _failed(self, exc: BaseException) -> None:
         # Anything but OSError is a sink bug, hence the traceback.
@@ -555,7 +551,7 @@ class AuditLog:
 
     async def _record_staged(
         self, sink: StagedAuditSink, entries: list[_Entry], durable: bool
-    ) -> list[AuditRecord]:
+    ) -> Sequence[AuditRecord]:
         """Chain and append ``notes + entries`` now; wait for the fsync only if ``durable``."""
         records = self._chain([*self._notes, *entries] if self._notes else entries)
         try:
@@ -564,21 +560,22 @@ class AuditLog:
             # Fail closed as in _commit: the head stays on the last appended record.
             self._failed(exc)
             raise Unavailable("audit log unavailable") from None
-        self._seq, self._hash = records[-1].seq, records[-1].hash
+        self._seq, self._hash = records.end
         self._appended = self._seq
         del self._notes[:]
         for fanout in self._fanouts:
             fanout.push(records)
+        mine = records if len(records) == len(entries) else records[len(records) - len(entries) :]
         if not durable:
             self._wakeup.set()
-            return records[len(records) - len(entries) :]
+            return mine
         sync_round = self._round
         self._urgent.set()
         self._wakeup.set()
         await sync_round.done.wait()
         if not sync_round.ok:
             raise Unavailable("audit log unavailable")
-        return records[len(records) - len(entries) :]
+        return mine
 
     async def _run_syncer(self, sink: StagedAuditSink) -> None:
         """Fsync what was appended: at once for a waiting caller, else within the interval."""
@@ -627,8 +624,7 @@ class AuditLog:
                 return
             self._succeeded()
             self._writes += 1
-            if records:
-                self._seq, self._hash = records[-1].seq, records[-1].hash
+            self._seq, self._hash = records.end
             self._appended = self._synced = self._seq
             del self._notes[:]
             batch.records = records[len(records) - len(batch.entries):]

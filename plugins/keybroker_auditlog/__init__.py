@@ -50,6 +50,7 @@ from broker.audit import (
     TORN_FILE_PREFIX,
     AuditRecord,
     ChainHead,
+    joined_lines,
     parse_valid_line,
 )
 from broker.config import Config
@@ -219,7 +220,7 @@ class FileAuditSink:
             if sync:
                 flush(fd)
             self._dirty = False
-        data = records[0].to_json_line() if len(records) == 1 else b"".join(r.to_json_line() for r in records)
+        data = joined_lines(records)
         try:
             # os.write on the raw descriptor: there is no user-space buffer
             # to flush, so durability is exactly the sync below.

@@ -7,8 +7,8 @@ import io
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker._audit_chain import _Entry
-from broker.audit import GENESIS, AuditRecord, parse_valid_line, verify_chain
+from broker._audit_chain import _chain_entries, _Entry
+from broker.audit import GENESIS, AuditRecord, joined_lines, parse_valid_line, verify_chain
 
 N = 6
 TS = "2026-11-28T15:12:51.123456Z"
@@ -136,19 +136,33 @@ def test_inserting_a_copy_is_caught(index: int, copy: AuditRecord) -> None:
 
 
 @settings(max_examples=100)
-@given(records_fields, st.integers(min_value=1, max_value=2**63), st.booleans())
-def test_writer_encoding_equals_the_canonical_one(fields: dict[str, object], seq: int, plain: bool) -> None:
+@given(
+    st.lists(records_fields, min_size=1, max_size=4), st.integers(min_value=0, max_value=2**63), st.booleans()
+)
+def test_writer_encoding_equals_the_canonical_one(
+    fields_list: list[dict[str, object]], after: int, plain: bool
+) -> None:
     # The writer's hand-written encoder must produce exactly the bytes (and so
     # the hash) that json.dumps(sort_keys=True) gives and verification expects,
-    # also for a second record of the same shape (its parts are kept then).
+    # also for records of a shape it has seen (their parts are kept then).
     if plain:
-        fields = {**fields, "details": {}}
+        fields_list = [{**fields, "details": {}} for fields in fields_list] * 2
+    entries = [
+        _Entry(ts=TS, **{**fields, "details": dict(fields["details"])})  # type: ignore[arg-type]
+        for fields in fields_list
+    ]
+    chained = _chain_entries(entries, "n1", after, GENESIS)
     prev = GENESIS
-    for at, ts in ((seq, TS), (seq + 1, "2026-11-28T15:12:52.000001Z")):
-        sealed = AuditRecord.seal(seq=at, prev=prev, ts=ts, node="n1", **fields)  # type: ignore[arg-type]
-        entry = _Entry(ts=ts, **{**fields, "details": dict(fields["details"])})  # type: ignore[arg-type]
-        chained = AuditRecord._chain_next(at, entry, "n1", prev)
-        assert chained == sealed
-        assert chained.to_json_line() == sealed.to_json_line()
-        assert parse_valid_line(chained.to_json_line()) == sealed
-        prev = sealed.hash
+    sealed = []
+    for at, fields in enumerate(fields_list, start=after + 1):
+        sealed.append(AuditRecord.seal(seq=at, prev=prev, ts=TS, node="n1", **fields))  # type: ignore[arg-type]
+        prev = sealed[-1].hash
+    assert list(chained) == sealed
+    assert joined_lines(chained) == b"".join(record.to_json_line() for record in sealed)
+    assert chained.end == (after + len(sealed), sealed[-1].hash)
+    for record in chained:
+        assert parse_valid_line(record.to_json_line()) == record
+    # A view (what callers get back) holds the same records.
+    tail = chained[1:]
+    assert list(tail) == sealed[1:] and joined_lines(tail) == b"".join(r.to_json_line() for r in sealed[1:])
+    assert tail.end == chained.end  # an empty view ends where the records before it do

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from broker._audit_chain import _SHAPES, MAX_SHAPES, _Entry
+from broker._audit_chain import _SHAPES, MAX_SHAPES, _chain_entries, _Entry
 from broker.audit import (
     AUDIT_FILE_NAME,
     GENESIS,
@@ -20,6 +20,7 @@ from broker.audit import (
     ChainHead,
     audit_verify_main,
     chain_hash,
+    joined_lines,
     open_audit_log,
     parse_valid_line,
     verify_chain,
@@ -103,13 +104,34 @@ def test_kept_record_shapes_are_bounded_and_stay_exact() -> None:
     prev = GENESIS
     for seq in range(1, MAX_SHAPES + 50):
         entry = _Entry(TS, f"uid:{seq}", "encrypt", "allowed", "k", 1, None, False, {})
-        chained = AuditRecord._chain_next(seq, entry, "n1", prev)
+        (chained,) = _chain_entries([entry], "n1", seq - 1, prev)
         if seq % 500 == 0 or seq > MAX_SHAPES - 2:
             sealed = AuditRecord.seal(seq=seq, prev=prev, ts=TS, node="n1", principal=f"uid:{seq}",
                                       op="encrypt", outcome="allowed", key="k", version=1)
             assert chained.to_json_line() == sealed.to_json_line()
         assert len(_SHAPES) <= MAX_SHAPES
         prev = chained.hash
+
+
+def test_chained_records_read_like_a_list_of_records() -> None:
+    entries = [_Entry(TS, f"uid:{i}", "encrypt", "allowed", "k", 1, None, False, {}) for i in range(5)]
+    chained = _chain_entries(entries, "n1", 10, GENESIS)
+    records = list(chained)
+    assert [r.seq for r in records] == [11, 12, 13, 14, 15]
+    assert [r.prev for r in records[1:]] == [r.hash for r in records[:-1]] and records[0].prev == GENESIS
+    assert chained[-1] == records[-1] and chained[-5] == records[0]
+    for bad in (5, -6):
+        with pytest.raises(IndexError):
+            chained[bad]
+    assert chained[::2] == records[::2]
+    view = chained[1:3]
+    assert list(view) == records[1:3] and view[-1] == records[2] and len(view) == 2
+    assert list(view[1:]) == records[2:3] and view.end == (13, records[2].hash)  # type: ignore[attr-defined]
+    empty = chained[2:2]
+    assert len(empty) == 0 and empty.end == (12, records[1].hash)  # type: ignore[attr-defined]
+    assert joined_lines(view) == records[1].to_json_line() + records[2].to_json_line()
+    assert joined_lines(records) == joined_lines(chained)
+    assert records[3] in chained and chained.index(records[3]) == 3
 
 
 def test_records_are_hashable_by_chain_hash() -> None:
