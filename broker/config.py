@@ -40,6 +40,8 @@ DEFAULT_MESSAGE_TIMEOUT_S = 30.0
 DEFAULT_DRAIN_TIMEOUT_S = 10.0
 # After a reply, a Unix-socket connection polls for the next request this long (broker.busypoll).
 DEFAULT_BUSY_POLL_US = 50
+# After a gathered group, the event loop stays awake this long for the next requests (broker.gather).
+DEFAULT_GATHER_POLL_US = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,7 @@ class Limits:
     message_timeout_s: float = DEFAULT_MESSAGE_TIMEOUT_S
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     busy_poll_us: int = DEFAULT_BUSY_POLL_US
+    gather_poll_us: int = DEFAULT_GATHER_POLL_US
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +146,7 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None
 
 
 # Limits that 0 turns off.
-_MAY_BE_ZERO = frozenset({"busy_poll_us"})
+_MAY_BE_ZERO = frozenset({"busy_poll_us", "gather_poll_us"})
 
 
 def _limits(table: Mapping[str, Any]) -> Limits:

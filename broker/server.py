@@ -287,7 +287,11 @@ async def serve(
             config,
             handler,
             poller=BusyPoller(busy_poll_us / 1e6) if busy_poll_us else None,
-            gatherer=Gatherer(cast("GroupHandler", handler)) if getattr(handler, "groupable", None) else None,
+            gatherer=(
+                Gatherer(cast("GroupHandler", handler), poll_s=config.limits.gather_poll_us / 1e6)
+                if getattr(handler, "groupable", None)
+                else None
+            ),
         )
         listeners.append((trio.SocketListener(sock), server.handle_unix))
         info = ServerInfo(socket_path=config.socket_path, poller=server.poller, gatherer=server.gatherer)

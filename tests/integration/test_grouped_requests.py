@@ -303,6 +303,40 @@ async def test_lone_requests_of_busy_connections_are_gathered(mode: str | None, 
     assert max(len(callers) for callers in handler.callers) > 1
 
 
+@pytest.mark.parametrize("gather_poll_us", [0, 200_000])
+async def test_after_a_group_the_loop_stays_awake_for_the_window(gather_poll_us: int) -> None:
+    """Polling follows a group for gather_poll_us, then the gatherer sleeps; 0 turns it off."""
+    handler = _GroupEcho()
+    with tempfile.TemporaryDirectory(prefix="kb-", dir="/tmp") as directory:
+        config = transport_config(Path(directory), gather_poll_us=gather_poll_us, busy_poll_us=0)
+        async with running_server(config, handler) as info:
+            gatherer = info.gatherer
+            assert gatherer is not None
+            await trio.sleep(0.05)
+            assert gatherer.polls == 0  # nothing was run yet: asleep
+            blocker = await RawConn.open(info.socket_path)
+            await blocker.request(1, "g", {"n": 0, "mode": "slow", "s": 30})
+            while gatherer.inflight < 1:
+                await trio.sleep(0.001)
+            conns = [await RawConn.open(info.socket_path) for _ in range(3)]
+            await _burst(conns, "g", [{"n": 2 * i} for i in range(3)], 2)
+            with trio.fail_after(5):
+                assert [(await c.response()).result for c in conns] == [{"n": 0}, {"n": 2}, {"n": 4}]
+            await trio.sleep(0.01)
+            if not gather_poll_us:
+                assert gatherer.polls == 0
+                return
+            assert gatherer.polls > 0  # polling after the group
+            # A request that lands meanwhile is gathered without a wake-up.
+            await _burst(conns, "g", [{"n": 6}, {"n": 8}, {"n": 10}], 3)
+            with trio.fail_after(5):
+                assert [(await c.response()).result for c in conns] == [{"n": 6}, {"n": 8}, {"n": 10}]
+            await trio.sleep(0.3)  # the window passed: asleep again
+            settled = gatherer.polls
+            await trio.sleep(0.05)
+            assert gatherer.polls == settled
+
+
 async def test_a_slow_group_does_not_hold_back_the_next() -> None:
     """A group that suspends hands the gathering on; a drain still waits for its answers."""
     handler = _GroupEcho()

@@ -31,6 +31,10 @@ def test_config_default_zero_and_negative(tmp_path: Path) -> None:
     assert parse_config({"limits": {"busy_poll_us": 0}}, data_dir=tmp_path).limits.busy_poll_us == 0
     with pytest.raises(InvalidArgument, match="busy_poll_us"):
         parse_config({"limits": {"busy_poll_us": -1}}, data_dir=tmp_path)
+    limits = parse_config({"limits": {"gather_poll_us": 0}}, data_dir=tmp_path).limits
+    assert limits.gather_poll_us == 0 and parse_config({}, data_dir=tmp_path).limits.gather_poll_us > 0
+    with pytest.raises(InvalidArgument, match="gather_poll_us"):
+        parse_config({"limits": {"gather_poll_us": -1}}, data_dir=tmp_path)
     with pytest.raises(InvalidArgument, match="max_connections"):
         parse_config({"limits": {"max_connections": 0}}, data_dir=tmp_path)
 
