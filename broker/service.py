@@ -46,6 +46,7 @@ from .lifecycle import (
     update_settings,
     use_limit,
 )
+from .namelocks import NameLocks
 from .plugins import Plugins
 from .store import Store
 from .transfer import ImportToken, ImportTokens, new_wrapping_key, unwrap
@@ -120,7 +121,7 @@ class KeyService:
         self.clock = clock
         self._by_name: dict[str, Key] = {}
         self._name_by_id: dict[bytes, str] = {}
-        self._locks: dict[str, trio.Lock] = {}
+        self._lock = NameLocks()
         self._meters: dict[tuple[bytes, int], Meter] = {}
         self._protecting: dict[bytes, _Protecting] = {}
         self._listeners: list[Callable[[KeyEvent], None]] = []
@@ -221,12 +222,6 @@ class KeyService:
         return backend
 
     # --- changing --------------------------------------------------------------
-
-    def _lock(self, name: str) -> trio.Lock:
-        lock = self._locks.get(name)
-        if lock is None:
-            lock = self._locks[name] = trio.Lock()
-        return lock
 
     async def _apply(self, name: str, change: Callable[[Key], Awaitable[Key]]) -> Key:
         """Apply ``change`` to the current key under its lock, retrying lost races.

@@ -304,6 +304,14 @@ class StoreConformance:
             await store.insert_key(make_key("dup", key_type=KeyType.HMAC_SHA256))
         assert_stored(await store.get_key("dup"), first)
 
+    async def test_duplicate_id_is_refused(self, store: Store) -> None:
+        first = make_key("dup/first")
+        await store.insert_key(first)
+        with pytest.raises(AlreadyExists):
+            await store.insert_key(replace(make_key("dup/second"), id=first.id))
+        assert await store.get_key("dup/second") is None
+        assert_stored(await store.get_key_by_id(first.id), first)
+
     # --- replacing ------------------------------------------------------------------
 
     async def test_replace_at_current_revision_writes_every_change(self, store: Store) -> None:

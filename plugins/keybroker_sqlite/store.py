@@ -221,11 +221,17 @@ def _in_read_transaction(conn: sqlite3.Connection, body: Callable[[sqlite3.Conne
 
 
 def _insert(conn: sqlite3.Connection, key: Key) -> None:
-    if conn.execute("SELECT 1 FROM keys WHERE name = ?", (key.name,)).fetchone() is not None:
-        raise AlreadyExists(f"a key named {key.name!r} exists")
-    if conn.execute("SELECT 1 FROM keys WHERE id = ?", (key.id,)).fetchone() is not None:
-        raise AlreadyExists(f"a key with the same id as {key.name!r} exists")
-    conn.execute(_INSERT_KEY, _key_params(key))
+    # The constraints decide, as in the PostgreSQL store: two look-ups first
+    # would cost every insert as much again to spare a rare duplicate.
+    try:
+        conn.execute(_INSERT_KEY, _key_params(key))
+    except sqlite3.IntegrityError as exc:
+        message = str(exc)
+        if message == "UNIQUE constraint failed: keys.name":
+            raise AlreadyExists(f"a key named {key.name!r} exists") from None
+        if message == "UNIQUE constraint failed: keys.id":
+            raise AlreadyExists(f"a key with the same id as {key.name!r} exists") from None
+        raise
     conn.executemany(_UPSERT_VERSION, [version_columns(key.id, v) for v in key.versions])
 
 
