@@ -497,34 +497,20 @@ class _Connection:
     """One sqlite3 connection, used by one task at a time; the writer also owns the log."""
 
     def __init__(
-        self,
-        conn: sqlite3.Connection,
-        log: _WriteAheadLog | None = None,
-        busy_timeout_s: float = 0.0,
-        checkpointer: sqlite3.Connection | None = None,
+        self, conn: sqlite3.Connection, log: _WriteAheadLog | None = None, busy_timeout_s: float = 0.0
     ) -> None:
         self.conn: sqlite3.Connection | None = conn
         self.lock = trio.Lock()
-        # Checkpoints run on a connection of their own, beside the writer:
-        # SQLite copies committed pages while new ones are appended.
-        self._checkpointer = checkpointer
-        self._checkpoints = trio.Lock()
         self._queued: list[_Change] = []
         self._log = log
         self._busy_timeout_s = busy_timeout_s
         self._groups = 0  # committed since the last checkpoint
-        self._flushing = 0  # groups whose flush is in flight
-        self._flushed = trio.Event()  # set whenever _flushing drops to 0
 
     async def change(self, body: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``body`` in a write transaction shared with the changes queued beside it.
 
         The caller holding the lock writes every change queued so far in
-        one transaction, releases the lock, then flushes the log and tells
-        the group's callers the outcome. The next group is written while
-        this one's flush is in flight: a flush that starts later covers
-        every earlier commit, and nobody learns of a commit before its own
-        flush is done.
+        one transaction; later callers find theirs done.
 
         Cancellation: before its change is taken into a transaction, a
         caller leaves and nothing is written; after, it waits (shielded)
@@ -543,83 +529,45 @@ class _Connection:
             with trio.CancelScope(shield=True):
                 await change.finished.wait()
             return change.outcome()  # type: ignore[return-value]
-        group = None
         try:
             if not change.taken:
-                group = await self._write_queued()
+                await self._write_queued()
         finally:
             self.lock.release()
-        with trio.CancelScope(shield=True):
-            if group is None:
-                await change.finished.wait()
-            else:
-                await self._flush(group)
         return change.outcome()  # type: ignore[return-value]
 
-    async def _write_queued(self) -> list[_Change]:
-        """Take the queue and write it in one transaction (under the lock); the group taken."""
+    async def _write_queued(self) -> None:
         changes, self._queued = self._queued, []
         for queued in changes:
             queued.taken = True
         conn = self.conn
-        if conn is None or self._log is None:
-            _fail_all(changes, Unavailable("the key store is closed"))
-            return changes
-        # Statements and commit run here on the event loop: a few tens of
-        # microseconds per change, where a worker thread would first wait
-        # for the GIL the busy loop keeps retaking. Only when another
-        # process holds the write lock does a thread wait for it.
-        if not _write_group(conn, changes):
-            wait_ms = max(1, round(self._busy_timeout_s * 1000))
-            await trio.to_thread.run_sync(functools.partial(_write_group, conn, changes, wait_ms=wait_ms))
-        return changes
-
-    async def _flush(self, changes: list[_Change]) -> None:
-        """Make the group's commit durable (outside the lock), then release its callers.
-
-        Every CHECKPOINT_EVERY_GROUPS groups the flushing task then also
-        checkpoints the log (:meth:`checkpoint`), after its group's callers
-        were released.
-        """
-        self._flushing += 1
         try:
-            try:
-                if self._log is not None and any(change.error is None for change in changes):
-                    try:
-                        await self._log.flush()
-                    except OSError as exc:
-                        # Committed, but not known to be durable: nobody is told
-                        # it succeeded (the data is visible and may survive).
-                        reason = f"the key store could not flush its log: {exc.strerror}"
-                        _fail_all(changes, Unavailable(reason))
-                    self._groups += 1
-            finally:
-                for queued in changes:
-                    queued.finished.set()
-            if self._groups >= CHECKPOINT_EVERY_GROUPS and not self._checkpoints.locked():
-                self._groups = 0
-                await self.checkpoint()
-        finally:
-            self._flushing -= 1
-            if not self._flushing:
-                self._flushed.set()
-
-    async def checkpoint(self) -> None:
-        """Copy the log's committed pages into the database, beside the writer (best effort)."""
-        async with self._checkpoints:
-            if self._checkpointer is None:
+            if conn is None or self._log is None:
+                _fail_all(changes, Unavailable("the key store is closed"))
                 return
+            # Statements and commit run here on the event loop: a few tens of
+            # microseconds per change, where a worker thread would first wait
+            # for the GIL the busy loop keeps retaking. Only when another
+            # process holds the write lock does a thread wait for it.
+            if not _write_group(conn, changes):
+                wait_ms = max(1, round(self._busy_timeout_s * 1000))
+                await trio.to_thread.run_sync(functools.partial(_write_group, conn, changes, wait_ms=wait_ms))
+            if any(change.error is None for change in changes):
+                try:
+                    await self._log.flush()
+                except OSError as exc:
+                    # Committed, but not known to be durable: nobody is told
+                    # it succeeded (the data is visible and may survive).
+                    _fail_all(changes, Unavailable(f"the key store could not flush its log: {exc.strerror}"))
+                self._groups += 1
+        finally:
+            for queued in changes:
+                queued.finished.set()
+        if self._groups >= CHECKPOINT_EVERY_GROUPS:
+            self._groups = 0
+            # Under the lock, after the group's callers were released.
             with contextlib.suppress(Unavailable):
-                await trio.to_thread.run_sync(_translated, functools.partial(_checkpoint, self._checkpointer))
-
-    async def truncate_log(self) -> None:
-        """Checkpoint every frame and empty the log (no other checkpoint runs meanwhile).
-
-        Raises:
-            Unavailable: a reader still uses an older snapshot, or the disk failed.
-        """
-        async with self._checkpoints:
-            await self.run(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+                await trio.to_thread.run_sync(_translated, functools.partial(_checkpoint, conn))
 
     async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         async with self.lock:
@@ -630,17 +578,11 @@ class _Connection:
 
     async def close(self) -> None:
         async with self.lock:
-            while self._flushing:
-                # Flushes run outside the lock: the log stays open until the last is done.
-                self._flushed = trio.Event()
-                await self._flushed.wait()
             conn, self.conn = self.conn, None
-            checkpointer, self._checkpointer = self._checkpointer, None
             if self._log is not None:
                 self._log.close()
-            for closing in (conn, checkpointer):
-                if closing is not None:
-                    await trio.to_thread.run_sync(closing.close)
+            if conn is not None:
+                await trio.to_thread.run_sync(conn.close)
 
 
 def _translated(fn: Callable[[], _T]) -> _T:
@@ -689,24 +631,20 @@ class SQLiteStore:
         if self._writer is not None:
             raise RuntimeError("the store is already open")
 
-        def connect() -> tuple[sqlite3.Connection, sqlite3.Connection, sqlite3.Connection]:
+        def connect() -> tuple[sqlite3.Connection, sqlite3.Connection]:
             _prepare_files(self.path)
-            opened: list[sqlite3.Connection] = []
+            writer = _connect(self.path, self.busy_timeout_s, read_only=False)
             try:
-                writer = _connect(self.path, self.busy_timeout_s, read_only=False)
-                opened.append(writer)
                 migrate(writer, where=str(self.path))
                 _for_the_loop(writer)
-                for _ in range(2):  # the reader and the checkpointer
-                    opened.append(_connect(self.path, self.busy_timeout_s, read_only=True))
+                reader = _connect(self.path, self.busy_timeout_s, read_only=True)
             except BaseException:
-                for conn in opened:
-                    conn.close()
+                writer.close()
                 raise
-            return writer, opened[1], opened[2]
+            return writer, reader
 
-        writer, reader, checkpointer = await trio.to_thread.run_sync(_translated, connect)
-        self._writer = _Connection(writer, _WriteAheadLog(self.path), self.busy_timeout_s, checkpointer)
+        writer, reader = await trio.to_thread.run_sync(_translated, connect)
+        self._writer = _Connection(writer, _WriteAheadLog(self.path), self.busy_timeout_s)
         self._reader = _Connection(reader)
 
     async def aclose(self) -> None:
@@ -762,7 +700,7 @@ class SQLiteStore:
             # rewrite of the old pages until the next checkpoint; failing the
             # call now would make the caller retry a change that happened.
             with contextlib.suppress(Unavailable):
-                await writer.truncate_log()
+                await writer.run(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
 
     async def reserve_uses(self, key_id: bytes, version: int, count: int, limit: int | None) -> int:
         """Atomically add up to ``count`` to the version's uses, never past ``limit``.

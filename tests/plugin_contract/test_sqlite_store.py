@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -281,43 +280,6 @@ async def test_the_log_is_checkpointed_into_the_database(opened: SQLiteStore, db
     assert db_path.stat().st_size > before  # pages reached the main file
 
 
-async def test_a_checkpoint_runs_beside_the_writer(opened: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The checkpoint has a connection of its own: changes go on while it
-    # copies pages; the log truncation after an erasure waits for it.
-    entered, release = threading.Event(), threading.Event()
-    real = keybroker_sqlite.store._checkpoint
-    checkpointer = opened._write_conn()._checkpointer
-
-    def held(conn: sqlite3.Connection) -> None:
-        assert conn is checkpointer
-        entered.set()
-        release.wait(10)
-        real(conn)
-
-    monkeypatch.setattr(keybroker_sqlite.store, "_checkpoint", held)
-    truncated = False
-
-    async def truncate() -> None:
-        nonlocal truncated
-        await opened._write_conn().truncate_log()
-        truncated = True
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(opened._write_conn().checkpoint)
-        try:
-            await trio.to_thread.run_sync(entered.wait, 10)
-            with trio.fail_after(5):  # not held up by the checkpoint
-                await opened.insert_key(make_key("c/during"))
-            nursery.start_soon(truncate)
-            await trio.sleep(0.05)
-            truncated_early = truncated
-        finally:
-            release.set()
-    assert not truncated_early
-    assert truncated
-    assert await opened.get_key("c/during") is not None
-
-
 async def test_closed_store_is_unavailable(opened: SQLiteStore) -> None:
     await opened.aclose()
     with pytest.raises(Unavailable):
@@ -371,88 +333,27 @@ async def test_concurrent_changes_share_commits_and_fail_alone(opened: SQLiteSto
     assert sorted(k.name for k in stored) == sorted(set(names))
 
 
-async def test_a_change_cancelled_while_queued_is_not_written(opened: SQLiteStore) -> None:
-    writer = opened._write_conn()
-    done = trio.Event()
-
-    async def hold_the_writer() -> None:  # as while another group is being written
-        async with writer.lock:
-            await done.wait()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(hold_the_writer)
-        await trio.sleep(0.01)
-        with trio.move_on_after(0.05):
-            await opened.insert_key(make_key("g/cancelled"))
-        done.set()
-    assert await opened.get_key("g/cancelled") is None
-    await opened.insert_key(make_key("g/after"))  # the writer is usable again
-    assert await opened.get_key("g/after") is not None
-
-
-async def test_the_next_group_is_written_while_a_flush_is_in_flight(
+async def test_a_change_cancelled_while_queued_is_not_written(
     opened: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     release = trio.Event()
     real = keybroker_sqlite.store.fdatasync
-    flushing = 0
-
-    async def slow_flush(fd: int) -> None:
-        nonlocal flushing
-        flushing += 1
-        await release.wait()
-        await real(fd)
-
-    monkeypatch.setattr(keybroker_sqlite.store, "fdatasync", slow_flush)
-    returned: list[str] = []
-
-    async def insert(name: str) -> None:
-        await opened.insert_key(make_key(name))
-        returned.append(name)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(insert, "g/first")
-        await trio.sleep(0.05)  # the first group is committed, its flush held back
-        nursery.start_soon(insert, "g/second")
-        await trio.sleep(0.05)
-        # Both groups are committed (a reader sees them) and both flushes
-        # are in flight, but nobody has been told: a commit is acknowledged
-        # only once a flush that started after it is done.
-        try:
-            assert flushing == 2
-            assert await opened.get_key("g/first") is not None
-            assert await opened.get_key("g/second") is not None
-            assert returned == []
-        finally:
-            release.set()
-    assert sorted(returned) == ["g/first", "g/second"]
-
-
-async def test_close_waits_for_a_flush_in_flight(opened: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    release = trio.Event()
-    real = keybroker_sqlite.store.fdatasync
 
     async def slow_flush(fd: int) -> None:
         await release.wait()
         await real(fd)
 
     monkeypatch.setattr(keybroker_sqlite.store, "fdatasync", slow_flush)
-    closed = False
-
-    async def close() -> None:
-        nonlocal closed
-        await opened.aclose()
-        closed = True
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(opened.insert_key, make_key("g/flushing"))
-        await trio.sleep(0.05)
-        nursery.start_soon(close)
-        await trio.sleep(0.05)
-        closed_early = closed  # the log must stay open for the flush
+        nursery.start_soon(opened.insert_key, make_key("g/first"))
+        await trio.sleep(0.05)  # the first change holds the writer, flushing
+        with trio.move_on_after(0.05):
+            await opened.insert_key(make_key("g/cancelled"))
         release.set()
-    assert not closed_early
-    assert closed
+    assert await opened.get_key("g/first") is not None
+    assert await opened.get_key("g/cancelled") is None
+    await opened.insert_key(make_key("g/after"))  # the writer is usable again
+    assert await opened.get_key("g/after") is not None
 
 
 class _FailingCommit:
