@@ -280,6 +280,26 @@ async def test_the_log_is_checkpointed_into_the_database(opened: SQLiteStore, db
     assert db_path.stat().st_size > before  # pages reached the main file
 
 
+async def test_the_log_stays_bounded_under_steady_writes(
+    opened: SQLiteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite writes the log from its start again only after a checkpoint
+    # reached its end: the store checkpoints holding the writer, so that
+    # the log of a busy broker does not grow without bound.
+    monkeypatch.setattr(keybroker_sqlite.store, "CHECKPOINT_EVERY_GROUPS", 4)
+    log = db_path.with_name(db_path.name + "-wal")
+
+    async def writer(task: int) -> None:
+        for index in range(150):
+            await opened.insert_key(make_key(f"w/{task}/{index}"))
+
+    async with trio.open_nursery() as nursery:
+        for task in range(8):
+            nursery.start_soon(writer, task)
+    assert log.stat().st_size < 1 << 20, log.stat().st_size
+    assert len(await opened.list_keys(prefix="w/", state=None, after=None, limit=1000)) == 1000
+
+
 async def test_closed_store_is_unavailable(opened: SQLiteStore) -> None:
     await opened.aclose()
     with pytest.raises(Unavailable):
