@@ -16,6 +16,8 @@ Figures, medians of interleaved repeats:
   server-generated IV), 1 and 8 clients;
 * ping ops/s -- keybroker ``ping`` with one client: the round trip of a
   request that does no work, the ceiling of any single-client figure;
+* the same single-client encrypt and ping with a client that polls for its
+  reply (``Client(busy_poll_us=BUSY_POLL_US)``) instead of sleeping;
 * batch items/s -- one ``encrypt_batch`` of 10,000 x 32-byte items vs the
   same items sent to PyKMIP one ``Encrypt`` request each (a bounded number of
   requests, timed).
@@ -38,6 +40,8 @@ from bench.peers_kmip import Endpoint, Workers, active_key, aes256, client, gcm_
 from broker.client import AsyncClient, Client
 
 CONCURRENT = 8
+# The polling single client's window: a local reply comes within it.
+BUSY_POLL_US = 100
 BATCH = 10_000
 KEY = "bench/peers"
 _names = itertools.count()
@@ -98,7 +102,9 @@ def measure(
     payload = bytes(32)
     workers = Workers(endpoint, CONCURRENT)
     try:
-        with Client(socket_path) as kb, client(endpoint) as kmip:
+        with Client(socket_path) as kb, Client(socket_path, busy_poll_us=BUSY_POLL_US) as polling, client(
+            endpoint
+        ) as kmip:
             kb.key_create(KEY, "aes256-gcm")
             uid = active_key(kmip)
             params = gcm_parameters()
@@ -125,6 +131,10 @@ def measure(
                 "keybroker|encrypt x8": kb_concurrent("encrypt"),
                 "pykmip|encrypt x8": lambda: workers.rate("encrypt", uid, seconds),
                 "keybroker|ping x1": lambda: rate(kb.ping, 1, seconds),
+                "keybroker|encrypt x1 polling": lambda: rate(
+                    lambda: polling.encrypt(KEY, payload), 1, seconds
+                ),
+                "keybroker|ping x1 polling": lambda: rate(polling.ping, 1, seconds),
                 "keybroker|batch items": lambda: rate(lambda: kb.encrypt_batch(KEY, items), BATCH, seconds),
                 "pykmip|batch items": lambda: rate(kmip_items, kmip_requests, 0.0),
             }
@@ -137,4 +147,5 @@ def measure(
         "batch_items": BATCH,
         "pykmip_requests_per_batch_sample": kmip_requests,
         "concurrent_clients": CONCURRENT,
+        "busy_poll_us": BUSY_POLL_US,
     }

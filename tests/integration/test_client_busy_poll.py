@@ -1,0 +1,100 @@
+"""The blocking client's busy polling for replies and its direct first write, over real sockets."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import pytest
+import trio
+
+from broker.client import Client
+from broker.protocol import Response
+from broker.server import ServerInfo
+
+
+@pytest.fixture
+def polls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Records, per busy poll, how many replies it read (0: it gave up and the call blocked)."""
+    counts: list[int] = []
+    real = Client._poll_replies
+
+    def counted(self: Client, sock: socket.socket) -> list[Response]:
+        replies = real(self, sock)
+        counts.append(len(replies))
+        return replies
+
+    monkeypatch.setattr(Client, "_poll_replies", counted)
+    yield counts
+
+
+def _round_trips(path: str, **options: int | None) -> None:
+    items = [os.urandom(4096) for _ in range(1000)]  # 4 MiB: more than a socket buffer takes at once
+    with Client(path, **options) as kb:  # type: ignore[arg-type]
+        kb.key_create("poll/k", "aes256-gcm")
+        for index in range(50):
+            plaintext = index.to_bytes(4, "big")
+            sealed = kb.encrypt("poll/k", plaintext)
+            assert kb.decrypt(sealed["ciphertext"])["plaintext"] == plaintext
+        sealed_batch = kb.encrypt_batch("poll/k", items)["ciphertexts"]
+        assert kb.decrypt_batch(sealed_batch)["plaintexts"] == items
+
+
+async def test_a_polling_client_reads_its_replies_without_sleeping(
+    served: ServerInfo, polls: list[int]
+) -> None:
+    # A broker answers well within a second, so every call, the 4 MiB
+    # replies read in parts too, finds its whole reply while polling.
+    await trio.to_thread.run_sync(lambda: _round_trips(str(served.socket_path), busy_poll_us=1_000_000))
+    assert polls == [1] * 103
+
+
+@pytest.mark.parametrize("options", [{}, {"timeout": None, "busy_poll_us": 100}])
+async def test_a_client_that_does_not_poll_blocks(
+    served: ServerInfo, polls: list[int], options: dict[str, int | None]
+) -> None:
+    # The default; and without a timeout the socket blocks, so there is nothing to poll.
+    await trio.to_thread.run_sync(lambda: _round_trips(str(served.socket_path), **options))
+    assert polls == []
+
+
+def test_a_late_reply_is_waited_for_after_the_poll(tmp_path: Path, polls: list[int]) -> None:
+    # A broker that answers after 50 ms: the 100 µs poll gives up, the call blocks and gets it.
+    path = str(tmp_path / "slow.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def slow_broker() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            unpacker = msgpack.Unpacker(raw=False)
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                unpacker.feed(data)
+                for _, msgid, _, _ in unpacker:
+                    time.sleep(0.05)
+                    conn.sendall(msgpack.packb([1, msgid, None, {"late": True}]))
+
+    thread = threading.Thread(target=slow_broker, daemon=True)
+    thread.start()
+    try:
+        with Client(path, busy_poll_us=100) as kb:
+            assert kb.call("ping", {}) == {"late": True}
+            assert kb.call("ping", {}) == {"late": True}
+    finally:
+        listener.close()
+        thread.join(5)
+    assert polls == [0, 0]
+
+
+def test_busy_poll_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="busy_poll_us"):
+        Client("/nonexistent.sock", busy_poll_us=-1)
