@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import builtins
 import collections
+import contextlib
 import math
 import os
 import select
@@ -563,10 +564,8 @@ class Client(_Api[Any]):
         """Send ``data`` whole: written at once where the socket takes it, else waiting as sendall does."""
         sent = 0
         if self._direct(sock):
-            try:
+            with contextlib.suppress(BlockingIOError):
                 sent = os.write(sock.fileno(), data)
-            except BlockingIOError:
-                sent = 0
         if sent < len(data):
             sock.sendall(memoryview(data)[sent:])
 
@@ -583,6 +582,8 @@ class Client(_Api[Any]):
         """The first replies to arrive within ``busy_poll_us``, read without sleeping; empty if none did."""
         assert self._poll_buffer is not None
         fd, buffer = sock.fileno(), self._poll_buffer
+        # The decoder copies what it keeps, so the buffer can be read into again.
+        view = memoryview(buffer)
         deadline = time.perf_counter() + self._busy_poll_s
         while True:
             try:
@@ -593,11 +594,11 @@ class Client(_Api[Any]):
                 continue
             except OSError:
                 raise _Lost from None
-            replies = self._decode(bytes(buffer[:count]))
+            replies = self._decode(view[:count])
             if replies:
                 return replies
 
-    def _decode(self, data: bytes) -> list[Response]:
+    def _decode(self, data: bytes | memoryview) -> list[Response]:
         """The replies in ``data`` (notifications are queued); empty ``data`` is the end of the connection."""
         if not data:
             raise _Lost
