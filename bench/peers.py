@@ -137,6 +137,14 @@ def _service_rows(table: _Table, service: dict[str, Any]) -> None:
         m["pykmip|batch items"],
         "service: batch items/s",
     )
+    for name, cpu in service["event_loop_cpu"].items():
+        unit = "item" if name.endswith("items") else "request"
+        table.note(
+            "service",
+            f"keybroker event-loop thread, {name.partition('|')[2]}",
+            f"{cpu['busy_pct']:.0f}% busy, {cpu['user_us'] + cpu['system_us']:.1f} µs CPU per {unit} "
+            f"({cpu['user_us']:.1f} user, {cpu['system_us']:.1f} system)",
+        )
 
 
 def _hsm_rows(table: _Table, hsm: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
 """Shared parts of ``python -m bench peers``: the peers' pinned packages, their
-versions, the rate meter and the keybroker broker process.
+versions, the rate meter, the event-loop CPU meter and the keybroker broker
+process.
 
 The peers are not keybroker dependencies. :func:`ensure_peers` installs the
 pinned versions below into the running interpreter's environment (normally
@@ -13,6 +14,8 @@ import importlib.metadata
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -108,6 +111,63 @@ def rate(call: Callable[[], object], units: int, seconds: float, min_calls: int 
         now = time.perf_counter()
         if now >= end and calls >= min_calls:
             return calls * units / (now - start)
+
+
+def server_pid(socket_path: Path) -> int:
+    """The process serving ``socket_path``, from the credentials of a connection to it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(socket_path))
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, _uid, _gid = struct.unpack("3i", creds)
+    return pid
+
+
+def thread_cpu_s(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of the main thread of ``pid`` (the broker's event loop)."""
+    # Fields after "pid (comm)": state is the first, utime the 12th, stime the 13th.
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+class LoopCpu:
+    """Samples the event-loop thread's CPU around each sample of a keybroker figure."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        # figure -> [(busy %, user µs per unit, system µs per unit)], one per sample
+        self.samples: dict[str, list[tuple[float, float, float]]] = {}
+
+    def around(self, figure: str, sampler: Callable[[], float]) -> Callable[[], float]:
+        """``sampler`` (units per second), also recording the thread's CPU while it runs."""
+
+        def sample() -> float:
+            user, system = thread_cpu_s(self.pid)
+            began = time.perf_counter()
+            per_second = sampler()
+            wall = time.perf_counter() - began
+            user_after, system_after = thread_cpu_s(self.pid)
+            units = per_second * wall
+            self.samples.setdefault(figure, []).append(
+                (
+                    100 * (user_after - user + system_after - system) / wall,
+                    1e6 * (user_after - user) / units,
+                    1e6 * (system_after - system) / units,
+                )
+            )
+            return per_second
+
+        return sample
+
+    def medians(self) -> dict[str, dict[str, float]]:
+        return {
+            figure: {
+                "busy_pct": round(median([s[0] for s in samples]), 1),
+                "user_us": round(median([s[1] for s in samples]), 2),
+                "system_us": round(median([s[2] for s in samples]), 2),
+            }
+            for figure, samples in self.samples.items()
+        }
 
 
 def interleaved(

@@ -21,6 +21,12 @@ Figures, medians of interleaved repeats:
 * batch items/s -- one ``encrypt_batch`` of 10,000 x 32-byte items vs the
   same items sent to PyKMIP one ``Encrypt`` request each (a bounded number of
   requests, timed).
+
+Beside each keybroker figure, the CPU time of the broker's event-loop thread
+(user and system, from ``/proc``) per request and how busy it was: a figure
+bound by that thread shows it near 100% busy. The broker runs its default
+polls (``[limits] busy_poll_us``, ``gather_poll_us``), whose windows count as
+busy, so these are upper bounds on the work a request costs.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from typing import Any
 
 import trio
 
-from bench.peers_common import interleaved, rate
+from bench.peers_common import LoopCpu, interleaved, rate, server_pid
 from bench.peers_kmip import Endpoint, Workers, active_key, aes256, client, gcm_parameters
 from broker.client import AsyncClient, Client
 
@@ -101,6 +107,7 @@ def measure(
     kmip_requests = 300 if quick else 1_000
     payload = bytes(32)
     workers = Workers(endpoint, CONCURRENT)
+    loop_cpu = LoopCpu(server_pid(socket_path))
     try:
         with Client(socket_path) as kb, Client(socket_path, busy_poll_us=BUSY_POLL_US) as polling, client(
             endpoint
@@ -138,6 +145,10 @@ def measure(
                 "keybroker|batch items": lambda: rate(lambda: kb.encrypt_batch(KEY, items), BATCH, seconds),
                 "pykmip|batch items": lambda: rate(kmip_items, kmip_requests, 0.0),
             }
+            samplers = {
+                name: loop_cpu.around(name, sample) if name.startswith("keybroker|") else sample
+                for name, sample in samplers.items()
+            }
             medians, samples = interleaved(samplers, repeats)
     finally:
         workers.close()
@@ -148,4 +159,5 @@ def measure(
         "pykmip_requests_per_batch_sample": kmip_requests,
         "concurrent_clients": CONCURRENT,
         "busy_poll_us": BUSY_POLL_US,
+        "event_loop_cpu": loop_cpu.medians(),
     }
