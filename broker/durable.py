@@ -11,6 +11,12 @@ never enters Python and reports through an eventfd, which the event loop
 waits on like any socket. Up to eight such threads are started as needed and
 kept for the life of the process; more flushes at once wait their turn.
 
+The eventfds are kept too, a few of them, for the next flushes: opening and
+closing one per flush were two system calls out of the handful an event loop
+makes per flush. One goes back only once its report has been read, which
+leaves it at zero, and a forked child closes the ones it inherited rather
+than share them with its parent.
+
 Plugins (audit sinks, stores) use it for the flush that stands between a
 write and its acknowledgement.
 """
@@ -18,12 +24,27 @@ write and its acknowledgement.
 from __future__ import annotations
 
 import os
+from typing import Final
 
 import trio
 
 from ._native import lib
 
 __all__ = ["fdatasync"]
+
+# Eventfds kept for the next flushes (see the module docstring), at most this many.
+MAX_IDLE_EVENTFDS: Final = 16
+_idle_eventfds: list[int] = []
+
+
+def _forget_idle_eventfds() -> None:
+    """In a forked child: close the inherited eventfds, which the parent goes on using."""
+    while _idle_eventfds:
+        os.close(_idle_eventfds.pop())
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_idle_eventfds)
 
 
 def flush(fd: int) -> None:
@@ -49,20 +70,34 @@ async def fdatasync(fd: int) -> None:
             or no thread could be started for it.
 
     Cancellation: shielded once the flush has started. A flush cannot be
-    stopped, and its outcome is what the caller's acknowledgement rests on.
+    stopped, and its outcome is what the caller's acknowledgement rests on:
+    it is returned (or raised), and the cancellation is delivered at the
+    caller's next checkpoint.
     """
     if not hasattr(os, "eventfd"):  # pragma: no cover - not Linux
         await trio.to_thread.run_sync(flush, fd)
         return
-    notify = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    notify = _idle_eventfds.pop() if _idle_eventfds else os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     try:
         err = lib.kb_fdatasync_start(fd, notify)
         if err:
             raise OSError(err, os.strerror(err))
-        with trio.CancelScope(shield=True):
+        try:
             await trio.lowlevel.wait_readable(notify)
+        except trio.Cancelled:
+            # Rare, so the shield is only entered now rather than around
+            # every wait. The cancellation is not lost: trio raises it again
+            # at the caller's next checkpoint in the cancelled scope.
+            with trio.CancelScope(shield=True):
+                await trio.lowlevel.wait_readable(notify)
         outcome = os.eventfd_read(notify)
-    finally:
+    except BaseException:
+        # Its report may still be on the way: never reuse it.
+        os.close(notify)
+        raise
+    if len(_idle_eventfds) < MAX_IDLE_EVENTFDS:
+        _idle_eventfds.append(notify)
+    else:
         os.close(notify)
     if outcome != 1:
         raise OSError(outcome - 1, os.strerror(outcome - 1))

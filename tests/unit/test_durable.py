@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from broker import durable
 from broker._native import lib
 from broker.durable import fdatasync, flush
 
@@ -55,10 +56,11 @@ async def test_failures_raise_the_flush_errno(make_fd: object, code: int) -> Non
     assert info.value.errno == code
 
 
-async def test_many_flushes_at_once_all_finish_and_leave_no_descriptor(tmp_path: Path) -> None:
+async def test_many_flushes_at_once_all_finish_and_leave_only_the_kept_eventfds(tmp_path: Path) -> None:
     fd = os.open(tmp_path / "log", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         os.write(fd, b"x")
+        durable._forget_idle_eventfds()
         baseline = _open_fds()
         done = 0
 
@@ -67,13 +69,52 @@ async def test_many_flushes_at_once_all_finish_and_leave_no_descriptor(tmp_path:
             await fdatasync(fd)
             done += 1
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(40):
-                nursery.start_soon(one)
-        assert done == 40
-        assert await _settled_fd_count(baseline) == baseline
+        for rounds in (1, 2, 3):
+            async with trio.open_nursery() as nursery:
+                for _ in range(40):
+                    nursery.start_soon(one)
+            assert done == 40 * rounds
+            # Forty eventfds were open at once; a few are kept, none leak.
+            assert len(durable._idle_eventfds) == durable.MAX_IDLE_EVENTFDS
+            assert await _settled_fd_count(baseline + durable.MAX_IDLE_EVENTFDS) == (
+                baseline + durable.MAX_IDLE_EVENTFDS
+            )
     finally:
         os.close(fd)
+
+
+async def test_flushes_one_after_another_reuse_one_eventfd(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "log", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        durable._forget_idle_eventfds()
+        await fdatasync(fd)
+        (kept,) = durable._idle_eventfds
+        for _ in range(5):
+            os.write(fd, b"x")
+            await fdatasync(fd)
+            # Read back to zero before it was kept: the next report starts afresh.
+            assert durable._idle_eventfds == [kept]
+            with pytest.raises(BlockingIOError):
+                os.eventfd_read(kept)
+    finally:
+        os.close(fd)
+
+
+async def test_a_failed_flush_reports_through_a_reused_eventfd_too(tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    fd = os.open(tmp_path / "log", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        durable._forget_idle_eventfds()
+        await fdatasync(fd)
+        with pytest.raises(OSError) as info:
+            await fdatasync(read_end)  # EINVAL, reported by the flushing thread
+        assert info.value.errno == errno.EINVAL
+        await fdatasync(fd)  # the eventfd that carried the failure is clean again
+        assert len(durable._idle_eventfds) == 1
+    finally:
+        os.close(fd)
+        os.close(read_end)
+        os.close(write_end)
 
 
 async def test_the_thread_reports_to_its_own_duplicate_of_the_eventfd(tmp_path: Path) -> None:
@@ -103,9 +144,42 @@ async def test_a_started_flush_is_waited_for_despite_cancellation(tmp_path: Path
             scope.cancel()
             await fdatasync(fd)
             finished = True
-        assert finished and not scope.cancelled_caught
+            await trio.lowlevel.checkpoint()  # where the cancellation arrives
+        assert finished and scope.cancelled_caught
     finally:
         os.close(fd)
+
+
+async def test_a_cancellation_during_the_flush_waits_for_its_report(tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    fd = os.open(tmp_path / "log", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        durable._forget_idle_eventfds()
+        outcomes: list[str] = []
+
+        async def flush_then_checkpoint(target: int) -> None:
+            try:
+                await fdatasync(target)
+                outcomes.append("flushed")
+            except OSError as exc:
+                outcomes.append(errno.errorcode[exc.errno])
+            await trio.lowlevel.checkpoint()
+            outcomes.append("not cancelled")  # pragma: no cover - must not be reached
+
+        for target, expected in ((fd, "flushed"), (read_end, "EINVAL")):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(flush_then_checkpoint, target)
+                await trio.sleep(0)  # the flush has started and is being waited for
+                nursery.cancel_scope.cancel()
+            assert outcomes.pop() == expected
+            # Kept only once its report was read: the next flush starts clean.
+            (kept,) = durable._idle_eventfds
+            with pytest.raises(BlockingIOError):
+                os.eventfd_read(kept)
+    finally:
+        os.close(fd)
+        os.close(read_end)
+        os.close(write_end)
 
 
 def _threads() -> int:
@@ -138,12 +212,17 @@ def test_a_forked_child_flushes_with_threads_of_its_own(tmp_path: Path) -> None:
     # rather than queue for them forever.
     fd = os.open(tmp_path / "log", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        trio.run(fdatasync, fd)  # the parent has flushers now
+        durable._forget_idle_eventfds()
+        trio.run(fdatasync, fd)  # the parent has flushers now, and keeps an eventfd
+        (inherited,) = durable._idle_eventfds
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child reports by exit status
             code = 1
             try:
                 signal.alarm(5)  # a child stuck in the queue dies instead
+                # The parent's kept eventfd is closed in the child, not shared.
+                if durable._idle_eventfds or str(inherited) in os.listdir("/proc/self/fd"):
+                    os._exit(3)
                 os.write(fd, b"child\n")
                 trio.run(fdatasync, fd)
                 code = 0
