@@ -78,6 +78,10 @@ class Dispatcher:
         self.extra: dict[str, RpcMethod] = plugins.rpc_methods()
         # Methods whose queued requests a connection may hand over together.
         self.groupable = frozenset(name for name, entry in METHODS.items() if entry.group is not None)
+        # Every change waits for its "requested" record's flush (see _run).
+        self.suspending = frozenset(
+            name for name, entry in METHODS.items() if entry.audited and entry.kind is Kind.CHANGE
+        )
         clash = set(self.extra) & set(METHODS)
         if clash:
             raise ValueError(f"plugin RPC methods clash with built-in ones: {sorted(clash)}")

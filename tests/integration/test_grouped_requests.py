@@ -134,6 +134,15 @@ def test_group_answers_as_one_by_one(
     trio.run(main)
 
 
+async def test_changes_are_suspending_and_uses_and_reads_are_not(broker: Broker) -> None:
+    # A change waits for its "requested" record's flush, so a connection hands
+    # a lone one to a worker; a use or a read mostly answers without waiting,
+    # so the reading task runs it itself.
+    suspending = broker.dispatcher.suspending
+    assert {"key.create", "key.rotate", "key.compromise", "key.schedule_destroy", "approve"} <= suspending
+    assert not suspending & {"ping", "encrypt", "decrypt", "sign", "verify", "key.get", "key.list"}
+
+
 async def test_group_respects_uses_per_version(admin: Caller, broker: Broker) -> None:
     """Ten queued encrypts under a 3-uses-per-version key rotate it as ten single calls would."""
     await admin("key.create", name="g/limited", type="aes256-gcm", max_uses_per_version=3)

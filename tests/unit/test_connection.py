@@ -210,6 +210,38 @@ async def test_lone_request_that_blocks_passes_on_reading() -> None:
         assert isinstance(response, Response) and response.msgid == 5
 
 
+class SuspendingEchoHandler(EchoHandler):
+    """Says that its "gate" requests always wait before they are answered."""
+
+    suspending = frozenset({"gate"})
+
+
+async def test_lone_requests_of_suspending_methods_go_to_a_worker() -> None:
+    handler = SuspendingEchoHandler()
+    async with connection(handler) as (peer, _, nursery):
+        (reader,) = nursery.child_tasks  # Connection.run
+        await _block_at_gate(peer, handler)
+        assert handler.tasks[0] is not reader
+        # Requests sent meanwhile are read and answered.
+        for i in range(2, 5):
+            await peer.send(encode_request(i, "echo", {"i": i}))
+            response = await peer.next()
+            assert isinstance(response, Response) and (response.msgid, response.result) == (i, {"i": i})
+        handler.gate.set()
+        await _expect_gate_reply(peer)
+        # The reading role never moved: the next lone request runs in the
+        # task that read the first (where a blocked lone request hands
+        # reading to a worker, that worker would run it).
+        await peer.send(encode_request(5, "echo", {"i": 5}))
+        response = await peer.next()
+        assert isinstance(response, Response) and response.msgid == 5
+        assert handler.tasks[-1] is reader
+        # The next gate goes to a worker as well, and is answered.
+        await peer.send(encode_request(1, "gate", {}))
+        await _expect_gate_reply(peer)
+        assert handler.tasks[-1] is not reader
+
+
 async def test_drain_waits_for_a_lone_request_that_blocks() -> None:
     handler = EchoHandler()
     async with connection(handler) as (peer, conn, _):
