@@ -77,7 +77,11 @@ async def fdatasync(fd: int) -> None:
     if not hasattr(os, "eventfd"):  # pragma: no cover - not Linux
         await trio.to_thread.run_sync(flush, fd)
         return
-    notify = _idle_eventfds.pop() if _idle_eventfds else os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        # One pop, not a test then a pop: brokers in other threads share the list.
+        notify = _idle_eventfds.pop()
+    except IndexError:
+        notify = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     try:
         err = lib.kb_fdatasync_start(fd, notify)
         if err:
