@@ -193,21 +193,26 @@ async def _expect_gate_reply(peer: Peer) -> None:
     assert isinstance(response, Response) and (response.msgid, response.result) == (1, {"gate": True})
 
 
+async def _answered_around_the_gate(peer: Peer, handler: EchoHandler) -> None:
+    """With request 1 waiting at the gate: requests 2 to 4 are read and answered
+    meanwhile; then the gate opens, 1 is answered, and a lone request 5 after it too."""
+    for i in range(2, 5):
+        await peer.send(encode_request(i, "echo", {"i": i}))
+        response = await peer.next()
+        assert isinstance(response, Response) and (response.msgid, response.result) == (i, {"i": i})
+    handler.gate.set()
+    await _expect_gate_reply(peer)
+    await peer.send(encode_request(5, "echo", {"i": 5}))
+    response = await peer.next()
+    assert isinstance(response, Response) and response.msgid == 5
+
+
 async def test_lone_request_that_blocks_passes_on_reading() -> None:
     handler = EchoHandler()
     async with connection(handler) as (peer, _, _nursery):
         await _block_at_gate(peer, handler)
         # The first request waits; the connection still reads and answers.
-        for i in range(2, 5):
-            await peer.send(encode_request(i, "echo", {"i": i}))
-            response = await peer.next()
-            assert isinstance(response, Response) and (response.msgid, response.result) == (i, {"i": i})
-        handler.gate.set()
-        await _expect_gate_reply(peer)
-        # And lone requests after it are still answered.
-        await peer.send(encode_request(5, "echo", {"i": 5}))
-        response = await peer.next()
-        assert isinstance(response, Response) and response.msgid == 5
+        await _answered_around_the_gate(peer, handler)
 
 
 class SuspendingEchoHandler(EchoHandler):
@@ -222,19 +227,10 @@ async def test_lone_requests_of_suspending_methods_go_to_a_worker() -> None:
         (reader,) = nursery.child_tasks  # Connection.run
         await _block_at_gate(peer, handler)
         assert handler.tasks[0] is not reader
-        # Requests sent meanwhile are read and answered.
-        for i in range(2, 5):
-            await peer.send(encode_request(i, "echo", {"i": i}))
-            response = await peer.next()
-            assert isinstance(response, Response) and (response.msgid, response.result) == (i, {"i": i})
-        handler.gate.set()
-        await _expect_gate_reply(peer)
-        # The reading role never moved: the next lone request runs in the
-        # task that read the first (where a blocked lone request hands
+        await _answered_around_the_gate(peer, handler)
+        # The reading role never moved: the lone request after the gate ran
+        # in the task that read the first (where a blocked lone request hands
         # reading to a worker, that worker would run it).
-        await peer.send(encode_request(5, "echo", {"i": 5}))
-        response = await peer.next()
-        assert isinstance(response, Response) and response.msgid == 5
         assert handler.tasks[-1] is reader
         # The next gate goes to a worker as well, and is answered.
         await peer.send(encode_request(1, "gate", {}))

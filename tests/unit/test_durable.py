@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,15 @@ from broker._native import lib
 from broker.durable import fdatasync, flush
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "eventfd"), reason="the native flush is Linux-only")
+
+
+@pytest.fixture
+def a_pipe() -> Iterator[int]:
+    """A descriptor fdatasync refuses (EINVAL), reported by the flushing thread."""
+    read_end, write_end = os.pipe()
+    yield read_end
+    os.close(read_end)
+    os.close(write_end)
 
 
 def _open_fds() -> int:
@@ -100,21 +110,18 @@ async def test_flushes_one_after_another_reuse_one_eventfd(tmp_path: Path) -> No
         os.close(fd)
 
 
-async def test_a_failed_flush_reports_through_a_reused_eventfd_too(tmp_path: Path) -> None:
-    read_end, write_end = os.pipe()
+async def test_a_failed_flush_reports_through_a_reused_eventfd_too(tmp_path: Path, a_pipe: int) -> None:
     fd = os.open(tmp_path / "log", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         durable._forget_idle_eventfds()
         await fdatasync(fd)
         with pytest.raises(OSError) as info:
-            await fdatasync(read_end)  # EINVAL, reported by the flushing thread
+            await fdatasync(a_pipe)
         assert info.value.errno == errno.EINVAL
         await fdatasync(fd)  # the eventfd that carried the failure is clean again
         assert len(durable._idle_eventfds) == 1
     finally:
         os.close(fd)
-        os.close(read_end)
-        os.close(write_end)
 
 
 async def test_the_thread_reports_to_its_own_duplicate_of_the_eventfd(tmp_path: Path) -> None:
@@ -150,8 +157,7 @@ async def test_a_started_flush_is_waited_for_despite_cancellation(tmp_path: Path
         os.close(fd)
 
 
-async def test_a_cancellation_during_the_flush_waits_for_its_report(tmp_path: Path) -> None:
-    read_end, write_end = os.pipe()
+async def test_a_cancellation_during_the_flush_waits_for_its_report(tmp_path: Path, a_pipe: int) -> None:
     fd = os.open(tmp_path / "log", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         durable._forget_idle_eventfds()
@@ -166,7 +172,7 @@ async def test_a_cancellation_during_the_flush_waits_for_its_report(tmp_path: Pa
             await trio.lowlevel.checkpoint()
             outcomes.append("not cancelled")  # pragma: no cover - must not be reached
 
-        for target, expected in ((fd, "flushed"), (read_end, "EINVAL")):
+        for target, expected in ((fd, "flushed"), (a_pipe, "EINVAL")):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(flush_then_checkpoint, target)
                 await trio.sleep(0)  # the flush has started and is being waited for
@@ -178,8 +184,6 @@ async def test_a_cancellation_during_the_flush_waits_for_its_report(tmp_path: Pa
                 os.eventfd_read(kept)
     finally:
         os.close(fd)
-        os.close(read_end)
-        os.close(write_end)
 
 
 def _threads() -> int:
