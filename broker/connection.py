@@ -17,7 +17,9 @@ reader runs the request itself, without a hop to a worker. Should the
 request suspend, the reading role passes to a worker first, so the
 connection keeps reading; see :meth:`Connection._read_loop`. A Unix-socket
 reader that has drained its socket may poll it for a moment before it sleeps
-(:mod:`broker.busypoll`).
+(:mod:`broker.busypoll`); while it sleeps, the server's read hub watches the
+socket and hands a lone request that the gatherer or a worker takes straight
+to it, without waking the reader (:mod:`broker.readhub`).
 
 Requests of one method that a handler lists in ``groupable`` and that wait
 back to back in the queue (a client pipelining ``encrypt`` calls) are handed
@@ -61,6 +63,7 @@ from .streamio import stream_io
 
 if TYPE_CHECKING:
     from .gather import Gatherer
+    from .readhub import ReadHub
 
 __all__ = ["MAX_GROUP", "Connection", "GroupHandler", "Handler", "RequestContext", "run_group", "run_inline"]
 
@@ -252,6 +255,9 @@ class Connection:
             moment of polling for the next request (``[limits] busy_poll_us``).
         gatherer: runs lone requests of groupable methods from several
             connections together while the server is busy (:mod:`broker.gather`).
+        hub: watches a Unix-socket connection's socket while its reader
+            waits, and hands what arrives to the gatherer when it can
+            (:mod:`broker.readhub`, :meth:`_consume`).
     """
 
     def __init__(
@@ -264,13 +270,18 @@ class Connection:
         limits: Limits,
         poller: BusyPoller | None = None,
         gatherer: Gatherer | None = None,
+        hub: ReadHub | None = None,
     ) -> None:
         self._stream = stream
         self._gatherer = gatherer
         # Requests given to the gatherer and not yet answered.
         self._gathered = 0
         self._gathered_done = trio.Event()
-        self._io = stream_io(stream, poller)
+        self._io = stream_io(stream, poller, hub, self._consume)
+        # What _consume left for the reader: the requests it decoded, a lone
+        # request it counted in flight for the reader to run, or the error
+        # that stopped decoding.
+        self._kept: list[Request | BadRequest] | Request | ProtocolError | None = None
         self._handler = handler
         self._groupable: frozenset[str] = getattr(handler, "groupable", frozenset())
         self._suspending: frozenset[str] = getattr(handler, "suspending", frozenset())
@@ -358,6 +369,7 @@ class Connection:
                 self._handler.connection_closed(self.context)
             except Exception:
                 log.exception("connection %d: connection_closed hook failed", self.connection_id)
+            self._io.detach()
             await trio.aclose_forcefully(self._stream)
 
     def begin_drain(self) -> None:
@@ -405,7 +417,10 @@ class Connection:
         scope of its own, and every resumption through :func:`run_inline`).
         The read scope is cancelled (drain, idle and message timeouts) only
         while the reader waits for the peer or for a slot, never while it
-        runs a request.
+        runs a request. While it waits for the peer on a Unix socket, the
+        read hub may read for it and hand requests on (:meth:`_consume`);
+        ``receive`` then returns None, and ``_kept`` holds what is left for
+        this task.
         """
         with trio.CancelScope() as scope:
             self._read_scope = scope
@@ -421,17 +436,25 @@ class Connection:
                     return True
                 finally:
                     self._receiving = False
-                if not data:
+                if data is None:  # the hub read it, and _consume kept it for us
+                    kept, self._kept = self._kept, None
+                    if isinstance(kept, ProtocolError):
+                        self._abort(kept.reason)
+                        return True
+                    if isinstance(kept, Request):  # a lone request, counted, for this task to run
+                        if await run_inline(self._dispatch(kept), self._pass_reading):
+                            continue
+                        return False
+                    assert kept is not None
+                    events = kept
+                elif not data:
                     return True  # EOF: answer what is in flight, then close.
-                try:
-                    events = self._decoder.feed(data)
-                except ProtocolError as exc:
-                    self._abort(exc.reason)
-                    return True
-                if not self._decoder.in_progress:
-                    self._partial_since = None
-                elif events or self._partial_since is None:
-                    self._partial_since = trio.current_time()
+                else:
+                    try:
+                        events = self._decode(data)
+                    except ProtocolError as exc:
+                        self._abort(exc.reason)
+                        return True
                 for event in events:
                     # Backpressure: with every slot taken, stop reading. No
                     # checkpoint otherwise: a scheduler round trip per
@@ -450,13 +473,7 @@ class Connection:
                     # Alone, unless cancelled while the data came in: then a worker runs it.
                     alone = self._inflight == 1 and len(events) == 1 and not scope.cancel_called
                     if alone and type(event) is Request:
-                        if gatherer is not None and gatherer.takes(self, event.method):
-                            # Other connections have requests in flight: run it with theirs.
-                            self._gathered += 1
-                            gatherer.add(self, event)
-                            continue
-                        if event.method in self._suspending:
-                            self._submit(event)  # see the docstring
+                        if self._hand_off(event):
                             continue
                         if await run_inline(self._dispatch(event), self._pass_reading):
                             continue  # answered without suspending
@@ -467,6 +484,68 @@ class Connection:
         elif self._timed_out == "idle":
             log.debug("connection %d: idle timeout", self.connection_id)
         return True
+
+    def _decode(self, data: bytes | bytearray | memoryview) -> list[Request | BadRequest]:
+        """The requests completed by ``data``.
+
+        Raises:
+            ProtocolError: the stream cannot be decoded.
+        """
+        events = self._decoder.feed(data)
+        if not self._decoder.in_progress:
+            self._partial_since = None
+        elif events or self._partial_since is None:
+            self._partial_since = trio.current_time()
+        return events
+
+    def _hand_off(self, event: Request) -> bool:
+        """Give a lone request to the gatherer or to a worker; False if the reader should run it.
+
+        The gatherer takes it while other connections have requests in
+        flight (to run it with theirs); a worker takes a request of a
+        ``suspending`` method (see :meth:`_read_loop`).
+        """
+        gatherer = self._gatherer
+        if gatherer is not None and gatherer.takes(self, event.method):
+            self._gathered += 1
+            gatherer.add(self, event)
+            return True
+        if event.method in self._suspending:
+            self._submit(event)
+            return True
+        return False
+
+    def _consume(self, data: memoryview) -> bool:
+        """Bytes the hub read while the reader waits: True if dealt with here.
+
+        A lone request that the gatherer or a worker takes (see
+        :meth:`_hand_off`) goes to it here, as the reader would have sent
+        it, and the reader stays parked; so does the start of a request
+        still incomplete. Anything else (several requests, a lone request
+        the reader runs itself, bytes that cannot be decoded) is kept in
+        ``_kept`` for the reader, which the hub then wakes.
+        """
+        try:
+            events = self._decode(data)
+        except ProtocolError as exc:
+            self._kept = exc
+            return False
+        if not events:
+            return True  # a part of a request: the reader goes on waiting
+        scope = self._read_scope
+        if (
+            len(events) != 1 or self._inflight or scope is None or scope.cancel_called or self._draining
+            or type(event := events[0]) is not Request
+        ):
+            self._kept = events
+            return False
+        self._inflight = 1
+        if self._gatherer is not None:
+            self._gatherer.inflight += 1
+        if self._hand_off(event):
+            return True
+        self._kept = event
+        return False
 
     def _read_deadline(self) -> float:
         if self._partial_since is not None:

@@ -28,6 +28,7 @@ from .busypoll import BusyPoller
 from .config import Config, TLSConfig
 from .connection import Connection, GroupHandler, Handler
 from .gather import Gatherer
+from .readhub import ReadHub
 
 __all__ = ["ServerInfo", "serve", "server_ssl_context"]
 
@@ -55,12 +56,15 @@ class ServerInfo:
         poller: the busy poller (``[limits] busy_poll_us``), None when off.
         gatherer: runs requests of several connections as one group; None
             for a handler without groupable methods.
+        hub: watches the Unix-socket connections' sockets while their
+            readers wait (:mod:`broker.readhub`).
     """
 
     socket_path: Path
     tls_port: int | None = None
     poller: BusyPoller | None = None
     gatherer: Gatherer | None = None
+    hub: ReadHub | None = None
     shutdown: trio.Event = field(default_factory=trio.Event)
     _done: trio.Event = field(default_factory=trio.Event, repr=False)
 
@@ -152,6 +156,7 @@ class _Server:
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     poller: BusyPoller | None = None
     gatherer: Gatherer | None = None
+    hub: ReadHub = field(default_factory=ReadHub)
 
     async def accept_loop(
         self,
@@ -217,6 +222,7 @@ class _Server:
             limits=self.config.limits,
             poller=self.poller,
             gatherer=self.gatherer,
+            hub=self.hub,
         )
         self.connections.add(conn)
         if self.draining:
@@ -294,7 +300,9 @@ async def serve(
             ),
         )
         listeners.append((trio.SocketListener(sock), server.handle_unix))
-        info = ServerInfo(socket_path=config.socket_path, poller=server.poller, gatherer=server.gatherer)
+        info = ServerInfo(
+            socket_path=config.socket_path, poller=server.poller, gatherer=server.gatherer, hub=server.hub
+        )
         if config.tls is not None:
             ctx = server_ssl_context(config.tls)
             tcp = await trio.open_tcp_listeners(config.tls.port, host=config.tls.host, backlog=_BACKLOG)
@@ -306,6 +314,7 @@ async def serve(
             listeners.extend((listener, handle_tls) for listener in tcp)
         try:
             async with trio.open_nursery() as services:
+                services.start_soon(server.hub.run)
                 if server.gatherer is not None:
                     services.start_soon(server.gatherer.run)
                 async with trio.open_nursery() as connections:
@@ -328,6 +337,7 @@ async def serve(
             # No awaits here: under cancellation they would raise at once and
             # skip the rest of the cleanup.
             _close_listeners(listeners)
+            server.hub.close()
             info._done.set()
     finally:
         sock.close()

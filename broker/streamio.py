@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final
 
+import outcome
 import trio
 
 from .busypoll import BusyPoller
+from .readhub import ReadHub
 
 __all__ = ["RECEIVE_SIZE", "SocketIO", "StreamIO", "stream_io"]
 
@@ -25,6 +28,13 @@ RECEIVE_SIZE: Final = 256 * 1024
 # A reader that keeps finding data yields to other tasks after this many
 # reads in a row (each read may carry hundreds of requests).
 _MAX_READS_WITHOUT_YIELD: Final = 8
+# The hub's read went to the consumer, which kept what the reader needs.
+_CONSUMED: Final = -1
+
+#: Takes the bytes the hub read while the reader waited (see
+#: :meth:`SocketIO._on_data`): True if it dealt with them, False if it kept
+#: what the reader needs (the reader's ``receive`` then returns None).
+Consumer = Callable[[memoryview], bool]
 
 
 class StreamIO:
@@ -34,6 +44,9 @@ class StreamIO:
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
+
+    def detach(self) -> None:
+        """Nothing to stop: no hub watches this stream."""
 
     async def receive(self, *, poll: bool = False) -> bytes | bytearray | memoryview:
         """The next bytes from the peer, empty at EOF (``poll`` is for sockets only)."""
@@ -53,13 +66,23 @@ class SocketIO:
     and send. On the request-reply path that adds scheduler rounds per
     request, so here a read or write that completes at once does not yield;
     a reader that keeps finding data yields every few reads instead, which
-    keeps the connection a good citizen under a flood.
+    keeps the connection a good citizen under a flood. With a hub, a drained
+    socket is watched by the hub's task, which may deal with what lands
+    without waking the reader (:mod:`broker.readhub`).
     """
 
     direct = True
 
-    def __init__(self, stream: trio.SocketStream, poller: BusyPoller | None = None) -> None:
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        poller: BusyPoller | None = None,
+        hub: ReadHub | None = None,
+        consumer: Consumer | None = None,
+    ) -> None:
         self._poller = poller
+        self._hub = hub
+        self._consumer = consumer
         # Waits are on the descriptor itself: given the socket object, trio
         # would ask it for its fileno() at every wait.
         self._fd = stream.socket.fileno()
@@ -71,9 +94,34 @@ class SocketIO:
         # The last read left the socket empty: wait before reading again,
         # rather than pay for a read that fails.
         self._drained = False
+        if hub is not None:
+            hub.register(self._fd, self._on_data)
 
-    async def receive(self, *, poll: bool = False) -> memoryview:
+    def detach(self) -> None:
+        """Stop the hub's watch (before the socket closes)."""
+        if self._hub is not None:
+            self._hub.unregister(self._fd)
+
+    def _on_data(self) -> outcome.Outcome[Any] | None:
+        """The hub saw data while the reader waits: what to wake it with, or None to leave it parked."""
+        try:
+            count = self._read()
+        except trio.BrokenResourceError as exc:
+            return outcome.Error(exc)
+        if count is None:
+            return None  # an event for data already read
+        consumer = self._consumer
+        if consumer is None or not 0 < count < RECEIVE_SIZE:
+            return outcome.Value(count)
+        if consumer(self._view[:count]):
+            return None
+        return outcome.Value(_CONSUMED)
+
+    async def receive(self, *, poll: bool = False) -> memoryview | None:
         """The next bytes from the peer, empty at EOF; valid until the next call.
+
+        None when the hub read the bytes while this task waited and gave
+        them to the consumer, which keeps what this task is to handle.
 
         Args:
             poll: if the socket is empty, poll it for a moment before
@@ -85,9 +133,10 @@ class SocketIO:
                 self._drained = False
                 self._unyielded = 0
                 count = await self._poll() if poll else None
-                if count is None:
-                    await trio.lowlevel.wait_readable(self._fd)
-                    count = self._read()
+                while count is None:
+                    count = await self._wait()
+                if count == _CONSUMED:
+                    return None
             else:
                 count = self._read()
             if count is None:
@@ -103,6 +152,15 @@ class SocketIO:
                     self._unyielded = 0
                     await trio.lowlevel.checkpoint()
             return self._view[:count]
+
+    async def _wait(self) -> int | None:
+        """Sleep until the peer sends: the byte count read, None if the read found nothing after all, or
+        ``_CONSUMED`` (the hub read it for the consumer)."""
+        if self._hub is None:
+            await trio.lowlevel.wait_readable(self._fd)
+            return self._read()
+        count = await self._hub.wait(self._fd)
+        return self._read() if count is None else count
 
     def _read(self) -> int | None:
         """Read what is waiting into the buffer: the byte count, or None if nothing is."""
@@ -157,10 +215,20 @@ class SocketIO:
                 await trio.lowlevel.wait_writable(self._fd)
 
 
-def stream_io(stream: trio.abc.Stream, poller: BusyPoller | None = None) -> StreamIO | SocketIO:
+def stream_io(
+    stream: trio.abc.Stream,
+    poller: BusyPoller | None = None,
+    hub: ReadHub | None = None,
+    consumer: Consumer | None = None,
+) -> StreamIO | SocketIO:
     """:class:`SocketIO` for a plain trio socket stream, :class:`StreamIO` for any other stream.
 
     Args:
         poller: lets a drained socket poll for a moment (server side).
+        hub: watches a drained socket while its reader waits (server side,
+            :mod:`broker.readhub`).
+        consumer: takes what the hub reads while the reader waits.
     """
-    return SocketIO(stream, poller) if type(stream) is trio.SocketStream else StreamIO(stream)
+    if type(stream) is trio.SocketStream:
+        return SocketIO(stream, poller, hub, consumer)
+    return StreamIO(stream)

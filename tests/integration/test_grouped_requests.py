@@ -29,7 +29,7 @@ from broker.config import parse_config
 from broker.connection import Connection, RequestContext
 from broker.errors import BrokerError, InvalidArgument, NotFound
 from broker.server import ServerInfo
-from tests._transport_helpers import RawConn, running_server
+from tests._transport_helpers import EchoHandler, RawConn, running_server
 from tests._transport_helpers import make_config as transport_config
 from tests.conftest import Caller, ConfigFactory, local_context
 
@@ -403,3 +403,60 @@ async def test_a_failed_answer_spares_the_rest_of_its_group(monkeypatch: pytest.
             await _burst(conns[:1], "g", [{"n": 8}], 6)
             with trio.fail_after(5):
                 assert (await conns[0].response()).result == {"n": 8}
+
+
+# --- through the read hub ---------------------------------------------------------
+
+
+async def test_the_hub_hands_lone_requests_to_the_gatherer_without_waking_readers() -> None:
+    """Parked readers stay parked: the hub reads each request and gives it to the gatherer."""
+    handler = _GroupEcho()
+    with tempfile.TemporaryDirectory(prefix="kb-", dir="/tmp") as directory:
+        # No busy polling: every reader parks with the hub once its socket is empty.
+        async with running_server(transport_config(Path(directory), busy_poll_us=0), handler) as info:
+            gatherer, hub = info.gatherer, info.hub
+            assert gatherer is not None and hub is not None
+            blocker = await RawConn.open(info.socket_path)
+            await blocker.request(1, "g", {"n": 0, "mode": "slow", "s": 30})
+            while gatherer.inflight < 1:
+                await trio.sleep(0.001)
+            conns = [await RawConn.open(info.socket_path) for _ in range(6)]
+            await trio.sleep(0.01)  # their readers find nothing and park
+            for round_ in range(4):
+                params = [{"n": 2 * (round_ * 10 + i)} for i in range(6)]
+                await _burst(conns, "g", params, round_)
+                with trio.fail_after(10):
+                    replies = [await conn.response() for conn in conns]
+                assert [(r.msgid, r.result) for r in replies] == [(round_, p) for p in params]
+            assert hub.handled == 24  # every one, without a reader woken
+            assert sum(handler.groups) == 24
+            # A connection the hub reads garbage from is closed; the others still serve.
+            bad = await RawConn.open(info.socket_path)
+            await trio.sleep(0.01)
+            os.write(bad.stream.socket.fileno(), b"\xc1")
+            with trio.fail_after(5):
+                await bad.expect_closed()
+            await _burst(conns, "g", [{"n": 100}] * 6, 9)
+            with trio.fail_after(10):
+                assert [(await conn.response()).result for conn in conns] == [{"n": 100}] * 6
+
+
+async def test_the_hub_wakes_the_reader_for_what_it_runs_itself() -> None:
+    """A lone request on an otherwise idle server is read by the hub and run by the connection's reader."""
+    handler = EchoHandler()
+    with tempfile.TemporaryDirectory(prefix="kb-", dir="/tmp") as directory:
+        async with running_server(transport_config(Path(directory), busy_poll_us=0), handler) as info:
+            hub = info.hub
+            assert hub is not None
+            conn = await RawConn.open(info.socket_path)
+            for i in range(5):
+                await trio.sleep(0.005)  # the reader parks with the hub
+                assert (await conn.call(i, "echo", {"i": i})).result == {"i": i}
+            assert hub.handled == 0
+            # One task ran them all: the connection's reader, woken for each.
+            assert len(set(handler.tasks)) == 1
+            # Pipelined requests in one read go to the reader too, and are all answered.
+            await conn.send(b"".join(msgpack.packb([0, 10 + i, "echo", [{"i": i}]]) for i in range(20)))
+            with trio.fail_after(10):
+                replies = await conn.responses(20)
+            assert sorted(r.msgid for r in replies) == list(range(10, 30))

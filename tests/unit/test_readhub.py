@@ -1,0 +1,345 @@
+"""broker.readhub on real socket pairs: who is woken, with what, and when."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import outcome
+import pytest
+import trio
+
+from broker.readhub import MAX_EVENTS, ReadHub
+from broker.streamio import SocketIO
+
+
+@contextmanager
+def socket_pairs(count: int) -> Iterator[list[tuple[socket.socket, socket.socket]]]:
+    """(writer, watched) pairs; the watched ends are non-blocking."""
+    pairs = [socket.socketpair() for _ in range(count)]
+    for _, watched in pairs:
+        watched.setblocking(False)
+    try:
+        yield pairs
+    finally:
+        for writer, watched in pairs:
+            writer.close()
+            watched.close()
+
+
+@asynccontextmanager
+async def running_hub() -> AsyncIterator[ReadHub]:
+    hub = ReadHub()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hub.run)
+            yield hub
+            nursery.cancel_scope.cancel()
+    finally:
+        hub.close()
+
+
+def reading(sock: socket.socket, log: list[bytes], answer: Callable[[bytes], Any]) -> Callable[[], Any]:
+    """An on_data that reads what landed, logs it, and returns ``answer(data)``."""
+
+    def on_data() -> Any:
+        data = sock.recv(4096)
+        log.append(data)
+        return answer(data)
+
+    return on_data
+
+
+async def settle() -> None:
+    """Let the hub see what was just written (the loop is otherwise idle)."""
+    await trio.sleep(0.02)
+
+
+async def test_a_parked_reader_wakes_with_what_on_data_returns() -> None:
+    log: list[bytes] = []
+    with socket_pairs(1) as [(writer, watched)]:
+        async with running_hub() as hub:
+            hub.register(watched.fileno(), reading(watched, log, lambda data: outcome.Value(data.upper())))
+            async with trio.open_nursery() as nursery:
+                woken: list[Any] = []
+
+                async def reader() -> None:
+                    woken.append(await hub.wait(watched.fileno()))
+
+                nursery.start_soon(reader)
+                await settle()
+                assert woken == []  # nothing sent: still parked
+                writer.send(b"ping")
+            assert woken == [b"PING"] and log == [b"ping"]
+            assert hub.handled == 0
+            hub.unregister(watched.fileno())
+
+
+async def test_what_on_data_deals_with_leaves_the_reader_parked() -> None:
+    """on_data returning None: the reader stays parked, and every later arrival calls on_data again."""
+    log: list[bytes] = []
+    with socket_pairs(1) as [(writer, watched)]:
+        async with running_hub() as hub:
+
+            def answer(data: bytes) -> Any:
+                return outcome.Value("woken") if data == b"wake" else None
+
+            hub.register(watched.fileno(), reading(watched, log, answer))
+            woken: list[Any] = []
+            async with trio.open_nursery() as nursery:
+
+                async def reader() -> None:
+                    woken.append(await hub.wait(watched.fileno()))
+
+                nursery.start_soon(reader)
+                await settle()
+                for i in range(3):
+                    writer.send(b"dealt %d" % i)
+                    await settle()
+                    assert woken == []
+                assert hub.handled == 3
+                writer.send(b"wake")
+            assert woken == ["woken"]
+            assert log == [b"dealt 0", b"dealt 1", b"dealt 2", b"wake"]
+
+
+async def test_data_while_nobody_waits_makes_the_next_wait_return_at_once() -> None:
+    calls: list[bytes] = []
+    with socket_pairs(1) as [(writer, watched)]:
+        async with running_hub() as hub:
+            hub.register(watched.fileno(), reading(watched, calls, lambda _: None))
+            writer.send(b"early")
+            await settle()
+            assert calls == []  # nobody was parked: on_data is not called
+            with trio.fail_after(1):
+                assert await hub.wait(watched.fileno()) is None
+            assert watched.recv(100) == b"early"  # the reader reads for itself
+            # The mark is spent: the next wait parks.
+            with trio.move_on_after(0.05) as scope:
+                await hub.wait(watched.fileno())
+            assert scope.cancelled_caught
+
+
+async def test_a_cancelled_wait_leaves_the_watch_working() -> None:
+    calls: list[bytes] = []
+    with socket_pairs(1) as [(writer, watched)]:
+        async with running_hub() as hub:
+            hub.register(watched.fileno(), reading(watched, calls, outcome.Value))
+            with trio.move_on_after(0.02):
+                await hub.wait(watched.fileno())
+            writer.send(b"after")
+            await settle()
+            assert calls == []  # the cancelled reader is not parked any more
+            assert await hub.wait(watched.fileno()) is None
+            assert watched.recv(100) == b"after"
+            async with trio.open_nursery() as nursery:
+                woken: list[Any] = []
+
+                async def reader() -> None:
+                    woken.append(await hub.wait(watched.fileno()))
+
+                nursery.start_soon(reader)
+                await settle()
+                writer.send(b"again")
+            assert woken == [b"again"]
+
+
+async def test_a_bug_in_on_data_reaches_its_reader_only() -> None:
+    with socket_pairs(2) as [(bad_writer, bad), (good_writer, good)]:
+        async with running_hub() as hub:
+
+            def broken() -> Any:
+                raise RuntimeError("bug in one connection")
+
+            hub.register(bad.fileno(), broken)
+            hub.register(good.fileno(), reading(good, [], outcome.Value))
+            raised: list[BaseException] = []
+            woken: list[Any] = []
+            async with trio.open_nursery() as nursery:
+
+                async def bad_reader() -> None:
+                    try:
+                        await hub.wait(bad.fileno())
+                    except RuntimeError as exc:
+                        raised.append(exc)
+
+                async def good_reader() -> None:
+                    woken.append(await hub.wait(good.fileno()))
+
+                nursery.start_soon(bad_reader)
+                nursery.start_soon(good_reader)
+                await settle()
+                bad_writer.send(b"x")
+                await settle()
+                good_writer.send(b"fine")
+            assert [str(exc) for exc in raised] == ["bug in one connection"]
+            assert woken == [b"fine"]
+
+
+async def test_more_sockets_ready_than_one_poll_takes() -> None:
+    count = MAX_EVENTS * 2 + 5
+    with socket_pairs(count) as pairs:
+        async with running_hub() as hub:
+            woken: dict[int, Any] = {}
+            for _, watched in pairs:
+                hub.register(watched.fileno(), reading(watched, [], outcome.Value))
+            async with trio.open_nursery() as nursery:
+                for index, (_, watched) in enumerate(pairs):
+
+                    async def reader(index: int = index, fd: int = watched.fileno()) -> None:
+                        woken[index] = await hub.wait(fd)
+
+                    nursery.start_soon(reader)
+                await settle()
+                for index, (writer, _) in enumerate(pairs):
+                    writer.send(b"%d" % index)
+            assert woken == {index: b"%d" % index for index in range(count)}
+
+
+async def test_unregistered_sockets_are_forgotten_and_their_numbers_reusable() -> None:
+    calls: list[bytes] = []
+    async with running_hub() as hub:
+        with socket_pairs(1) as [(writer, watched)]:
+            fd = watched.fileno()
+            hub.register(fd, reading(watched, calls, outcome.Value))
+            hub.unregister(fd)
+            hub.unregister(fd)  # twice is harmless
+            writer.send(b"unwatched")
+            await settle()
+            with pytest.raises(KeyError):
+                await hub.wait(fd)
+        # A new socket may get the same number once the old one is closed.
+        with socket_pairs(1) as [(writer, watched)]:
+            hub.register(watched.fileno(), reading(watched, calls, outcome.Value))
+            async with trio.open_nursery() as nursery:
+                woken: list[Any] = []
+
+                async def reader() -> None:
+                    woken.append(await hub.wait(watched.fileno()))
+
+                nursery.start_soon(reader)
+                await settle()
+                writer.send(b"new")
+            assert woken == [b"new"] and calls == [b"new"]
+            hub.unregister(watched.fileno())
+
+
+async def test_a_hang_up_wakes_the_reader_even_with_data_on_data_would_deal_with() -> None:
+    """Data and the peer's hang-up seen at once: on_data is skipped, the reader reads both itself."""
+    calls: list[bytes] = []
+    with socket_pairs(1) as [(writer, watched)]:
+        async with running_hub() as hub:
+            hub.register(watched.fileno(), reading(watched, calls, lambda _: None))
+            woken: list[Any] = []
+            async with trio.open_nursery() as nursery:
+
+                async def reader() -> None:
+                    woken.append(await hub.wait(watched.fileno()))
+
+                nursery.start_soon(reader)
+                await settle()
+                # Both land before the hub runs again.
+                writer.send(b"last words")
+                writer.shutdown(socket.SHUT_WR)
+            assert woken == [None] and calls == []
+            assert watched.recv(100) == b"last words" and watched.recv(100) == b""
+            hub.unregister(watched.fileno())
+
+
+@pytest.mark.parametrize("how", ["eof", "reset"])
+async def test_socket_io_reader_is_woken_by_eof_and_errors(how: str) -> None:
+    """Through SocketIO, as the server uses it: EOF reads as empty, a reset raises."""
+    async with running_hub() as hub:
+        peer, ours = trio.socket.socketpair()
+        stream = trio.SocketStream(ours)
+        io = SocketIO(stream, hub=hub, consumer=lambda _: True)
+        got: list[Any] = []
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def reader() -> None:
+                    try:
+                        data = await io.receive()
+                        got.append(None if data is None else bytes(data))
+                    except trio.BrokenResourceError:
+                        got.append("broken")
+
+                nursery.start_soon(reader)
+                await settle()
+                if how == "reset":
+                    # A Unix socket closed with data it never read resets its peer.
+                    await stream.send_all(b"unread")
+                peer.close()
+        finally:
+            io.detach()
+            await stream.aclose()
+    assert got == ([b""] if how == "eof" else ["broken"])
+
+
+async def test_socket_io_reads_to_the_end_after_data_and_hang_up_land_together() -> None:
+    """A part of a message and the hang-up behind it, seen in one event: receive returns the part,
+    then the end of the stream (and does not wait for an event that will never come)."""
+    async with running_hub() as hub:
+        peer, ours = trio.socket.socketpair()
+        stream = trio.SocketStream(ours)
+        io = SocketIO(stream, hub=hub, consumer=lambda _: True)
+        got: list[bytes] = []
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def reader() -> None:
+                    while data := await io.receive():
+                        got.append(bytes(data))
+                    got.append(b"<end>")
+
+                nursery.start_soon(reader)
+                await settle()
+                # No checkpoint between the two: the hub sees them in one event.
+                os.write(peer.fileno(), b"a part")
+                peer.shutdown(socket.SHUT_WR)
+                with trio.fail_after(2):
+                    while got[-1:] != [b"<end>"]:
+                        await trio.sleep(0.001)
+        finally:
+            io.detach()
+            await stream.aclose()
+            peer.close()
+    assert got == [b"a part", b"<end>"]
+
+
+async def test_socket_io_consumer_decides_whether_the_reader_wakes() -> None:
+    """What the consumer deals with never reaches receive; what it keeps makes receive return None."""
+    seen: list[bytes] = []
+
+    def consumer(data: memoryview) -> bool:
+        seen.append(bytes(data))
+        return data != b"keep"
+
+    async with running_hub() as hub:
+        peer, ours = trio.socket.socketpair()
+        stream = trio.SocketStream(ours)
+        io = SocketIO(stream, hub=hub, consumer=consumer)
+        got: list[Any] = []
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def reader() -> None:
+                    assert bytes(await io.receive()) == b"first"  # type: ignore[arg-type]
+                    got.append(await io.receive())
+
+                nursery.start_soon(reader)
+                await peer.send(b"first")  # read by the reader itself (not drained yet)
+                await settle()
+                for message in (b"one", b"two"):
+                    await peer.send(message)
+                    await settle()
+                    assert got == []
+                await peer.send(b"keep")
+        finally:
+            io.detach()
+            await stream.aclose()
+            peer.close()
+    assert seen == [b"one", b"two", b"keep"] and got == [None]
