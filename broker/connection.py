@@ -426,11 +426,15 @@ class Connection:
             self._read_scope = scope
             while not self._draining:
                 self._receiving = True
+                gatherer = self._gatherer
                 try:
                     # Poll only with nothing in flight: a client waiting for a
                     # reply sends nothing, and the poll would take the CPU
                     # (and the GIL) from the work it waits for.
-                    data = await self._io.receive(poll=self._inflight == 0)
+                    data = await self._io.receive(
+                        poll=self._inflight == 0,
+                        watched=gatherer is not None and gatherer.busy_elsewhere(self, self._inflight),
+                    )
                 except _TRANSPORT_ERRORS:
                     self._abort("connection lost")
                     return True
@@ -467,7 +471,6 @@ class Connection:
                         finally:
                             self._held_back = False
                     self._inflight += 1
-                    gatherer = self._gatherer
                     if gatherer is not None:
                         gatherer.inflight += 1
                     # Alone, unless cancelled while the data came in: then a worker runs it.

@@ -92,6 +92,20 @@ class Gatherer:
             return True
         return last != connection.connection_id and now - last_at < GATHER_WINDOW_S
 
+    def busy_elsewhere(self, connection: Connection, inflight: int) -> bool:
+        """Are other connections busy? Requests in flight (``connection`` has
+        ``inflight`` of its own), or one read elsewhere within ``GATHER_WINDOW_S``.
+
+        Then a lone request from ``connection`` would be given here, and
+        its reader, about to sleep, lets the read hub watch its socket
+        (:mod:`broker.readhub`): the hub hands such a request on without
+        waking it. Else the reader sleeps with trio, which wakes it at once.
+        """
+        if self._pending or self.inflight > inflight:
+            return True
+        recent = time.perf_counter() - self._last_at < GATHER_WINDOW_S
+        return recent and self._last != connection.connection_id
+
     def add(self, connection: Connection, request: Request) -> None:
         """Run ``request`` with the next group; ``connection.answer`` gets its outcome."""
         self._pending.append((connection, request))

@@ -23,6 +23,13 @@ The set is edge-triggered: an event means new data arrived since the last
 one. A reader parks only after a read left its socket empty, so no data
 goes unnoticed; an event for data that a read has already taken costs one
 read that finds nothing.
+
+The hub pays off while the server is busy, when most requests go to the
+gatherer. For a lone client it would only add a hop (the hub's task, then
+the reader's), so a reader on an otherwise idle server sleeps with trio
+instead (see :meth:`broker.gather.Gatherer.busy_elsewhere`), and so does
+a reader that polls its socket: both :meth:`ReadHub.pause` its watch
+first, so that the hub is not woken for what they read themselves.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ __all__ = ["OnData", "ReadHub"]
 # Events taken from the epoll set per poll; more are taken by polling again.
 MAX_EVENTS: Final = 64
 _FLAGS: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+# Paused: only what epoll always reports (a hang-up, an error), once.
+_PAUSED: Final = select.EPOLLET
 
 #: Called in the hub's task when data lands while the reader waits: the
 #: outcome to wake the reader with (its ``wait`` returns or raises it), or
@@ -48,10 +57,11 @@ OnData = Callable[[], "outcome.Outcome[Any] | None"]
 
 @final
 class _Watch:
-    __slots__ = ("hung_up", "on_data", "ready", "task")
+    __slots__ = ("hung_up", "on_data", "paused", "ready", "task")
 
     def __init__(self, on_data: OnData) -> None:
         self.on_data = on_data
+        self.paused = False  # its reader polls the socket itself (see ReadHub.pause)
         self.ready = False  # data landed while nobody waited
         # The peer hung up (or the socket failed): for good, so every wait
         # returns at once, and the reader reads on to the end.
@@ -64,6 +74,7 @@ class ReadHub:
     """Readiness of many sockets from one edge-triggered epoll set, watched by :meth:`run`.
 
     Attributes:
+        events: events taken from the epoll set, for tests and metrics.
         handled: events dealt with by ``on_data`` without waking the
             reader, for tests and metrics.
     """
@@ -71,6 +82,7 @@ class ReadHub:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._watches: dict[int, _Watch] = {}
+        self.events = 0
         self.handled = 0
 
     def register(self, fd: int, on_data: OnData) -> None:
@@ -93,6 +105,10 @@ class ReadHub:
         Cancellation: safe; a cancelled wait leaves the watch as it was.
         """
         watch = self._watches[fd]
+        if watch.paused:
+            # Asking again also reports data that landed during the pause.
+            self._epoll.modify(fd, _FLAGS)
+            watch.paused = False
         if watch.ready or watch.hung_up:
             watch.ready = False
             return None
@@ -103,6 +119,20 @@ class ReadHub:
             return trio.lowlevel.Abort.SUCCEEDED
 
         return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def pause(self, fd: int) -> None:
+        """Stop reporting data on ``fd`` until its reader waits again: it reads the socket itself meanwhile.
+
+        A reader that polls its socket (:mod:`broker.busypoll`) would
+        otherwise cost the hub a wake-up for every request it reads.
+        Resuming at the next :meth:`wait` re-checks the socket, so nothing
+        that lands during the pause goes unnoticed.
+        """
+        watch = self._watches[fd]
+        if not watch.paused:
+            self._epoll.modify(fd, _PAUSED)
+            watch.paused = True
+            watch.ready = False
 
     async def run(self) -> None:
         """Watch until cancelled."""
@@ -118,6 +148,7 @@ class ReadHub:
         self._epoll.close()
 
     def _dispatch(self, events: list[tuple[int, int]]) -> None:
+        self.events += len(events)
         watches = self._watches
         for fd, flags in events:
             watch = watches.get(fd)

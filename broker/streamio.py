@@ -48,8 +48,8 @@ class StreamIO:
     def detach(self) -> None:
         """Nothing to stop: no hub watches this stream."""
 
-    async def receive(self, *, poll: bool = False) -> bytes | bytearray | memoryview:
-        """The next bytes from the peer, empty at EOF (``poll`` is for sockets only)."""
+    async def receive(self, *, poll: bool = False, watched: bool = False) -> bytes | bytearray | memoryview:
+        """The next bytes from the peer, empty at EOF (``poll`` and ``watched`` are for sockets only)."""
         return await self._stream.receive_some(RECEIVE_SIZE)
 
     def try_send(self, data: bytes | memoryview) -> int:  # pragma: no cover - direct is False
@@ -117,7 +117,7 @@ class SocketIO:
             return None
         return outcome.Value(_CONSUMED)
 
-    async def receive(self, *, poll: bool = False) -> memoryview | None:
+    async def receive(self, *, poll: bool = False, watched: bool = False) -> memoryview | None:
         """The next bytes from the peer, empty at EOF; valid until the next call.
 
         None when the hub read the bytes while this task waited and gave
@@ -127,6 +127,9 @@ class SocketIO:
             poll: if the socket is empty, poll it for a moment before
                 sleeping (see :meth:`_poll`): worth it when a reply has just
                 gone out and the peer's next request may follow at once.
+            watched: sleep with the hub watching the socket, rather than
+                with trio: worth it while other connections are busy, as the
+                hub may then hand what lands on without waking this task.
         """
         while True:
             if self._drained:
@@ -134,7 +137,7 @@ class SocketIO:
                 self._unyielded = 0
                 count = await self._poll() if poll else None
                 while count is None:
-                    count = await self._wait()
+                    count = await self._wait(watched)
                 if count == _CONSUMED:
                     return None
             else:
@@ -153,10 +156,13 @@ class SocketIO:
                     await trio.lowlevel.checkpoint()
             return self._view[:count]
 
-    async def _wait(self) -> int | None:
+    async def _wait(self, watched: bool) -> int | None:
         """Sleep until the peer sends: the byte count read, None if the read found nothing after all, or
         ``_CONSUMED`` (the hub read it for the consumer)."""
-        if self._hub is None:
+        if self._hub is None or not watched:
+            if self._hub is not None:
+                # Else every request that lands would wake the hub too.
+                self._hub.pause(self._fd)
             await trio.lowlevel.wait_readable(self._fd)
             return self._read()
         count = await self._hub.wait(self._fd)
@@ -183,6 +189,8 @@ class SocketIO:
         deadline = poller.start()
         if deadline is None:
             return None
+        if self._hub is not None:
+            self._hub.pause(self._fd)  # this task reads the socket itself meanwhile
         try:
             while True:
                 await trio.lowlevel.checkpoint()

@@ -28,6 +28,7 @@ from broker.audit import verify_audit_dir
 from broker.config import parse_config
 from broker.connection import Connection, RequestContext
 from broker.errors import BrokerError, InvalidArgument, NotFound
+from broker.gather import GATHER_WINDOW_S, Gatherer
 from broker.server import ServerInfo
 from tests._transport_helpers import EchoHandler, RawConn, running_server
 from tests._transport_helpers import make_config as transport_config
@@ -429,6 +430,7 @@ async def test_the_hub_hands_lone_requests_to_the_gatherer_without_waking_reader
                     replies = [await conn.response() for conn in conns]
                 assert [(r.msgid, r.result) for r in replies] == [(round_, p) for p in params]
             assert hub.handled == 24  # every one, without a reader woken
+            assert hub.events == 24
             assert sum(handler.groups) == 24
             # A connection the hub reads garbage from is closed; the others still serve.
             bad = await RawConn.open(info.socket_path)
@@ -441,8 +443,9 @@ async def test_the_hub_hands_lone_requests_to_the_gatherer_without_waking_reader
                 assert [(await conn.response()).result for conn in conns] == [{"n": 100}] * 6
 
 
-async def test_the_hub_wakes_the_reader_for_what_it_runs_itself() -> None:
-    """A lone request on an otherwise idle server is read by the hub and run by the connection's reader."""
+async def test_on_an_idle_server_a_reader_sleeps_with_trio_not_the_hub() -> None:
+    """A lone client on an otherwise idle server: its reader runs each request, and the hub is
+    never woken for it (nothing would be gathered, and trio wakes the reader one hop sooner)."""
     handler = EchoHandler()
     with tempfile.TemporaryDirectory(prefix="kb-", dir="/tmp") as directory:
         async with running_server(transport_config(Path(directory), busy_poll_us=0), handler) as info:
@@ -450,13 +453,34 @@ async def test_the_hub_wakes_the_reader_for_what_it_runs_itself() -> None:
             assert hub is not None
             conn = await RawConn.open(info.socket_path)
             for i in range(5):
-                await trio.sleep(0.005)  # the reader parks with the hub
+                await trio.sleep(0.005)  # the reader sleeps
                 assert (await conn.call(i, "echo", {"i": i})).result == {"i": i}
-            assert hub.handled == 0
+            assert hub.events == 0
             # One task ran them all: the connection's reader, woken for each.
             assert len(set(handler.tasks)) == 1
-            # Pipelined requests in one read go to the reader too, and are all answered.
+            # Pipelined requests are all answered too.
             await conn.send(b"".join(msgpack.packb([0, 10 + i, "echo", [{"i": i}]]) for i in range(20)))
             with trio.fail_after(10):
                 replies = await conn.responses(20)
             assert sorted(r.msgid for r in replies) == list(range(10, 30))
+
+
+class _Conn:
+    def __init__(self, connection_id: int) -> None:
+        self.connection_id = connection_id
+
+
+async def test_busy_elsewhere_means_other_connections_have_work() -> None:
+    gatherer = Gatherer(_GroupEcho())
+    mine, other = _Conn(1), _Conn(2)
+    assert not gatherer.busy_elsewhere(mine, 0)  # type: ignore[arg-type]
+    gatherer.inflight = 2
+    assert not gatherer.busy_elsewhere(mine, 2)  # type: ignore[arg-type]  # all of them mine
+    assert gatherer.busy_elsewhere(mine, 1)  # type: ignore[arg-type]
+    gatherer.inflight = 0
+    # A lone request just read from another connection (answered at once) counts, for a moment.
+    assert not gatherer.takes(other, "g")  # type: ignore[arg-type]
+    assert gatherer.busy_elsewhere(mine, 0)  # type: ignore[arg-type]
+    assert not gatherer.busy_elsewhere(other, 0)  # type: ignore[arg-type]  # its own does not
+    await trio.sleep(2 * GATHER_WINDOW_S)
+    assert not gatherer.busy_elsewhere(mine, 0)  # type: ignore[arg-type]

@@ -123,6 +123,28 @@ async def test_data_while_nobody_waits_makes_the_next_wait_return_at_once() -> N
             assert scope.cancelled_caught
 
 
+async def test_a_paused_watch_costs_the_hub_nothing_and_resuming_reports_what_landed() -> None:
+    """While its reader polls the socket itself the hub is not woken for it; the next wait
+    re-checks the socket, so data that landed during the pause is still seen."""
+    calls: list[bytes] = []
+    with socket_pairs(1) as [(writer, watched)]:
+        async with running_hub() as hub:
+            hub.register(watched.fileno(), reading(watched, calls, outcome.Value))
+            hub.pause(watched.fileno())
+            hub.pause(watched.fileno())  # twice is harmless
+            writer.send(b"polled")
+            await settle()
+            assert hub.events == 0
+            assert watched.recv(100) == b"polled"  # read by the polling reader
+            hub.pause(watched.fileno())
+            writer.send(b"during the pause")
+            await settle()
+            assert hub.events == 0
+            with trio.fail_after(1):
+                assert await hub.wait(watched.fileno()) == b"during the pause"
+            assert calls == [b"during the pause"]
+
+
 async def test_a_cancelled_wait_leaves_the_watch_working() -> None:
     calls: list[bytes] = []
     with socket_pairs(1) as [(writer, watched)]:
@@ -262,7 +284,7 @@ async def test_socket_io_reader_is_woken_by_eof_and_errors(how: str) -> None:
 
                 async def reader() -> None:
                     try:
-                        data = await io.receive()
+                        data = await io.receive(watched=True)
                         got.append(None if data is None else bytes(data))
                     except trio.BrokenResourceError:
                         got.append("broken")
@@ -291,7 +313,7 @@ async def test_socket_io_reads_to_the_end_after_data_and_hang_up_land_together()
             async with trio.open_nursery() as nursery:
 
                 async def reader() -> None:
-                    while data := await io.receive():
+                    while data := await io.receive(watched=True):
                         got.append(bytes(data))
                     got.append(b"<end>")
 
@@ -327,8 +349,8 @@ async def test_socket_io_consumer_decides_whether_the_reader_wakes() -> None:
             async with trio.open_nursery() as nursery:
 
                 async def reader() -> None:
-                    assert bytes(await io.receive()) == b"first"  # type: ignore[arg-type]
-                    got.append(await io.receive())
+                    assert bytes(await io.receive(watched=True)) == b"first"  # type: ignore[arg-type]
+                    got.append(await io.receive(watched=True))
 
                 nursery.start_soon(reader)
                 await peer.send(b"first")  # read by the reader itself (not drained yet)
