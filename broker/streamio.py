@@ -95,7 +95,12 @@ class SocketIO:
         # rather than pay for a read that fails.
         self._drained = False
         if hub is not None:
-            hub.register(self._fd, self._on_data)
+            try:
+                hub.register(self._fd, self._on_data)
+            except OSError:
+                # Out of epoll watches (fs.epoll.max_user_watches): this
+                # connection waits with trio alone, as it would without a hub.
+                self._hub = None
 
     def detach(self) -> None:
         """Stop the hub's watch (before the socket closes)."""

@@ -365,3 +365,33 @@ async def test_socket_io_consumer_decides_whether_the_reader_wakes() -> None:
             await stream.aclose()
             peer.close()
     assert seen == [b"one", b"two", b"keep"] and got == [None]
+
+
+async def test_a_socket_the_hub_cannot_watch_is_read_with_trio(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of epoll watches: the connection still works, waiting with trio alone."""
+    async with running_hub() as hub:
+
+        def refuse(fd: int, on_data: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(hub, "register", refuse)
+        peer, ours = trio.socket.socketpair()
+        stream = trio.SocketStream(ours)
+        io = SocketIO(stream, hub=hub, consumer=lambda _: True)
+        try:
+            async with trio.open_nursery() as nursery:
+                got: list[bytes] = []
+
+                async def reader() -> None:
+                    while data := await io.receive(watched=True):
+                        got.append(bytes(data))
+
+                nursery.start_soon(reader)
+                await settle()
+                await peer.send(b"still read")
+                await settle()
+                peer.close()
+        finally:
+            io.detach()
+            await stream.aclose()
+    assert got == [b"still read"] and hub.events == 0
