@@ -99,12 +99,16 @@ class ReadHub:
         """Park until data lands on ``fd``: None, or what its ``on_data`` woke the reader with.
 
         Returns at once, without a checkpoint, if data landed since the
-        last wait or the peer has hung up. One task at a time may wait on a
-        descriptor.
+        last wait or the peer has hung up.
+
+        Raises:
+            trio.BusyResourceError: another task waits on ``fd`` already.
 
         Cancellation: safe; a cancelled wait leaves the watch as it was.
         """
         watch = self._watches[fd]
+        if watch.task is not None:
+            raise trio.BusyResourceError("another task is already waiting for this socket")
         if watch.paused:
             # Asking again also reports data that landed during the pause.
             self._epoll.modify(fd, _FLAGS)

@@ -331,7 +331,7 @@ async def serve(
                     server.begin_drain()
                     # Connections finish on their own; past the deadline, cancel.
                     connections.cancel_scope.deadline = trio.current_time() + config.limits.drain_timeout_s
-                # Every connection is done: nothing more for the gatherer.
+                # Every connection is done: nothing more for the gatherer or the hub.
                 services.cancel_scope.cancel()
         finally:
             # No awaits here: under cancellation they would raise at once and

@@ -72,6 +72,8 @@ async def test_a_parked_reader_wakes_with_what_on_data_returns() -> None:
                 nursery.start_soon(reader)
                 await settle()
                 assert woken == []  # nothing sent: still parked
+                with pytest.raises(trio.BusyResourceError):
+                    await hub.wait(watched.fileno())  # one waiter at a time
                 writer.send(b"ping")
             assert woken == [b"PING"] and log == [b"ping"]
             assert hub.handled == 0
