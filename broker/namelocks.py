@@ -62,6 +62,14 @@ class _Hold:
         if entry is None:
             entry = self._entries[self._name] = _Entry()
         entry.users += 1
+        if entry.users == 1:
+            # Nobody else holds or waits for it: taken at once. A trio lock
+            # would still yield to the scheduler (a task step, a trip down
+            # the caller's whole stack), for nothing here: the holder's
+            # next await is its own checkpoint.
+            entry.lock.acquire_nowait()
+            self._entry = entry
+            return
         try:
             await entry.lock.acquire()
         except BaseException:

@@ -144,6 +144,8 @@ class SocketIO:
                 while count is None:
                     count = await self._wait(watched)
                 if count == _CONSUMED:
+                    # The hub's read (shorter than the buffer) emptied the socket.
+                    self._drained = True
                     return None
             else:
                 count = self._read()

@@ -65,3 +65,24 @@ async def test_an_error_inside_releases_the_name() -> None:
     with trio.fail_after(1):
         async with locks("k"):
             pass
+
+
+async def test_a_free_name_is_taken_without_yielding_and_a_busy_one_waits() -> None:
+    """Nobody else on the name: no trip through the scheduler. Someone else: the second waits its turn."""
+    locks = NameLocks()
+    with trio.testing.assert_no_checkpoints():
+        async with locks("free"):
+            assert locks.active == 1
+    assert locks.active == 0
+    order: list[str] = []
+
+    async def second() -> None:
+        async with locks("k"):
+            order.append("second")
+
+    async with trio.open_nursery() as nursery, locks("k"):
+        nursery.start_soon(second)
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == [] and locks.active == 1
+        order.append("first")
+    assert order == ["first", "second"] and locks.active == 0
