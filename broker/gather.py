@@ -81,16 +81,12 @@ class Gatherer:
         connection less than ``GATHER_WINDOW_S`` ago (clients taking turns
         that fast each find nothing else in flight, as each request is
         answered within the step that read it). A lone client's requests are
-        never held back.
+        never held back. The request itself is ``connection``'s one request
+        in flight (see :meth:`busy_elsewhere`).
         """
-        now = time.perf_counter()
-        last, last_at = self._last, self._last_at
-        self._last, self._last_at = connection.connection_id, now
-        if method not in self._groupable:
-            return False
-        if self._pending or self.inflight > 1:
-            return True
-        return last != connection.connection_id and now - last_at < GATHER_WINDOW_S
+        busy = method in self._groupable and self.busy_elsewhere(connection, 1)
+        self._last, self._last_at = connection.connection_id, time.perf_counter()
+        return busy
 
     def busy_elsewhere(self, connection: Connection, inflight: int) -> bool:
         """Are other connections busy? Requests in flight (``connection`` has
