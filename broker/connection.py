@@ -470,9 +470,7 @@ class Connection:
                             await self._slot_freed.wait()
                         finally:
                             self._held_back = False
-                    self._inflight += 1
-                    if gatherer is not None:
-                        gatherer.inflight += 1
+                    self._count_in()
                     # Alone, unless cancelled while the data came in: then a worker runs it.
                     alone = self._inflight == 1 and len(events) == 1 and not scope.cancel_called
                     if alone and type(event) is Request:
@@ -487,6 +485,13 @@ class Connection:
         elif self._timed_out == "idle":
             log.debug("connection %d: idle timeout", self.connection_id)
         return True
+
+    def _count_in(self) -> None:
+        """One more request read and not yet answered, here and in the gatherer's count
+        (:meth:`_responses_written` counts it out of both)."""
+        self._inflight += 1
+        if self._gatherer is not None:
+            self._gatherer.inflight += 1
 
     def _decode(self, data: bytes | bytearray | memoryview) -> list[Request | BadRequest]:
         """The requests completed by ``data``.
@@ -542,9 +547,7 @@ class Connection:
         ):
             self._kept = events
             return False
-        self._inflight = 1
-        if self._gatherer is not None:
-            self._gatherer.inflight += 1
+        self._count_in()
         if self._hand_off(event):
             return True
         self._kept = event
