@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from bench import median
 from bench.wire import _start_broker
+from broker.auth import unix_peer
 
 # Versions that install cleanly on CPython 3.11 (x86_64 wheels, no builds).
 PEER_PINS = {
@@ -117,8 +117,7 @@ def server_pid(socket_path: Path) -> int:
     """The process serving ``socket_path``, from the credentials of a connection to it."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(str(socket_path))
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, _uid, _gid = struct.unpack("3i", creds)
+        _uid, _gid, pid = unix_peer(sock)
     return pid
 
 
