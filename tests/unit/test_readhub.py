@@ -58,19 +58,42 @@ async def settle() -> None:
     await trio.sleep(0.02)
 
 
+@asynccontextmanager
+async def parked_reader(hub: ReadHub, fd: int) -> AsyncIterator[list[Any]]:
+    """A task parked in ``hub.wait(fd)``; the list gets what it woke with, by the end of the block."""
+    woken: list[Any] = []
+
+    async def reader() -> None:
+        woken.append(await hub.wait(fd))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await settle()
+        yield woken
+
+
+@asynccontextmanager
+async def socket_io(
+    hub: ReadHub, consumer: Callable[[memoryview], bool]
+) -> AsyncIterator[tuple[trio.socket.SocketType, trio.SocketStream, SocketIO]]:
+    """(peer, stream, io): a socket pair, our end read through a SocketIO watched by ``hub``."""
+    peer, ours = trio.socket.socketpair()
+    stream = trio.SocketStream(ours)
+    io = SocketIO(stream, hub=hub, consumer=consumer)
+    try:
+        yield peer, stream, io
+    finally:
+        io.detach()
+        await stream.aclose()
+        peer.close()
+
+
 async def test_a_parked_reader_wakes_with_what_on_data_returns() -> None:
     log: list[bytes] = []
     with socket_pairs(1) as [(writer, watched)]:
         async with running_hub() as hub:
             hub.register(watched.fileno(), reading(watched, log, lambda data: outcome.Value(data.upper())))
-            async with trio.open_nursery() as nursery:
-                woken: list[Any] = []
-
-                async def reader() -> None:
-                    woken.append(await hub.wait(watched.fileno()))
-
-                nursery.start_soon(reader)
-                await settle()
+            async with parked_reader(hub, watched.fileno()) as woken:
                 assert woken == []  # nothing sent: still parked
                 with pytest.raises(trio.BusyResourceError):
                     await hub.wait(watched.fileno())  # one waiter at a time
@@ -90,14 +113,7 @@ async def test_what_on_data_deals_with_leaves_the_reader_parked() -> None:
                 return outcome.Value("woken") if data == b"wake" else None
 
             hub.register(watched.fileno(), reading(watched, log, answer))
-            woken: list[Any] = []
-            async with trio.open_nursery() as nursery:
-
-                async def reader() -> None:
-                    woken.append(await hub.wait(watched.fileno()))
-
-                nursery.start_soon(reader)
-                await settle()
+            async with parked_reader(hub, watched.fileno()) as woken:
                 for i in range(3):
                     writer.send(b"dealt %d" % i)
                     await settle()
@@ -159,14 +175,7 @@ async def test_a_cancelled_wait_leaves_the_watch_working() -> None:
             assert calls == []  # the cancelled reader is not parked any more
             assert await hub.wait(watched.fileno()) is None
             assert watched.recv(100) == b"after"
-            async with trio.open_nursery() as nursery:
-                woken: list[Any] = []
-
-                async def reader() -> None:
-                    woken.append(await hub.wait(watched.fileno()))
-
-                nursery.start_soon(reader)
-                await settle()
+            async with parked_reader(hub, watched.fileno()) as woken:
                 writer.send(b"again")
             assert woken == [b"again"]
 
@@ -181,20 +190,15 @@ async def test_a_bug_in_on_data_reaches_its_reader_only() -> None:
             hub.register(bad.fileno(), broken)
             hub.register(good.fileno(), reading(good, [], outcome.Value))
             raised: list[BaseException] = []
-            woken: list[Any] = []
-            async with trio.open_nursery() as nursery:
 
-                async def bad_reader() -> None:
-                    try:
-                        await hub.wait(bad.fileno())
-                    except RuntimeError as exc:
-                        raised.append(exc)
+            async def bad_reader() -> None:
+                try:
+                    await hub.wait(bad.fileno())
+                except RuntimeError as exc:
+                    raised.append(exc)
 
-                async def good_reader() -> None:
-                    woken.append(await hub.wait(good.fileno()))
-
+            async with trio.open_nursery() as nursery, parked_reader(hub, good.fileno()) as woken:
                 nursery.start_soon(bad_reader)
-                nursery.start_soon(good_reader)
                 await settle()
                 bad_writer.send(b"x")
                 await settle()
@@ -238,14 +242,7 @@ async def test_unregistered_sockets_are_forgotten_and_their_numbers_reusable() -
         # A new socket may get the same number once the old one is closed.
         with socket_pairs(1) as [(writer, watched)]:
             hub.register(watched.fileno(), reading(watched, calls, outcome.Value))
-            async with trio.open_nursery() as nursery:
-                woken: list[Any] = []
-
-                async def reader() -> None:
-                    woken.append(await hub.wait(watched.fileno()))
-
-                nursery.start_soon(reader)
-                await settle()
+            async with parked_reader(hub, watched.fileno()) as woken:
                 writer.send(b"new")
             assert woken == [b"new"] and calls == [b"new"]
             hub.unregister(watched.fileno())
@@ -257,14 +254,7 @@ async def test_a_hang_up_wakes_the_reader_even_with_data_on_data_would_deal_with
     with socket_pairs(1) as [(writer, watched)]:
         async with running_hub() as hub:
             hub.register(watched.fileno(), reading(watched, calls, lambda _: None))
-            woken: list[Any] = []
-            async with trio.open_nursery() as nursery:
-
-                async def reader() -> None:
-                    woken.append(await hub.wait(watched.fileno()))
-
-                nursery.start_soon(reader)
-                await settle()
+            async with parked_reader(hub, watched.fileno()) as woken:
                 # Both land before the hub runs again.
                 writer.send(b"last words")
                 writer.shutdown(socket.SHUT_WR)
@@ -276,61 +266,46 @@ async def test_a_hang_up_wakes_the_reader_even_with_data_on_data_would_deal_with
 @pytest.mark.parametrize("how", ["eof", "reset"])
 async def test_socket_io_reader_is_woken_by_eof_and_errors(how: str) -> None:
     """Through SocketIO, as the server uses it: EOF reads as empty, a reset raises."""
-    async with running_hub() as hub:
-        peer, ours = trio.socket.socketpair()
-        stream = trio.SocketStream(ours)
-        io = SocketIO(stream, hub=hub, consumer=lambda _: True)
-        got: list[Any] = []
-        try:
-            async with trio.open_nursery() as nursery:
+    got: list[Any] = []
+    async with running_hub() as hub, socket_io(hub, lambda _: True) as (peer, stream, io):
 
-                async def reader() -> None:
-                    try:
-                        data = await io.receive(watched=True)
-                        got.append(None if data is None else bytes(data))
-                    except trio.BrokenResourceError:
-                        got.append("broken")
+        async def reader() -> None:
+            try:
+                data = await io.receive(watched=True)
+                got.append(None if data is None else bytes(data))
+            except trio.BrokenResourceError:
+                got.append("broken")
 
-                nursery.start_soon(reader)
-                await settle()
-                if how == "reset":
-                    # A Unix socket closed with data it never read resets its peer.
-                    await stream.send_all(b"unread")
-                peer.close()
-        finally:
-            io.detach()
-            await stream.aclose()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await settle()
+            if how == "reset":
+                # A Unix socket closed with data it never read resets its peer.
+                await stream.send_all(b"unread")
+            peer.close()
     assert got == ([b""] if how == "eof" else ["broken"])
 
 
 async def test_socket_io_reads_to_the_end_after_data_and_hang_up_land_together() -> None:
     """A part of a message and the hang-up behind it, seen in one event: receive returns the part,
     then the end of the stream (and does not wait for an event that will never come)."""
-    async with running_hub() as hub:
-        peer, ours = trio.socket.socketpair()
-        stream = trio.SocketStream(ours)
-        io = SocketIO(stream, hub=hub, consumer=lambda _: True)
-        got: list[bytes] = []
-        try:
-            async with trio.open_nursery() as nursery:
+    got: list[bytes] = []
+    async with running_hub() as hub, socket_io(hub, lambda _: True) as (peer, _, io):
 
-                async def reader() -> None:
-                    while data := await io.receive(watched=True):
-                        got.append(bytes(data))
-                    got.append(b"<end>")
+        async def reader() -> None:
+            while data := await io.receive(watched=True):
+                got.append(bytes(data))
+            got.append(b"<end>")
 
-                nursery.start_soon(reader)
-                await settle()
-                # No checkpoint between the two: the hub sees them in one event.
-                os.write(peer.fileno(), b"a part")
-                peer.shutdown(socket.SHUT_WR)
-                with trio.fail_after(2):
-                    while got[-1:] != [b"<end>"]:
-                        await trio.sleep(0.001)
-        finally:
-            io.detach()
-            await stream.aclose()
-            peer.close()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await settle()
+            # No checkpoint between the two: the hub sees them in one event.
+            os.write(peer.fileno(), b"a part")
+            peer.shutdown(socket.SHUT_WR)
+            with trio.fail_after(2):
+                while got[-1:] != [b"<end>"]:
+                    await trio.sleep(0.001)
     assert got == [b"a part", b"<end>"]
 
 
@@ -342,30 +317,22 @@ async def test_socket_io_consumer_decides_whether_the_reader_wakes() -> None:
         seen.append(bytes(data))
         return data != b"keep"
 
-    async with running_hub() as hub:
-        peer, ours = trio.socket.socketpair()
-        stream = trio.SocketStream(ours)
-        io = SocketIO(stream, hub=hub, consumer=consumer)
-        got: list[Any] = []
-        try:
-            async with trio.open_nursery() as nursery:
+    got: list[Any] = []
+    async with running_hub() as hub, socket_io(hub, consumer) as (peer, _, io):
 
-                async def reader() -> None:
-                    assert bytes(await io.receive(watched=True)) == b"first"  # type: ignore[arg-type]
-                    got.append(await io.receive(watched=True))
+        async def reader() -> None:
+            assert bytes(await io.receive(watched=True)) == b"first"  # type: ignore[arg-type]
+            got.append(await io.receive(watched=True))
 
-                nursery.start_soon(reader)
-                await peer.send(b"first")  # read by the reader itself (not drained yet)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await peer.send(b"first")  # read by the reader itself (not drained yet)
+            await settle()
+            for message in (b"one", b"two"):
+                await peer.send(message)
                 await settle()
-                for message in (b"one", b"two"):
-                    await peer.send(message)
-                    await settle()
-                    assert got == []
-                await peer.send(b"keep")
-        finally:
-            io.detach()
-            await stream.aclose()
-            peer.close()
+                assert got == []
+            await peer.send(b"keep")
     assert seen == [b"one", b"two", b"keep"] and got == [None]
 
 
@@ -377,23 +344,17 @@ async def test_a_socket_the_hub_cannot_watch_is_read_with_trio(monkeypatch: pyte
             raise OSError(28, "No space left on device")
 
         monkeypatch.setattr(hub, "register", refuse)
-        peer, ours = trio.socket.socketpair()
-        stream = trio.SocketStream(ours)
-        io = SocketIO(stream, hub=hub, consumer=lambda _: True)
-        try:
+        got: list[bytes] = []
+        async with socket_io(hub, lambda _: True) as (peer, _, io):
+
+            async def reader() -> None:
+                while data := await io.receive(watched=True):
+                    got.append(bytes(data))
+
             async with trio.open_nursery() as nursery:
-                got: list[bytes] = []
-
-                async def reader() -> None:
-                    while data := await io.receive(watched=True):
-                        got.append(bytes(data))
-
                 nursery.start_soon(reader)
                 await settle()
                 await peer.send(b"still read")
                 await settle()
                 peer.close()
-        finally:
-            io.detach()
-            await stream.aclose()
     assert got == [b"still read"] and hub.events == 0
