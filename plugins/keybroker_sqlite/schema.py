@@ -87,6 +87,11 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         ) STRICT
         """,
     ),
+    # 2 -> 3: drop keys_by_state. The store's page query tests the state as
+    # "(:state IS NULL OR state = :state)", a form SQLite cannot answer from
+    # an index, so no query ever read it, and every key insert and state
+    # change paid for keeping it (the name index serves every page).
+    ("DROP INDEX keys_by_state",),
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

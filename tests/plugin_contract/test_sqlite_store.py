@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sqlite3
 import stat
@@ -13,6 +14,7 @@ import pytest
 import trio
 from keybroker_sqlite import SCHEMA_VERSION, SchemaError, SQLiteStore
 from keybroker_sqlite import schema as sqlite_schema
+from keybroker_sqlite import store as sqlite_store
 
 from broker.config import parse_config
 from broker.errors import AlreadyExists, InvalidArgument, Unavailable
@@ -179,6 +181,45 @@ async def test_later_migrations_apply_in_order_and_keep_keys(
     with raw(db_path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
         assert conn.execute("SELECT note FROM keys").fetchall() == [("added by step 2",)]
+
+
+async def test_every_index_the_schema_creates_serves_a_query(opened: SQLiteStore, db_path: Path) -> None:
+    # An index no query reads only makes every insert and state change dearer
+    # (keys_by_state, until schema version 3). The constraints' own indexes
+    # (sqlite_autoindex_*) are left out: they enforce uniqueness.
+    page_params = [
+        {
+            "prefix": prefix,
+            "prefix_len": len(prefix),
+            "after": after,
+            "state": state,
+            "limit": 100,
+            "scheduled": scheduled,
+        }
+        for prefix, after, state, scheduled in itertools.product(
+            ("", "a/"), (None, "a/b"), (None, "active"), (0, 1)
+        )
+    ]
+    plans = [
+        (query, params)
+        for query in (sqlite_store._SELECT_PAGE, sqlite_store._SELECT_PAGE_VERSIONS)
+        for params in page_params
+    ]
+    plans += [
+        (sqlite_store._SELECT_KEY_BY_NAME, ("a",)),
+        (sqlite_store._SELECT_KEY_BY_ID, (bytes(16),)),
+        (sqlite_store._SELECT_VERSIONS, (bytes(16),)),
+    ]
+    explicit = "SELECT name FROM sqlite_schema WHERE type = 'index' AND sql IS NOT NULL"
+    with raw(db_path) as conn:
+        created = {name for (name,) in conn.execute(explicit)}
+        read = {
+            word
+            for query, params in plans
+            for row in conn.execute("EXPLAIN QUERY PLAN " + query, params)
+            for word in row[3].split()
+        }
+    assert created - read == set()
 
 
 # --- erasure, failures, plugin hook ----------------------------------------------------
