@@ -1373,3 +1373,65 @@ int kb_fdatasync_start(int fd, int notify_fd)
         kb_sync_job_free(job);
     return rc;
 }
+
+/* ------------------------------------------------------------------------ */
+/* Arenas for CPython's small-object allocator.
+ *
+ * pymalloc carves objects of up to 512 bytes out of arenas it maps one at a
+ * time (1 MiB on 64-bit CPython 3.11), and unmaps an arena as soon as its
+ * last object is freed. A batch call makes and drops hundreds of thousands
+ * of small objects (each item and each envelope is one), so every batch
+ * mapped its arenas afresh and page-faulted them in again: the heap
+ * thresholds of broker/allocator.py do not reach memory that never comes
+ * from malloc. Kept arenas keep their pages, so the next batch reuses them.
+ * pymalloc calls these functions with the GIL held, which also guards the
+ * state below. Only arenas of one size (the first one returned) are kept.
+ */
+
+enum { KB_ARENAS_KEPT_MAX = 1024 };
+
+static kb_arena_allocator arena_inner;
+static kb_arena_allocator arena_outer;
+static int arena_installed;
+static void *arena_kept[KB_ARENAS_KEPT_MAX];
+static size_t arena_kept_n;
+static size_t arena_keep_bytes;
+static size_t arena_size;
+
+static void *kb_arena_alloc(void *ctx, size_t size)
+{
+    (void)ctx;
+    if (arena_kept_n > 0 && size == arena_size)
+        return arena_kept[--arena_kept_n];
+    return arena_inner.alloc(arena_inner.ctx, size);
+}
+
+static void kb_arena_free(void *ctx, void *ptr, size_t size)
+{
+    (void)ctx;
+    if (ptr == NULL)
+        return;
+    if (arena_size == 0 && size != 0)
+        arena_size = size;
+    if (size != 0 && size == arena_size && arena_kept_n < KB_ARENAS_KEPT_MAX &&
+        (arena_kept_n + 1) <= arena_keep_bytes / size) {
+        arena_kept[arena_kept_n++] = ptr;
+        return;
+    }
+    arena_inner.free(arena_inner.ctx, ptr, size);
+}
+
+const kb_arena_allocator *kb_arena_cache(const kb_arena_allocator *inner, size_t keep_bytes)
+{
+    if (!arena_installed) {
+        if (inner == NULL || inner->alloc == NULL || inner->free == NULL)
+            return NULL;
+        arena_inner = *inner;
+        arena_keep_bytes = keep_bytes;
+        arena_outer.ctx = NULL;
+        arena_outer.alloc = kb_arena_alloc;
+        arena_outer.free = kb_arena_free;
+        arena_installed = 1;
+    }
+    return &arena_outer;
+}

@@ -130,4 +130,19 @@ int kb_hmac_verify(kb_slot *slot, const unsigned char *msg, size_t msg_len,
  * queued, else an errno (nothing is written to notify_fd then). */
 int kb_fdatasync_start(int fd, int notify_fd);
 
+/* The layout of CPython's PyObjectArenaAllocator: how its small-object
+ * allocator (pymalloc) gets and returns its arenas. */
+typedef struct {
+    void *ctx;
+    void *(*alloc)(void *ctx, size_t size);
+    void (*free)(void *ctx, void *ptr, size_t size);
+} kb_arena_allocator;
+
+/* An arena allocator that keeps freed arenas, up to keep_bytes of them, for
+ * the next requests and otherwise passes through to *inner (copied): for
+ * PyObject_SetArenaAllocator. Returns the one such allocator of the process;
+ * once installed (a second call), *inner is ignored, so that it never wraps
+ * itself. Its functions run only under the GIL, as pymalloc's own do. */
+const kb_arena_allocator *kb_arena_cache(const kb_arena_allocator *inner, size_t keep_bytes);
+
 #endif
