@@ -3,8 +3,9 @@
 The module is rebuilt with ``KEYBROKER_SANITIZE=1 native/build.py --tmpdir``
 into a temporary directory next to a copy of the broker package, and pytest
 runs the envelope test files in a subprocess with the gcc ASan runtime
-preloaded into the (uninstrumented) interpreter. Any sanitizer report or a
-non-zero exit fails this test.
+preloaded into the (uninstrumented) interpreter, its arenas going through the
+sanitized module's arena cache. Any sanitizer report or a non-zero exit fails
+this test.
 """
 
 from __future__ import annotations
@@ -34,11 +35,16 @@ RUN_TIMEOUT = 180
 PLUGIN = '''\
 import os
 import broker._native
+import broker.allocator
 import broker.envelope
 
 _expected = os.environ["KB_ASAN_DIR"]
 if not os.path.realpath(broker._native.__file__).startswith(os.path.realpath(_expected)):
     raise RuntimeError("sanitized broker._native not imported: " + broker._native.__file__)
+# Every arena the interpreter maps or unmaps from here on goes through the
+# sanitized arena cache, as in `keybroker serve`.
+if not broker.allocator.keep_freed_arenas():
+    raise RuntimeError("the arena cache was not installed")
 '''
 
 SANITIZER_MARKERS = (
