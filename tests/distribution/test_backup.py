@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 import trio
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,8 +21,12 @@ from broker.backup_cli import UsageError, run_backup_create, run_backup_restore
 from broker.config import parse_config
 from broker.errors import BrokerError, DecryptionFailed, InvalidArgument
 from broker.keys import Classification, KeyType
+from tests import hsm_fixtures
 from tests.conftest import Caller, ConfigFactory
-from tests.distribution._fakes import TokenPlugin, rsa_key
+from tests.distribution._fakes import rsa_key
+from tests.hsm_fixtures import SoftToken
+
+softhsm = hsm_fixtures.softhsm  # the session's SoftHSM2 token fixture
 
 # Cheap scrypt for tests: the format records the cost, so any cost restores.
 CHEAP = ScryptCost(log2_n=10, r=8, p=1)
@@ -116,24 +121,36 @@ async def test_passphrase_and_selected_keys(make_config: ConfigFactory, owner: s
         assert await new.service.find("a") is None
 
 
-async def test_hsm_keys_travel_by_reference(make_config: ConfigFactory, owner: str) -> None:
-    config = make_config(name="old")
-    async with open_broker(config, run_scheduler=False, extra_plugins=[TokenPlugin()]) as old:
+@pytest.mark.slow
+async def test_hsm_keys_travel_by_reference(
+    make_config: ConfigFactory, softhsm: SoftToken, owner: str
+) -> None:
+    token = {"plugins": {"pkcs11": softhsm.section(pool_size=1)}}
+    config = make_config(token, name="old")
+    async with open_broker(config, run_scheduler=False) as old:
         admin = Caller(old, owner)
         await admin("key.create", name="soft", type="aes256-gcm")
         await admin("key.create", name="tok", type="ecdsa-p256", protection="hsm")
         out = await admin("backup.create", passphrase="pw")
         assert out["by_reference"] == ["tok"]
         tok = await admin("key.get", name="tok")
+        public = (await admin("key.public", name="tok"))["pem"]
     path = config.data_dir.parent / "a.kbbk"
     path.write_bytes(out["archive"])
     plain = make_config(name="plain")
     assert await run_backup_restore(plain, path, "pw") == {"restored": ["soft"], "skipped": ["tok"]}
-    with_token = make_config(name="token")
-    restored = await run_backup_restore(with_token, path, "pw", extra_plugins=[TokenPlugin()])
+    with_token = make_config(token, name="token")
+    restored = await run_backup_restore(with_token, path, "pw")
     assert restored == {"restored": ["soft", "tok"], "skipped": []}
-    async with open_broker(with_token, run_scheduler=False, extra_plugins=[TokenPlugin()]) as new:
-        assert await Caller(new, owner)("key.get", name="tok") == tok
+    async with open_broker(with_token, run_scheduler=False) as new:
+        admin = Caller(new, owner)
+        assert await admin("key.get", name="tok") == tok
+        # The restored entry names the same token object: it signs, and the
+        # signature verifies under the public key read before the backup.
+        signature = (await admin("sign", key="tok", message=b"after restore"))["signature"]
+        key = serialization.load_pem_public_key(public.encode())
+        assert isinstance(key, ec.EllipticCurvePublicKey)
+        key.verify(signature, b"after restore", ec.ECDSA(hashes.SHA256()))
 
 
 @pytest.fixture(scope="module")

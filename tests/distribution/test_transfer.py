@@ -15,8 +15,12 @@ from broker.app import Broker, open_broker
 from broker.envelope import pack_header
 from broker.errors import BrokerError, DecryptionFailed, InvalidArgument
 from broker.transfer import load_recipient, unwrap, wrap
+from tests import hsm_fixtures
 from tests.conftest import Caller, ConfigFactory
-from tests.distribution._fakes import FakeClock, TokenPlugin, rsa_key
+from tests.distribution._fakes import FakeClock, rsa_key
+from tests.hsm_fixtures import SoftToken
+
+softhsm = hsm_fixtures.softhsm  # the session's SoftHSM2 token fixture
 
 
 def recipient(bits: int = 3072) -> rsa.RSAPrivateKey:
@@ -107,9 +111,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 async def first(make_config: ConfigFactory, clock: FakeClock) -> AsyncIterator[Broker]:
-    async with open_broker(
-        make_config(GRANTS, name="first"), clock=clock, run_scheduler=False, extra_plugins=[TokenPlugin()]
-    ) as broker:
+    async with open_broker(make_config(GRANTS, name="first"), clock=clock, run_scheduler=False) as broker:
         yield broker
 
 
@@ -125,8 +127,6 @@ async def test_export_refusals(first: Broker, owner: str) -> None:
     await admin("key.create", name="kept", type="aes256-gcm")
     err = await fails(admin("key.export", name="kept", public_key=to), "permission_denied")
     assert err.details == {"rule": "exportable"}
-    await admin("key.create", name="tok", type="aes256-gcm", protection="hsm", exportable=True)
-    await fails(admin("key.export", name="tok", public_key=to), "invalid_argument")
     await admin("key.create", name="out", type="aes256-gcm", exportable=True)
     await fails(admin("key.export", name="out", public_key=pem(recipient(2048))), "invalid_argument")
     await fails(admin("key.export", name="out", public_key=to, version=9), "not_found")
@@ -227,12 +227,30 @@ async def test_import_refusals(first: Broker, owner: str, clock: FakeClock) -> N
     )
     p = await token()
     await fails(
-        admin("key.import", name="i/g", protection="hsm", **args(p, os.urandom(32))), "invalid_argument"
-    )
-    await fails(
         admin("key.import", name="i/h", key_id=b"short", **args(p, os.urandom(32))), "invalid_argument"
     )
     await fails(Caller(first, "uid:4242")("key.import_params", type="aes256-gcm"), "permission_denied")
+
+
+@pytest.mark.slow
+async def test_token_key_material_neither_leaves_nor_enters_the_token(
+    make_config: ConfigFactory, softhsm: SoftToken, owner: str
+) -> None:
+    config = make_config({**GRANTS, "plugins": {**GRANTS["plugins"], "pkcs11": softhsm.section(pool_size=1)}})
+    async with open_broker(config, run_scheduler=False) as broker:
+        admin = Caller(broker, owner)
+        await admin("key.create", name="tok", type="aes256-gcm", protection="hsm", exportable=True)
+        err = await fails(admin("key.export", name="tok", public_key=pem(recipient())), "invalid_argument")
+        assert "token" in err.message
+        params = await admin("key.import_params", type="aes256-gcm")
+        wrapped = wrap_for(params["public_key"], os.urandom(32))
+        arguments = {"import_token": params["import_token"], "wrapped": wrapped, "type": "aes256-gcm"}
+        err = await fails(admin("key.import", name="in", protection="hsm", **arguments), "invalid_argument")
+        assert "token" in err.message
+        await fails(admin("key.get", name="in"), "not_found")
+        # Neither refusal disturbed the token key, which still seals and opens on the token.
+        sealed = (await admin("encrypt", key="tok", plaintext=b"still here"))["ciphertext"]
+        assert (await admin("decrypt", ciphertext=sealed))["plaintext"] == b"still here"
 
 
 async def test_import_as_new_version_keeps_per_version_origin(first: Broker, owner: str) -> None:
