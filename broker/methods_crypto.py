@@ -160,12 +160,12 @@ GroupRun = Callable[[Key, int, list[bytes], bytes | list[bytes]], Awaitable[list
 
 
 async def _over_groups(
-    d: Dispatcher, call: Call, args: dict[str, Any], op: str, run: GroupRun, *, group_errors: bool
+    d: Dispatcher, call: Call, args: dict[str, Any], op: str, run: GroupRun
 ) -> tuple[list[bytes | None], list[dict[str, Any] | None]]:
     """Run ``run`` once per (key, version) group of envelopes; one result and error per item.
 
-    With ``group_errors``, a BrokerError from one group becomes that group's
-    per-item errors; otherwise it fails the call.
+    A BrokerError from one group (its backend unavailable, say) becomes that
+    group's per-item errors: the other groups' items are still answered.
     """
     envelopes = args["ciphertexts"]
     d.check_batch(len(envelopes))
@@ -178,8 +178,6 @@ async def _over_groups(
         try:
             results = await run(key, version, [envelopes[i] for i in indexes], _pick(aad, indexes))
         except BrokerError as exc:
-            if not group_errors:
-                raise
             for index in indexes:
                 errors[index] = exc.to_wire()
             continue
@@ -193,9 +191,7 @@ async def _over_groups(
 
 
 async def _decrypt_batch(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
-    plaintexts, errors = await _over_groups(
-        d, call, args, "decrypt_batch", d.service.decrypt, group_errors=False
-    )
+    plaintexts, errors = await _over_groups(d, call, args, "decrypt_batch", d.service.decrypt)
     return {"plaintexts": plaintexts, "errors": errors}
 
 
@@ -206,7 +202,7 @@ async def _rewrap_batch(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
         _, sealed = await d.service.rewrap(key, version, envs, aad)
         return sealed
 
-    ciphertexts, errors = await _over_groups(d, call, args, "rewrap_batch", rewrap, group_errors=True)
+    ciphertexts, errors = await _over_groups(d, call, args, "rewrap_batch", rewrap)
     return {"ciphertexts": ciphertexts, "errors": errors}
 
 
