@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ __all__ = [
     "MetricsConfig",
     "SchedulerConfig",
     "TLSConfig",
+    "check_options",
     "load_config",
     "parse_config",
 ]
@@ -139,8 +140,16 @@ def _take(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], def
     return value
 
 
-def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(table) - allowed)
+def check_options(table: Mapping[str, Any], allowed: Collection[str], where: str) -> None:
+    """Refuse a table holding options other than ``allowed``: a misspelled
+    option must stop the broker, never fall back to a default.
+
+    Plugins check their ``[plugins.NAME]`` tables with it too.
+
+    Raises:
+        InvalidArgument: naming the unknown options and ``where`` they are.
+    """
+    unknown = sorted(str(name) for name in set(table) - set(allowed))
     if unknown:
         raise InvalidArgument(f"config: unknown option(s) in {where}: {', '.join(unknown)}")
 
@@ -151,7 +160,7 @@ _MAY_BE_ZERO = frozenset({"busy_poll_us", "gather_poll_us"})
 
 def _limits(table: Mapping[str, Any]) -> Limits:
     defaults = Limits()
-    _check_keys(table, set(Limits.__dataclass_fields__), "[limits]")
+    check_options(table, set(Limits.__dataclass_fields__), "[limits]")
     values: dict[str, Any] = {}
     for name in Limits.__dataclass_fields__:
         default = getattr(defaults, name)
@@ -164,7 +173,7 @@ def _limits(table: Mapping[str, Any]) -> Limits:
 
 
 def _tls(table: Mapping[str, Any], base: Path) -> TLSConfig:
-    _check_keys(table, set(TLSConfig.__dataclass_fields__), "[tls]")
+    check_options(table, set(TLSConfig.__dataclass_fields__), "[tls]")
     try:
         return TLSConfig(
             cert_file=base / str(table["cert_file"]),
@@ -214,14 +223,14 @@ def parse_config(
         InvalidArgument: on an unknown option or a value of the wrong type.
     """
     base = base or Path.cwd()
-    _check_keys(table, _TOP_LEVEL, "the top level")
+    check_options(table, _TOP_LEVEL, "the top level")
     raw_dir = data_dir or (base / str(table["data_dir"]) if "data_dir" in table else None)
     if raw_dir is None:
         raise InvalidArgument("config: a data directory is required (--data-dir or data_dir)")
     resolved_dir = Path(raw_dir).absolute()
     sock = socket_path or (base / str(table["socket"]) if "socket" in table else None)
     audit_table = _take(table, "audit", dict, {})
-    _check_keys(audit_table, set(AuditConfig.__dataclass_fields__), "[audit]")
+    check_options(audit_table, set(AuditConfig.__dataclass_fields__), "[audit]")
     audit = AuditConfig(
         fail_open_reads=bool(_take(audit_table, "fail_open_reads", bool, False)),
         sync=_take(audit_table, "sync", str, "changes"),
@@ -232,7 +241,7 @@ def parse_config(
     if not 0 < audit.sync_interval_s <= 10:
         raise InvalidArgument("config: [audit] sync_interval_s must be in (0, 10]")
     sched = _take(table, "scheduler", dict, {})
-    _check_keys(sched, set(SchedulerConfig.__dataclass_fields__), "[scheduler]")
+    check_options(sched, set(SchedulerConfig.__dataclass_fields__), "[scheduler]")
     scheduler = SchedulerConfig(
         enabled=bool(_take(sched, "enabled", bool, True)),
         interval_s=float(_take(sched, "interval_s", (int, float), 5.0)),
@@ -243,7 +252,7 @@ def parse_config(
     metrics = None
     if "metrics" in table:
         metrics_table = _take(table, "metrics", dict, {})
-        _check_keys(metrics_table, {"host", "port"}, "[metrics]")
+        check_options(metrics_table, {"host", "port"}, "[metrics]")
         metrics = MetricsConfig(
             host=_take(metrics_table, "host", str, "127.0.0.1"), port=_take(metrics_table, "port", int, 9464)
         )

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from broker.config import Config
+from broker.config import Config, check_options
 from broker.errors import InvalidArgument
 from broker.hookspecs import hookimpl
 from broker.keys import Classification, Key
@@ -44,9 +44,7 @@ class ClassRules:
     @classmethod
     def from_table(cls, name: str, table: Mapping[str, Any]) -> ClassRules:
         where = f"plugins.governance.{name}"
-        unknown = set(table) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise InvalidArgument(f"config: unknown option(s) in [{where}]: {', '.join(sorted(unknown))}")
+        check_options(table, cls.__dataclass_fields__, f"[{where}]")
         protection = table.get("protection")
         if protection is not None and (
             not isinstance(protection, list) or not all(isinstance(p, str) for p in protection)

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from broker.backend import Backend, RootKey
-from broker.config import Config
+from broker.config import Config, check_options
 from broker.errors import InvalidArgument
 from broker.hookspecs import hookimpl
 from broker.optional import lazy_attributes, require
@@ -122,9 +122,7 @@ class Pkcs11Settings:
             raise InvalidArgument(
                 f"config: {where} must not hold the PIN itself; name its source with pin_env or pin_file"
             )
-        unknown = sorted(set(options) - _OPTIONS)
-        if unknown:
-            raise InvalidArgument(f"config: unknown option(s) in {where}: {', '.join(unknown)}")
+        check_options(options, _OPTIONS, where)
         module = _string(options, "module", where)
         token_label = _string(options, "token_label", where)
         pool_size = options.get("pool_size", DEFAULT_POOL_SIZE)

@@ -17,6 +17,7 @@ from typing import Any, Final, final
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from broker.config import check_options
 from broker.errors import InvalidArgument
 
 __all__ = ["DEFAULTS", "Dsn", "PostgresOptions", "parse_options"]
@@ -174,9 +175,7 @@ def parse_options(options: Mapping[str, Any], *, base: Path | None = None) -> Po
             of range, no DSN or more than one source for it. Messages never
             include the DSN.
     """
-    unknown = sorted(set(options) - _OPTIONS)
-    if unknown:
-        raise InvalidArgument(f"config: unknown option(s) in [plugins.postgres]: {', '.join(unknown)}")
+    check_options(options, _OPTIONS, "[plugins.postgres]")
     parsed = PostgresOptions(
         dsn=Dsn(_read_dsn(options, base or Path.cwd())),
         pool_min=_number(options, "pool_min", integer=True, minimum=0),

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
-from broker.config import Config
+from broker.config import Config, check_options
 from broker.errors import InvalidArgument
 from broker.hookspecs import hookimpl
 from broker.policy import AuthzRequest, Decision, Policy
@@ -88,6 +88,31 @@ def _strings(table: Mapping[str, Any], name: str, where: str) -> tuple[str, ...]
     return tuple(value)
 
 
+_SECTION_OPTIONS = frozenset({"owner_admin", "roles", "grants", "deny"})
+_GRANT_OPTIONS = frozenset({"principals", "roles", "operations", "keys"})
+_DENY_OPTIONS = frozenset({"principals", "operations", "keys"})
+
+
+def _tables(
+    section: Mapping[str, Any], name: str, allowed: frozenset[str]
+) -> list[tuple[str, Mapping[str, Any]]]:
+    """The list of tables ``section[name]``, each with its ``where`` and only ``allowed`` options.
+
+    A misspelled option is refused rather than ignored: in a grant, a
+    missing ``keys`` means every key, so ``key = [...]`` would silently
+    widen the grant.
+    """
+    value = section.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise InvalidArgument(f"config: plugins.rbac.{name} must be a list of tables")
+    out = []
+    for index, table in enumerate(value):
+        where = f"plugins.rbac.{name}[{index}]"
+        check_options(table, allowed, f"[{where}]")
+        out.append((where, table))
+    return out
+
+
 class RbacPolicy(Policy):
     """Grants and deny rules evaluated in memory on every request."""
 
@@ -102,6 +127,10 @@ class RbacPolicy(Policy):
         Raises:
             InvalidArgument: a malformed table or an unknown role.
         """
+        check_options(section, _SECTION_OPTIONS, "[plugins.rbac]")
+        owner_admin = section.get("owner_admin", True)
+        if not isinstance(owner_admin, bool):
+            raise InvalidArgument("config: plugins.rbac.owner_admin must be true or false")
         roles: dict[str, tuple[str, ...]] = dict(BUILTIN_ROLES)
         extra_roles = section.get("roles", {})
         if not isinstance(extra_roles, dict):
@@ -109,10 +138,9 @@ class RbacPolicy(Policy):
         for name in extra_roles:
             roles[name] = _strings(extra_roles, name, "plugins.rbac.roles")
         grants: list[Grant] = []
-        if section.get("owner_admin", True):
+        if owner_admin:
             grants.append(Grant((owner,), ("*",), ("*",), ("admin",)))
-        for index, table in enumerate(section.get("grants", [])):
-            where = f"plugins.rbac.grants[{index}]"
+        for where, table in _tables(section, "grants", _GRANT_OPTIONS):
             role_names = _strings(table, "roles", where)
             unknown = [r for r in role_names if r not in roles]
             if unknown:
@@ -130,11 +158,11 @@ class RbacPolicy(Policy):
             )
         denies = [
             Grant(
-                _strings(t, "principals", f"plugins.rbac.deny[{i}]"),
-                _strings(t, "operations", f"plugins.rbac.deny[{i}]") or ("*",),
-                _strings(t, "keys", f"plugins.rbac.deny[{i}]") or ("*",),
+                _strings(t, "principals", where),
+                _strings(t, "operations", where) or ("*",),
+                _strings(t, "keys", where) or ("*",),
             )
-            for i, t in enumerate(section.get("deny", []))
+            for where, t in _tables(section, "deny", _DENY_OPTIONS)
         ]
         return cls(grants, denies)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import trio
 
 from broker.backend import Backend, RootKey
-from broker.config import Config
+from broker.config import Config, check_options
 from broker.errors import InvalidArgument
 from broker.hookspecs import hookimpl
 
@@ -102,9 +102,7 @@ def kb_root_key(config: Config) -> RootKey | None:
 def kb_backends(config: Config, root: RootKey) -> Sequence[Backend]:
     """The software backend, wrapping keys under ``root``."""
     options = config.section(PLUGIN_NAME)
-    unknown = sorted(set(options) - _OPTIONS)
-    if unknown:
-        raise InvalidArgument(f"config: unknown option(s) in [plugins.{PLUGIN_NAME}]: {', '.join(unknown)}")
+    check_options(options, _OPTIONS, f"[plugins.{PLUGIN_NAME}]")
     threads = options.get("threads", os.cpu_count() or 1)
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
         raise InvalidArgument(f"config: plugins.{PLUGIN_NAME}.threads must be a positive integer")

@@ -33,7 +33,7 @@ API: :mod:`broker.keys`, :mod:`broker.store`, :mod:`broker.errors`,
 
 from __future__ import annotations
 
-from broker.config import Config
+from broker.config import Config, check_options
 from broker.errors import InvalidArgument
 from broker.hookspecs import hookimpl
 from broker.store import Store
@@ -61,9 +61,7 @@ def kb_store(config: Config) -> Store | None:
     if config.store != STORE_NAME:
         return None
     options = config.section(STORE_NAME)
-    unknown = sorted(set(options) - _OPTIONS)
-    if unknown:
-        raise InvalidArgument(f"config: unknown option(s) in [plugins.sqlite]: {', '.join(unknown)}")
+    check_options(options, _OPTIONS, "[plugins.sqlite]")
     timeout = options.get("busy_timeout_s", DEFAULT_BUSY_TIMEOUT_S)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
         raise InvalidArgument("config: plugins.sqlite.busy_timeout_s must be a number of seconds >= 0")

@@ -47,7 +47,7 @@ from typing import Any, Final
 import trio
 
 from broker.audit import AuditRecord
-from broker.config import Config
+from broker.config import Config, check_options
 from broker.errors import InvalidArgument
 from broker.hookspecs import hookimpl
 
@@ -90,9 +90,7 @@ class SyslogConfig:
         Raises:
             InvalidArgument: an unknown option or a bad value (naming it).
         """
-        unknown = sorted(set(table) - _OPTIONS)
-        if unknown:
-            raise InvalidArgument(f"config: unknown option(s) in [plugins.syslog]: {', '.join(unknown)}")
+        check_options(table, _OPTIONS, "[plugins.syslog]")
         transport = table.get("transport", "unix")
         if transport not in TRANSPORTS:
             raise InvalidArgument("config: plugins.syslog.transport must be unix, udp or tcp")

@@ -59,11 +59,32 @@ def test_deny_wins() -> None:
         {"grants": [{"principals": "x", "roles": ["app"]}]},
         {"roles": ["app"]},
         {"roles": {"r": "encrypt"}},
+        {"grants": {"principals": ["x"], "roles": ["app"]}},
+        {"grants": ["app"]},
+        {"deny": [["x"]]},
+        {"owner_admin": "no"},
     ],
 )
 def test_config_errors(section: dict[str, object]) -> None:
     with pytest.raises(InvalidArgument):
         policy(**section)
+
+
+@pytest.mark.parametrize(
+    ("section", "where", "name"),
+    [
+        # Without its "keys" the grant would cover every key.
+        ({"grants": [{"principals": ["app"], "roles": ["app"], "key": ["myapp/*"]}]}, "grants[0]", "key"),
+        ({"grants": [{"principals": ["app"], "role": ["app"]}]}, "grants[0]", "role"),
+        ({"deny": [{"principals": ["app"], "key": ["prod/*"]}]}, "deny[0]", "key"),
+        ({"owner_admn": False}, "[plugins.rbac]", "owner_admn"),
+        ({"grant": [{"principals": ["app"], "roles": ["app"]}]}, "[plugins.rbac]", "grant"),
+    ],
+)
+def test_misspelled_options_are_refused_not_ignored(section: dict[str, object], where: str, name: str) -> None:
+    with pytest.raises(InvalidArgument, match="unknown option") as info:
+        policy(**section)
+    assert where in info.value.message and name in info.value.message
 
 
 def test_auditor_reads_inventory_certificates_and_report_only() -> None:
