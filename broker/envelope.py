@@ -37,11 +37,12 @@ several threads may use the same slot at once.
 from __future__ import annotations
 
 import contextlib
+import logging
 import struct
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Self, cast
+from typing import Any, Final, Literal, Self, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -67,6 +68,8 @@ __all__ = [
     "parse_header",
     "rewrap_batch",
 ]
+
+log = logging.getLogger("keybroker.envelope")
 
 HEADER_LEN: Final = 36
 NONCE_LEN: Final = 12
@@ -98,6 +101,8 @@ _ALGORITHMS = frozenset({ALG_AES256_GCM})
 # than sealed in one native call; a single seal alone would gain from ~4 KiB
 # and a single open from ~8 KiB, by 10-30 %.
 ROUTE_MIN_BYTES: Final = 16 * 1024
+# What a new engine seals, to be opened natively before the engine is used (KeySlot._engine).
+_PROBE: Final = b"keybroker large-payload engine probe"
 
 # Output buffers are fully written by C (failed items are zeroed there), so
 # they need not be cleared on allocation.
@@ -213,10 +218,9 @@ def _join(items: Sequence[bytes], what: str) -> tuple[bytes, list[int] | None, i
 
 def _aad_arg(aad: bytes | Sequence[bytes], n: int) -> bytes | Sequence[bytes]:
     """The shared aad as bytes, or the sequence of per-item aads (length checked)."""
-    if isinstance(aad, bytes):
-        return aad
-    if isinstance(aad, bytearray | memoryview):
-        return bytes(aad)
+    if isinstance(aad, _BYTES_LIKE):
+        # Exactly bytes: its length goes to C with it, and a subclass's len() could differ.
+        return _as_bytes(aad, "aad")
     if isinstance(aad, str) or not isinstance(aad, Sequence):
         raise TypeError("aad must be bytes or a sequence of bytes")
     if len(aad) != n:
@@ -291,7 +295,9 @@ def _all_large(items: Sequence[bytes], size: int) -> bool:
 
 def _aad_list(aad: bytes | Sequence[bytes], n: int) -> list[bytes]:
     """One aad per item (``aad`` already checked by :func:`_aad_arg`)."""
-    return [aad] * n if isinstance(aad, _BYTES_LIKE) else [bytes(a) for a in aad]  # type: ignore[list-item]
+    if isinstance(aad, _BYTES_LIKE):
+        return [_as_bytes(aad, "aad")] * n
+    return [_as_bytes(a, "aad") for a in aad]
 
 
 _CHUNK = 1024  # items per struct unpack in _split_uniform
@@ -366,7 +372,7 @@ class KeySlot:
 
     def __init__(self, key: bytes | bytearray, key_id: bytes, version: int) -> None:
         self._ptr: Any = None
-        self._aead: AESGCM | None = None
+        self._aead: AESGCM | Literal[False] | None = None
         self._init(lib.KB_KIND_AES256GCM, key, key_id, version)
 
     @classmethod
@@ -463,33 +469,55 @@ class KeySlot:
             _raise_native(rc)
         return key
 
-    def _engine(self) -> AESGCM:
-        """The large-payload engine keyed from this slot, made on first use and kept with the slot.
+    def _engine(self) -> AESGCM | None:
+        """The large-payload engine keyed from this slot, made on first use and
+        kept with the slot; None if it does not seal under this slot's key.
 
         The key is lent once into a bytearray that is overwritten as soon as
-        ``AESGCM`` has keyed its OpenSSL contexts (``cryptography`` >= 42 on
-        OpenSSL >= 3.2 keeps no reference to the key object); from then on
-        the key schedule lives in those contexts, as it lives in this
-        module's own cached GCM contexts, and is cleansed by OpenSSL when
-        :meth:`close` drops the engine.
+        ``AESGCM`` has keyed its OpenSSL contexts; from then on the key
+        schedule lives in those contexts, as it lives in this module's own
+        cached GCM contexts, and is cleansed by OpenSSL when :meth:`close`
+        drops the engine. A ``cryptography`` built on an OpenSSL older than
+        3.2 keys its contexts from the key object at every call instead, and
+        would find it overwritten: so before it is used, the engine's seal of
+        a probe must open through the native path. If it does not, every
+        payload of this slot stays on the native path.
         """
         aead = self._aead
         if aead is None:
             key = self._lend_key(0)
             try:
-                aead = AESGCM(key)
+                made = AESGCM(key)
             finally:
                 _cleanse(key)
+            aead = made if self._opens_natively(made) else False
+            if aead is False:
+                log.warning("large payloads stay on the native path: this cryptography build rekeys per call")
             self._aead = aead
-        return aead
+        return aead or None
 
-    def _seal_large(self, pt: bytes, ad: bytes) -> bytes:
-        aead = self._engine()
+    def _opens_natively(self, aead: AESGCM) -> bool:
+        """Whether an envelope ``aead`` seals (with a nonce drawn as for any seal) opens natively."""
+        head = self._header()
+        try:
+            return self._open_native(head + aead.encrypt(head[24:], _PROBE, head), b"") == _PROBE
+        except DecryptionFailed:
+            return False
+
+    def _header(self) -> bytes:
+        """A format-1 header with a fresh nonce, counted as one use of the version."""
         header = _alloc("unsigned char[]", HEADER_LEN)
         rc = lib.kb_slot_seal_header(self._handle(), header, HEADER_LEN)
         if rc != lib.KB_OK:
             _raise_native(rc)
         head: bytes = ffi.buffer(header, HEADER_LEN)[:]
+        return head
+
+    def _seal_large(self, pt: bytes, ad: bytes) -> bytes:
+        aead = self._engine()
+        if aead is None:
+            return self._seal_native(pt, ad)
+        head = self._header()
         return head + aead.encrypt(head[24:], pt, head + ad if ad else head)
 
     def _open_large(self, env: bytes, ad: bytes) -> bytes:
@@ -497,6 +525,8 @@ class KeySlot:
         if len(env) < OVERHEAD or parsed.key_id != self.key_id or parsed.version != self.version:
             raise DecryptionFailed()
         aead = self._engine()
+        if aead is None:
+            return self._open_native(env, ad)
         self._handle()  # refuses a closed slot even when the engine was made before
         try:
             return aead.decrypt(parsed.nonce, env[HEADER_LEN:], env[:HEADER_LEN] + ad)
@@ -515,6 +545,9 @@ class KeySlot:
         ad = _as_bytes(aad, "aad")
         if len(pt) >= ROUTE_MIN_BYTES:
             return self._seal_large(pt, ad)
+        return self._seal_native(pt, ad)
+
+    def _seal_native(self, pt: bytes, ad: bytes) -> bytes:
         ptr = self._handle()
         size = len(pt) + OVERHEAD
         out = _alloc("unsigned char[]", size)
@@ -532,6 +565,9 @@ class KeySlot:
         ad = _as_bytes(aad, "aad")
         if len(env) >= ROUTE_MIN_BYTES + OVERHEAD:
             return self._open_large(env, ad)
+        return self._open_native(env, ad)
+
+    def _open_native(self, env: bytes, ad: bytes) -> bytes:
         ptr = self._handle()
         size = len(env) - OVERHEAD
         if size < 0:
@@ -560,7 +596,10 @@ class KeySlot:
         if n == 1 and type(items[0]) is bytes and isinstance(aad, _BYTES_LIKE):
             return [self.seal(items[0], bytes(aad))]  # fewer conversions than the batch call
         if _all_large(items, ROUTE_MIN_BYTES):
-            return [self._seal_large(x, a) for x, a in zip(items, _aad_list(aad, n), strict=True)]
+            return [
+                self._seal_large(_as_bytes(x, "items"), a)
+                for x, a in zip(items, _aad_list(aad, n), strict=True)
+            ]
         result, failed = _run_chunks(self._seal_call, n, items, "items", ad, grow=OVERHEAD)
         if failed:  # only an internal OpenSSL failure can fail a seal
             raise Internal(f"sealing failed for {failed} of {n} items")
@@ -583,7 +622,10 @@ class KeySlot:
         if n == 0:
             return []
         if _all_large(envelopes, ROUTE_MIN_BYTES + OVERHEAD):
-            return [self._open_or_none(e, a) for e, a in zip(envelopes, _aad_list(aad, n), strict=True)]
+            return [
+                self._open_or_none(_as_bytes(e, "envelopes"), a)
+                for e, a in zip(envelopes, _aad_list(aad, n), strict=True)
+            ]
         result, _ = _run_chunks(self._open_call, n, envelopes, "envelopes", ad, grow=-OVERHEAD)
         return result
 

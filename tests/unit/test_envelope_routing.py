@@ -8,7 +8,7 @@ import os
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from broker.envelope import HEADER_LEN, OVERHEAD, ROUTE_MIN_BYTES, KeySlot, parse_header
+from broker.envelope import HEADER_LEN, OVERHEAD, ROUTE_MIN_BYTES, KeySlot, parse_header, rewrap_batch
 from broker.errors import DecryptionFailed
 
 KEY = os.urandom(32)
@@ -39,7 +39,7 @@ def test_large_envelopes_interoperate(slot: KeySlot) -> None:
 def test_routed_use_counter_and_failures(slot: KeySlot) -> None:
     big = os.urandom(ROUTE_MIN_BYTES)
     envelopes = slot.seal_batch([big, big, big])
-    assert slot.uses == 3
+    assert slot.uses == 3 + 1  # the engine's probe drew a nonce too
     bad = bytearray(envelopes[0])
     bad[-1] ^= 1
     assert slot.open_batch([bytes(bad), envelopes[1]]) == [None, big]
@@ -58,4 +58,52 @@ def test_routed_use_counter_and_failures(slot: KeySlot) -> None:
 def test_the_kept_engine_draws_a_fresh_nonce_per_seal(slot: KeySlot) -> None:
     big = os.urandom(ROUTE_MIN_BYTES)
     nonces = {parse_header(slot.seal(big)).nonce for _ in range(200)}
-    assert len(nonces) == 200 and slot.uses == 200
+    assert len(nonces) == 200 and slot.uses == 200 + 1  # and the engine's probe
+
+
+class RekeyingPerCall:
+    """AESGCM as ``cryptography`` builds it on an OpenSSL older than 3.2: it
+    keeps the key object and keys a context from it at every call."""
+
+    def __init__(self, key: bytearray) -> None:
+        self._key = key
+
+    def encrypt(self, nonce: bytes, data: bytes, aad: bytes | None) -> bytes:
+        return AESGCM(bytes(self._key)).encrypt(nonce, data, aad)
+
+    def decrypt(self, nonce: bytes, data: bytes, aad: bytes | None) -> bytes:
+        return AESGCM(bytes(self._key)).decrypt(nonce, data, aad)
+
+
+def test_an_engine_that_would_seal_under_the_cleansed_key_is_not_used(
+    slot: KeySlot, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("broker.envelope.AESGCM", RekeyingPerCall)
+    big = os.urandom(ROUTE_MIN_BYTES)
+    sealed = slot.seal(big, b"ctx")
+    header = parse_header(sealed)
+    # Sealed under the slot's key (natively), not under the overwritten copy.
+    assert AESGCM(KEY).decrypt(header.nonce, sealed[HEADER_LEN:], sealed[:HEADER_LEN] + b"ctx") == big
+    assert slot.open(sealed, b"ctx") == big
+    assert slot.open_batch(slot.seal_batch([big, big])) == [big, big]
+    assert "native path" in caplog.text
+
+
+def test_bytes_likes_take_the_large_routes_too(slot: KeySlot) -> None:
+    big = os.urandom(ROUTE_MIN_BYTES)
+    sealed = slot.seal_batch([memoryview(big), bytearray(big)], aad=memoryview(b"ctx"))
+    assert slot.open_batch([memoryview(e) for e in sealed], aad=[bytearray(b"ctx")] * 2) == [big, big]
+
+
+class LongerThanItIs(bytes):
+    def __len__(self) -> int:
+        return 1 << 20
+
+
+def test_a_shared_aad_is_passed_by_its_real_length(slot: KeySlot) -> None:
+    aad = LongerThanItIs(b"ctx")
+    sealed = slot.seal_batch([b"a", b"b"], aad=aad)
+    assert slot.open_batch(sealed, aad=b"ctx") == [b"a", b"b"]
+    assert slot.open_batch(sealed, aad=aad) == [b"a", b"b"]
+    other = KeySlot(os.urandom(32), os.urandom(16), 1)
+    assert other.open_batch(rewrap_batch(slot, other, sealed, aad=aad), aad=b"ctx") == [b"a", b"b"]

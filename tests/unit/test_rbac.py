@@ -81,7 +81,9 @@ def test_config_errors(section: dict[str, object]) -> None:
         ({"grant": [{"principals": ["app"], "roles": ["app"]}]}, "[plugins.rbac]", "grant"),
     ],
 )
-def test_misspelled_options_are_refused_not_ignored(section: dict[str, object], where: str, name: str) -> None:
+def test_misspelled_options_are_refused_not_ignored(
+    section: dict[str, object], where: str, name: str
+) -> None:
     with pytest.raises(InvalidArgument, match="unknown option") as info:
         policy(**section)
     assert where in info.value.message and name in info.value.message
