@@ -49,7 +49,7 @@ import trio
 from .auth import Principal
 from .busypoll import BusyPoller
 from .config import Limits
-from .errors import BrokerError, Internal, InvalidRequest
+from .errors import BrokerError, Internal, InvalidRequest, LimitExceeded
 from .protocol import (
     BadRequest,
     ProtocolError,
@@ -748,9 +748,18 @@ class Connection:
 
     def _encode_result(self, msgid: int, method: str, result: Any) -> bytes:
         try:
-            return encode_response(msgid, None, result, self._packer)
+            payload = encode_response(msgid, None, result, self._packer)
         except (TypeError, ValueError, OverflowError) as exc:
             return self._encode_error(msgid, self._internal(exc, method))
+        limit = self._limits.max_message_bytes
+        if len(payload) > limit:
+            # Responses obey the message limit too: a client may read no more.
+            too_big = LimitExceeded(
+                f"the response to {method} is {len(payload)} bytes, over the message limit of {limit} bytes",
+                {"limit": limit},
+            )
+            return self._encode_error(msgid, too_big)
+        return payload
 
     def _encode_error(self, msgid: int, error: BrokerError) -> bytes:
         try:

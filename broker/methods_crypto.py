@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .calls import KEY, VERSION, Call, GroupHandler, Handler, Method
-from .envelope import parse_header
+from .envelope import OVERHEAD, parse_header
 from .errors import BrokerError, DecryptionFailed, InvalidArgument
 from .keys import Key, KeyType
 from .lifecycle import check_operation, use_limit
@@ -98,9 +98,16 @@ def _sealed(call: Call, ciphertext: bytes, version: int) -> dict[str, Any]:
     return {"ciphertext": ciphertext, "version": version}
 
 
+# Upper bounds of msgpack's framing: one bin's header, and a response's frame
+# around its result map (the map's keys and small values included).
+_BIN_HEADER = 5
+_FRAME = 64
+
+
 async def _encrypt_batch(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
     items = args["items"]
     d.check_batch(len(items))
+    d.check_response(_FRAME + sum(map(len, items)) + len(items) * (OVERHEAD + _BIN_HEADER))
     aad = args.get("aad", b"")
     _check_aad(aad, len(items))
     key = await d.key_for(call, args["key"])
@@ -209,6 +216,11 @@ async def _rewrap_batch(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
 async def _datakey(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
     count, size = args["count"], args["bytes"]
     d.check_batch(count)
+    # Each key is a map: "wrapped" and its envelope, and "plaintext" and the key if asked.
+    entry = 1 + len("wrapped") + 1 + _BIN_HEADER + size + OVERHEAD
+    if args["plaintext"]:
+        entry += len("plaintext") + 1 + _BIN_HEADER + size
+    d.check_response(_FRAME + count * entry)
     key = await d.key_for(call, args["key"])
     check_operation(key, "datakey")
     plain = [os.urandom(size) for _ in range(count)]

@@ -75,6 +75,7 @@ class Dispatcher:
         self.metrics = metrics
         self._request_ids = itertools.count(1)
         self.max_batch = config.limits.max_batch_items
+        self.max_message = config.limits.max_message_bytes
         self.extra: dict[str, RpcMethod] = plugins.rpc_methods()
         # Methods whose queued requests a connection may hand over together.
         self.groupable = frozenset(name for name, entry in METHODS.items() if entry.group is not None)
@@ -217,6 +218,16 @@ class Dispatcher:
         if count > self.max_batch:
             raise LimitExceeded(
                 f"{count} items exceed the batch limit of {self.max_batch}", {"limit": self.max_batch}
+            )
+
+    def check_response(self, size: int) -> None:
+        """Refuse, before any work, a call whose response could be ``size`` bytes,
+        over the message limit (the connection refuses a larger response
+        anyway, but only once the work is done)."""
+        if size > self.max_message:
+            raise LimitExceeded(
+                f"the response could be {size} bytes, over the message limit of {self.max_message} bytes",
+                {"limit": self.max_message},
             )
 
     def meta(self, call: Call, key: Key) -> dict[str, Any]:

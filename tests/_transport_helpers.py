@@ -44,6 +44,8 @@ class EchoHandler:
     async def _handle(self, ctx: RequestContext, method: str, params: dict[str, Any]) -> Any:
         if method == "echo":
             return params
+        if method == "grow":
+            return {"b": b"x" * params["n"]}
         if method == "sleep":
             await trio.sleep(params["s"])
             return {"slept": params["s"]}

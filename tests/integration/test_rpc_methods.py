@@ -8,6 +8,7 @@ import json
 from dataclasses import replace
 from typing import Any
 
+import msgpack
 import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -140,6 +141,26 @@ async def test_batch_limit(make_config: ConfigFactory, owner: str) -> None:
         await fails(admin("encrypt_batch", key="b", items=[b"1"] * 4), "limit_exceeded")
         await fails(admin("decrypt_batch", ciphertexts=[b"1"] * 4), "limit_exceeded")
         await fails(admin("datakey", key="b", count=4), "limit_exceeded")
+
+
+async def test_a_response_over_the_message_limit_is_refused_before_any_use(
+    make_config: ConfigFactory, owner: str
+) -> None:
+    limit = 64 * 1024
+    async with open_broker(make_config({"limits": {"max_message_bytes": limit}})) as broker:
+        admin = Caller(broker, owner)
+        await admin("key.create", name="b", type="aes256-gcm")
+        err = await fails(admin("encrypt_batch", key="b", items=[b"x" * 30_000] * 3), "limit_exceeded")
+        assert err.details == {"limit": limit}
+        err = await fails(admin("datakey", key="b", count=40, bytes=1024), "limit_exceeded")
+        assert err.details == {"limit": limit}
+        assert (await admin("key.get", name="b"))["versions"][0]["uses"] == 0
+        # Without plaintexts the same data keys fit; so does a batch near the limit.
+        assert len((await admin("datakey", key="b", count=40, bytes=1024, plaintext=False))["keys"]) == 40
+        items = [b"x" * 6_000] * 10
+        sealed = await admin("encrypt_batch", key="b", items=items)
+        assert len(msgpack.packb([1, 1, None, sealed])) > 0.9 * limit
+        assert (await admin("key.get", name="b"))["versions"][0]["uses"] == 50
 
 
 async def test_rewrap_moves_items_to_the_primary(admin: Caller) -> None:

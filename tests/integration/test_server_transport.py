@@ -160,6 +160,20 @@ async def test_oversized_message_closes(server: ServerInfo) -> None:
 
 
 @pytest.mark.parametrize("limits", [{"max_message_bytes": 1024}])
+async def test_a_response_over_the_limit_becomes_limit_exceeded(server: ServerInfo) -> None:
+    conn = await RawConn.open(server.socket_path)
+    # The largest response that fits is sent as it is ...
+    fits = 1024 - len(msgpack.packb([1, 1, None, {"b": b""}])) - 1
+    assert len(msgpack.packb([1, 1, None, {"b": b"x" * fits}])) == 1024
+    assert (await conn.call(1, "grow", {"n": fits})).result == {"b": b"x" * fits}
+    # ... one byte more is refused, and the connection goes on.
+    resp = await conn.call(2, "grow", {"n": fits + 1})
+    assert resp.error is not None and resp.error["code"] == "limit_exceeded"
+    assert resp.error["details"] == {"limit": 1024} and "grow" in resp.error["message"]
+    assert (await conn.call(3, "echo", {"still": "here"})).result == {"still": "here"}
+
+
+@pytest.mark.parametrize("limits", [{"max_message_bytes": 1024}])
 async def test_many_small_messages_in_one_read_are_not_oversized(server: ServerInfo) -> None:
     conn = await RawConn.open(server.socket_path)
     await conn.send(b"".join(msgpack.packb([0, i, "echo", [{"i": i}]]) for i in range(500)))
