@@ -440,11 +440,11 @@ class Connection:
                     return True
                 finally:
                     self._receiving = False
+                broken: ProtocolError | None = None
                 if data is None:  # the hub read it, and _consume kept it for us
                     kept, self._kept = self._kept, None
                     if isinstance(kept, ProtocolError):
-                        self._abort(kept.reason)
-                        return True
+                        broken, kept = kept, kept.events
                     if isinstance(kept, Request):  # a lone request, counted, for this task to run
                         if await run_inline(self._dispatch(kept), self._pass_reading):
                             continue
@@ -457,8 +457,7 @@ class Connection:
                     try:
                         events = self._decode(data)
                     except ProtocolError as exc:
-                        self._abort(exc.reason)
-                        return True
+                        broken, events = exc, exc.events
                 for event in events:
                     # Backpressure: with every slot taken, stop reading. No
                     # checkpoint otherwise: a scheduler round trip per
@@ -472,7 +471,8 @@ class Connection:
                             self._held_back = False
                     self._count_in()
                     # Alone, unless cancelled while the data came in: then a worker runs it.
-                    alone = self._inflight == 1 and len(events) == 1 and not scope.cancel_called
+                    alone = broken is None and self._inflight == 1 and len(events) == 1
+                    alone = alone and not scope.cancel_called
                     if alone and type(event) is Request:
                         if self._hand_off(event):
                             continue
@@ -480,6 +480,10 @@ class Connection:
                             continue  # answered without suspending
                         return False
                     self._submit(event)
+                if broken is not None:
+                    # Read no more; answer what came before the bad bytes, then close.
+                    log.info("connection %d closing: %s", self.connection_id, broken.reason)
+                    return True
         if self._timed_out == "message":
             self._abort("message not completed in time")
         elif self._timed_out == "idle":

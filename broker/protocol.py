@@ -19,15 +19,17 @@ Outcomes of :meth:`RequestDecoder.feed`, which are the only ones it has:
   is not a valid request (wrong shape or types, non-UTF-8 strings, map keys
   that are not strings, ...): answer ``invalid_request`` with that msgid.
 * :class:`ProtocolError` raised -- the stream cannot be decoded any further
-  (not msgpack, over the size limit, or no readable msgid): close the
-  connection. Events decoded earlier in the same ``feed`` call are dropped
-  with it; the connection is closed anyway.
+  (not msgpack, over the size limit, or no readable msgid): read no more,
+  and close the connection once the requests that came complete before the
+  bad bytes are answered. The error carries those of them that the same
+  ``feed`` call decoded, in :attr:`ProtocolError.events`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgpack
 
@@ -49,6 +51,7 @@ __all__ = [
 REQUEST: Final = 0
 RESPONSE: Final = 1
 NOTIFICATION: Final = 2
+_E = TypeVar("_E")
 # msgpack-rpc msgids are uint32.
 MAX_MSGID: Final = 2**32 - 1
 
@@ -61,11 +64,14 @@ class ProtocolError(Exception):
     """The byte stream cannot be decoded any further; close the connection.
 
     ``reason`` is a short, fixed phrase for logs (never peer-supplied data).
+    ``events`` are the messages the failing ``feed`` call decoded before the
+    bad bytes, in stream order: still to be handled.
     """
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, events: list[Any] | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.events: list[Any] = events or []
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,12 +155,12 @@ class _FrameSplitter:
         except _STREAM_ERRORS:
             return False, None
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
-        """Take more bytes; return every message they complete, in order.
+    def feed(self, data: bytes | bytearray | memoryview) -> tuple[list[bytes], ProtocolError | None]:
+        """Take more bytes; return every message they complete, in order, and
+        the error that stopped the stream after them (None if it goes on).
 
-        Raises:
-            ProtocolError: the stream is not msgpack, or a message exceeds the
-                size limit.
+        The error is that the stream is not msgpack, or that a message
+        exceeds the size limit; no more bytes may be fed after it.
         """
         if not self._buf and len(data) <= self._limit:
             return self._feed_fresh(bytes(data))
@@ -164,51 +170,57 @@ class _FrameSplitter:
         while pos < len(view):
             room = self._limit - len(self._buf)
             if room <= 0:
-                raise ProtocolError("message too large")
+                return frames, ProtocolError("message too large")
             chunk = view[pos : pos + room]
             pos += len(chunk)
             self._scanner.feed(chunk)
             self._buf += chunk
             cut = 0
-            for end in self._message_ends():
+            ends, error = self._message_ends()
+            for end in ends:
                 frames.append(bytes(self._buf[cut:end]))
                 cut = end
+            if error is not None:
+                return frames, error
             if cut:
                 del self._buf[:cut]
                 self._start += cut
-        return frames
+        return frames, None
 
-    def _feed_fresh(self, data: bytes) -> list[bytes]:
+    def _feed_fresh(self, data: bytes) -> tuple[list[bytes], ProtocolError | None]:
         """The common case: no partial message pending and a chunk that fits.
 
         Frames are sliced straight from ``data`` (no copy when one message
         is the whole chunk), and only a trailing partial message is kept.
         """
         self._scanner.feed(data)
-        ends = self._message_ends()
+        ends, error = self._message_ends()
         if not ends:
             frames: list[bytes] = []
         elif len(ends) == 1 and ends[0] == len(data):
             frames = [data]
         else:
             frames = [data[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+        if error is not None:
+            return frames, error
         cut = ends[-1] if ends else 0
         if cut < len(data):
             self._buf += data[cut:]
         self._start += cut
-        return frames
+        return frames, None
 
-    def _message_ends(self) -> list[int]:
-        """Offsets in the buffered bytes where complete messages end."""
+    def _message_ends(self) -> tuple[list[int], ProtocolError | None]:
+        """Offsets in the buffered bytes where complete messages end, and the
+        error that stops the stream after them (None if it goes on)."""
         ends: list[int] = []
         scanner = self._scanner
         while True:
             try:
                 scanner.skip()
             except msgpack.OutOfData:
-                return ends
+                return ends, None
             except _STREAM_ERRORS:
-                raise ProtocolError("undecodable stream") from None
+                return ends, ProtocolError("undecodable stream")
             ends.append(scanner.tell() - self._start)
 
 
@@ -241,7 +253,25 @@ class RequestDecoder:
         whole, msg = self._splitter.whole(data, strict_map_key=True)
         if whole:
             return [_request(msg)]
-        return [_request_event(frame) for frame in self._splitter.feed(data)]
+        return _events(*self._splitter.feed(data), _request_event)
+
+
+def _events(frames: list[bytes], error: ProtocolError | None, event: Callable[[bytes], _E]) -> list[_E]:
+    """``event`` of each frame, in order.
+
+    Raises:
+        ProtocolError: ``error``, or the first frame's that ``event`` raises,
+            carrying the events of the frames before it.
+    """
+    events: list[_E] = []
+    for frame in frames:
+        try:
+            events.append(event(frame))
+        except ProtocolError as exc:
+            raise ProtocolError(exc.reason, events) from None
+    if error is not None:
+        raise ProtocolError(error.reason, events)
+    return events
 
 
 def _request_event(frame: bytes) -> Request | BadRequest:
@@ -319,14 +349,15 @@ class ResponseDecoder:
         whole, msg = self._splitter.whole(data, strict_map_key=False)
         if whole:
             return [_reply(msg)]
-        events: list[Response | Notification] = []
-        for frame in self._splitter.feed(data):
-            try:
-                msg = msgpack.unpackb(frame, raw=False, strict_map_key=False)
-            except _STREAM_ERRORS:
-                raise ProtocolError("undecodable reply") from None
-            events.append(_reply(msg))
-        return events
+        return _events(*self._splitter.feed(data), _reply_event)
+
+
+def _reply_event(frame: bytes) -> Response | Notification:
+    try:
+        msg = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    except _STREAM_ERRORS:
+        raise ProtocolError("undecodable reply") from None
+    return _reply(msg)
 
 
 def _reply(msg: Any) -> Response | Notification:

@@ -19,7 +19,7 @@ import trio
 from broker.client import AsyncClient, Client, ConnectionLost
 from broker.config import Config
 from broker.errors import InvalidState, NotFound, UnknownMethod
-from broker.protocol import Notification, Response
+from broker.protocol import Notification, Response, encode_request
 from broker.server import ServerInfo, serve
 from tests._transport_helpers import EchoHandler, RawConn, make_config, running_server, short_tmpdir
 
@@ -141,6 +141,25 @@ async def test_undecodable_streams_close_only_that_connection(server: ServerInfo
     with trio.fail_after(5):
         await bad.expect_closed()
     assert (await good.call(1, "echo", {"still": "here"})).result == {"still": "here"}
+
+
+@pytest.mark.parametrize("apart", [False, True], ids=["one-write", "bad-bytes-later"])
+async def test_requests_before_undecodable_bytes_are_answered_then_the_connection_closes(
+    server: ServerInfo, apart: bool
+) -> None:
+    conn = await RawConn.open(server.socket_path)
+    first = encode_request(1, "echo", {"n": 1}) + encode_request(2, "sleep", {"s": 0.2})
+    if apart:
+        await conn.send(first)
+        await trio.sleep(0.05)  # the sleep is running when the bad bytes come
+        await conn.send(b"\xc1garbage")
+    else:
+        await conn.send(first + b"\xc1garbage")
+    with trio.fail_after(5):
+        answered = sorted([await conn.response(), await conn.response()], key=lambda r: r.msgid)
+        await conn.expect_closed()
+    got = [(r.msgid, r.error, r.result) for r in answered]
+    assert got == [(1, None, {"n": 1}), (2, None, {"slept": 0.2})]
 
 
 @pytest.mark.parametrize("limits", [{"max_message_bytes": 1024}])

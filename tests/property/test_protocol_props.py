@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -114,6 +115,36 @@ def test_size_limit_exact(requests: list[tuple[int, dict[str, Any]]], limit: int
         assert len(result) == len(frames)
     else:
         assert isinstance(result, ProtocolError)
+
+
+@SETTINGS
+@given(
+    st.lists(st.tuples(msgids, st.text(max_size=12), params), min_size=1, max_size=6),
+    st.sampled_from(
+        [
+            b"\xc1",  # never valid msgpack
+            msgpack.packb({"a": 1}),  # a message with no msgid
+            b"\x91" * 5000,  # nesting past the unpacker's stack
+            encode_request(1, "m", {"b": b"x" * 5000}),  # over the limit
+        ]
+    ),
+    st.integers(1, 64),
+)
+def test_requests_before_bad_bytes_are_still_decoded(
+    requests: list[tuple[int, str, dict[str, Any]]], bad: bytes, chunk: int
+) -> None:
+    """Whatever the chunking, every request complete before the bad bytes
+    comes out, from the feeds before the error or on the error itself."""
+    data = b"".join(encode_request(m, name, p) for m, name, p in requests)
+    dec = RequestDecoder(len(data) + 1024)
+    out: list[Request | BadRequest] = []
+    stream = data + bad
+    with pytest.raises(ProtocolError) as info:
+        for i in range(0, len(stream), chunk):
+            out.extend(dec.feed(stream[i : i + chunk]))
+        dec.feed(b"\xc1")  # bad bytes that a partial message absorbed: end it
+    out.extend(info.value.events)
+    assert out[: len(requests)] == [Request(m, name, p) for m, name, p in requests]
 
 
 def decode_chunks(chunks: list[bytes], limit: int) -> tuple[list[Request | BadRequest], str | None]:
