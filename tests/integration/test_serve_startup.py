@@ -53,9 +53,13 @@ def refused(result: subprocess.CompletedProcess[str], line: str) -> None:
             f'pin_env = "{UNSET_PIN_ENV}"\n',
             f"config: [plugins.pkcs11] pin_env names {UNSET_PIN_ENV}, which is unset or empty",
         ),
+        (
+            "[plugins.certificates]\nbogus = 1\n",
+            "config: unknown option(s) in [plugins.certificates]: bogus",
+        ),
         ('root = "nonexistent"\n', "no plugin provides the root of trust 'nonexistent'"),
     ],
-    ids=["sqlite", "governance", "software", "syslog", "pkcs11-pin", "root"],
+    ids=["sqlite", "governance", "software", "syslog", "pkcs11-pin", "certificates", "root"],
 )
 def test_config_error_in_a_plugin_section_is_one_line(short_tmp: Path, section: str, message: str) -> None:
     config = short_tmp / "keybroker.toml"
