@@ -6,7 +6,7 @@ import argparse
 import gc
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import trio
@@ -18,7 +18,7 @@ from .audit import audit_verify_main
 from .backup_cli import add_backup_commands
 from .cli import add_client_commands, add_connection_options
 from .config import load_config
-from .errors import BrokerError
+from .errors import BrokerError, Unavailable
 from .hardening import disable_core_dumps
 from .logs import configure_logging
 from .report_cli import add_parser as add_report_parser
@@ -31,18 +31,51 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` itself, or every exception inside it when it is a (nested) group."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def startup_failure(exc: BaseException) -> BrokerError | None:
+    """What to report when ``exc`` stopped the broker before it served; None for a bug.
+
+    Start-up fails on a :class:`BrokerError` (a bad option in a plugin
+    section, the root key passphrase, missing plugins) or an ``OSError`` (the
+    data directory, the audit log or the socket held by another broker): on
+    its own, or inside the exception groups trio's nurseries wrap errors in.
+    Those are reported in one line like any configuration error. A group
+    holding anything else is a bug and keeps its traceback.
+    """
+    leaves = list(_leaves(exc))
+    if not leaves or not all(isinstance(leaf, BrokerError | OSError) for leaf in leaves):
+        return None
+    first = leaves[0]
+    if isinstance(first, BrokerError):
+        return first
+    assert isinstance(first, OSError)
+    text = first.strerror or str(first)
+    return Unavailable(f"{text}: {first.filename}" if first.filename is not None else text)
+
+
 def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, data_dir=args.data_dir, socket_path=args.socket)
     configure_logging(args.log_level, args.log_format)
     disable_core_dumps()
     keep_freed_memory()
     log = logging.getLogger("keybroker")
+    serving = False
 
     async def run() -> None:
+        nonlocal serving
         async with trio.open_nursery() as nursery:
             info = await nursery.start(
                 lambda task_status: serve_broker(config, handle_signals=True, task_status=task_status)
             )
+            serving = True
             # What startup made (modules, plugins, configuration) lives as
             # long as the process: out of the collector's way, a full
             # collection scans only what serving made.
@@ -54,7 +87,13 @@ def _serve(args: argparse.Namespace) -> int:
                 f" and TLS port {info.tls_port}" if info.tls_port else "",
             )
 
-    trio.run(run)
+    try:
+        trio.run(run)
+    except (BaseExceptionGroup, BrokerError, OSError) as exc:
+        failure = None if serving else startup_failure(exc)
+        if failure is None:
+            raise
+        raise failure from None
     return EXIT_OK
 
 

@@ -17,6 +17,7 @@ import trio
 from .approvals import Approvals
 from .audit import AuditLog, open_audit_log
 from .backend import Backend
+from .certs import CertPolicy
 from .config import Config
 from .metrics import Metrics
 from .plugins import Plugins
@@ -71,9 +72,13 @@ async def open_broker(
             ``broker.scheduler.run_once`` themselves instead).
 
     Raises:
+        InvalidArgument: a bad option in ``[plugins.certificates]``.
         StartupError: plugins missing or clashing.
         OSError: the data directory cannot be used.
     """
+    # [plugins.certificates] belongs to the broker itself, not to a plugin
+    # that would check it on loading; cert.* and the scheduler read it later.
+    CertPolicy.from_config(config.section("certificates"))
     prepare_data_dir(config)
     plugins = Plugins(config, extra=extra_plugins, entry_points=entry_points)
     async with AsyncExitStack() as stack:

@@ -23,6 +23,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "StaleRevision",
+    "StartupError",
     "Unavailable",
     "UnknownMethod",
     "error_for_code",
@@ -161,4 +162,13 @@ class StaleRevision(Unavailable):
 
     The service re-reads and retries; a client sees ``unavailable`` only if
     the retries run out.
+    """
+
+
+class StartupError(InvalidArgument):
+    """The configured plugins do not add up to a working broker.
+
+    No plugin provides the configured store or root of trust, two plugins
+    claim the same protection or RPC method, or there is not exactly one
+    primary audit sink. Raised while the broker opens, never to a client.
     """

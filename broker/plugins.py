@@ -14,7 +14,7 @@ import pluggy
 
 from . import hookspecs
 from .cluster import Cluster, Solo
-from .errors import InvalidArgument
+from .errors import InvalidArgument, StartupError
 from .policy import AuthzRequest, Policy, combine
 
 if TYPE_CHECKING:
@@ -30,10 +30,6 @@ __all__ = ["Plugins", "StartupError"]
 
 # Authorization decisions remembered at most; the cache starts over when full.
 DECISION_CACHE_SIZE = 65_536
-
-
-class StartupError(Exception):
-    """The plugins do not add up to a working broker (missing store, clash...)."""
 
 
 class Plugins:

@@ -347,7 +347,11 @@ def atomic_output(dst: Path) -> Iterator[IO[bytes]]:
     so a failed decryption never leaves (partial) plaintext behind. Same
     directory, hence same file system: the rename is atomic.
     """
-    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
+    except OSError as exc:
+        # Name the output asked for, not the temporary file never made.
+        raise OSError(exc.errno, exc.strerror, str(dst)) from None
     temp = Path(name)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -391,12 +395,15 @@ def encrypt_file(
     source, target = Path(src), Path(dst)
     stream_id = os.urandom(STREAM_ID_LEN)
     StreamHeader(segment_size, stream_id, b"\x00")  # check the size before asking the broker
-    reply = client.datakey(key, count=1, bytes=32, plaintext=True, aad=datakey_aad(stream_id, aad))
-    item = reply["keys"][0]
-    data_key = bytearray(item["plaintext"])
-    header = StreamHeader(segment_size, stream_id, item["wrapped"])
-    with KeySlot(data_key, stream_id, 0) as slot, source.open("rb") as reader, atomic_output(target) as out:
-        done = seal_stream(slot, header, reader, out, progress=progress, total=_size_of(source))
+    # The input is open and the output created before the broker is asked:
+    # a file problem never costs a use of the key whose data key is then lost.
+    with source.open("rb") as reader, atomic_output(target) as out:
+        reply = client.datakey(key, count=1, bytes=32, plaintext=True, aad=datakey_aad(stream_id, aad))
+        item = reply["keys"][0]
+        data_key = bytearray(item["plaintext"])
+        header = StreamHeader(segment_size, stream_id, item["wrapped"])
+        with KeySlot(data_key, stream_id, 0) as slot:
+            done = seal_stream(slot, header, reader, out, progress=progress, total=_size_of(source))
     # The final segment may be full; an empty input is one empty segment.
     segments = max(1, -(-done // segment_size))
     return {"bytes": done, "segments": segments, "version": int(reply["version"])}
@@ -426,9 +433,11 @@ def decrypt_file(
     source, target = Path(src), Path(dst)
     with source.open("rb") as reader:
         header, raw = StreamHeader.read(reader)
-        opened = client.decrypt(header.wrapped_key, aad=datakey_aad(header.stream_id, aad))
-        data_key = bytearray(opened["plaintext"])
-        with KeySlot(data_key, header.stream_id, 0) as slot, atomic_output(target) as out:
-            total = _size_of(source)
-            written = open_stream(slot, header, raw, reader, out, progress=progress, total=total)
+        # The output is created before the broker opens the data key (see encrypt_file).
+        with atomic_output(target) as out:
+            opened = client.decrypt(header.wrapped_key, aad=datakey_aad(header.stream_id, aad))
+            data_key = bytearray(opened["plaintext"])
+            with KeySlot(data_key, header.stream_id, 0) as slot:
+                total = _size_of(source)
+                written = open_stream(slot, header, raw, reader, out, progress=progress, total=total)
     return {"bytes": written, "key": opened["key"], "version": opened["version"]}

@@ -145,6 +145,29 @@ async def test_policy_can_allow_intermediate_cas(make_config: ConfigFactory, own
         assert err.details == {"rule": "certificates.max_path_length"}
 
 
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"bogus": 1}, "unknown option(s) in [plugins.certificates]: bogus"),
+        ({"allow_ca": "yes"}, "plugins.certificates.allow_ca has the wrong type"),
+        ({"san_types": ["dns", "x400"]}, "plugins.certificates.san_types: unknown x400"),
+        (
+            {"default_validity_days": 400},
+            "plugins.certificates.default_validity_days must be 1..max_validity_days",
+        ),
+    ],
+)
+async def test_bad_policy_stops_the_broker_opening(
+    make_config: ConfigFactory, section: dict[str, Any], message: str
+) -> None:
+    # Checked when the broker opens, not at the first cert.* call.
+    with pytest.raises(BrokerError) as info:
+        async with open_broker(make_config({"plugins": {"certificates": section}}), run_scheduler=False):
+            pass
+    assert info.value.code == "invalid_argument"
+    assert info.value.message == f"config: {message}"
+
+
 async def test_list_and_expiry_event(ca_broker: Broker, owner: str, clock: FakeClock) -> None:
     admin = Caller(ca_broker, owner)
     await admin("key.create", name="ca/a", type="ecdsa-p256")

@@ -107,6 +107,35 @@ async def test_stream_round_trip_and_tampering(served: ServerInfo, short_tmp: Pa
     assert missing.code == 2
 
 
+def key_uses(audit_log: Path) -> list[str]:
+    """The ``datakey`` and ``decrypt`` records in the audit log, in order."""
+    ops = [json.loads(line)["op"] for line in audit_log.read_bytes().splitlines()]
+    return [op for op in ops if op in ("datakey", "decrypt")]
+
+
+async def test_stream_to_an_unwritable_output_never_asks_the_broker(
+    served: ServerInfo, short_tmp: Path
+) -> None:
+    sock = served.socket_path
+    audit_log = short_tmp / "data" / "audit" / "audit.jsonl"
+    with Client(sock) as client:
+        await trio.to_thread.run_sync(client.key_create, "cli/out", "aes256-gcm")
+    plain, sealed = short_tmp / "plain", short_tmp / "sealed"
+    plain.write_bytes(b"x" * (3 * SEG))
+    assert (await kb("encrypt", "--key", "cli/out", plain, sealed, socket=sock)).code == 0
+    assert key_uses(audit_log) == ["datakey"]
+
+    nowhere = short_tmp / "absent" / "out"
+    for verb in (["encrypt", "--key", "cli/out", plain], ["decrypt", sealed]):
+        result = await kb(*verb, nowhere, socket=sock)
+        assert result.code == 2, result.err
+        assert result.err == f"keybroker: usage: {nowhere}: No such file or directory\n"
+    # Neither the data key of the encryption nor the opening of the stream's
+    # data key was asked for: the key was not used for a result thrown away.
+    assert key_uses(audit_log) == ["datakey"]
+    assert not nowhere.parent.exists()
+
+
 async def test_backup_cli_round_trip(short_tmp: Path, owner: str) -> None:
     old, new = short_tmp / "old", short_tmp / "new"
     async with open_broker(parse_config({}, data_dir=old), run_scheduler=False) as broker:
