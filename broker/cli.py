@@ -578,7 +578,14 @@ def _stream_decrypt(client: Client, args: argparse.Namespace, in_path: str, out_
     assert out_path is not None
     bar = ProgressBar("decrypt")
     try:
-        result = decrypt_file(client, Path(in_path), Path(out_path), aad=_aad(args) or b"", progress=bar)
+        result = decrypt_file(
+            client,
+            Path(in_path),
+            Path(out_path),
+            aad=_aad(args) or b"",
+            allow_compromised=args.allow_compromised,
+            progress=bar,
+        )
     except OSError as exc:
         raise _file_errors(exc) or exc from None
     finally:

@@ -415,11 +415,14 @@ def decrypt_file(
     dst: str | os.PathLike[str],
     *,
     aad: bytes = b"",
+    allow_compromised: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, object]:
     """Decrypt a stream made by :func:`encrypt_file` into ``dst`` (one ``decrypt`` call).
 
-    ``aad`` must be what the stream was encrypted with.
+    ``aad`` must be what the stream was encrypted with. ``allow_compromised``
+    lets the broker open a data key wrapped by a compromised key version
+    (audited as an alarm), as ``decrypt`` does.
 
     Returns:
         ``{"bytes": plaintext bytes, "key": key name, "version": key version}``.
@@ -435,7 +438,11 @@ def decrypt_file(
         header, raw = StreamHeader.read(reader)
         # The output is created before the broker opens the data key (see encrypt_file).
         with atomic_output(target) as out:
-            opened = client.decrypt(header.wrapped_key, aad=datakey_aad(header.stream_id, aad))
+            opened = client.decrypt(
+                header.wrapped_key,
+                aad=datakey_aad(header.stream_id, aad),
+                allow_compromised=True if allow_compromised else None,
+            )
             data_key = bytearray(opened["plaintext"])
             with KeySlot(data_key, header.stream_id, 0) as slot:
                 total = _size_of(source)

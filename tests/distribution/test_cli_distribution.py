@@ -107,6 +107,23 @@ async def test_stream_round_trip_and_tampering(served: ServerInfo, short_tmp: Pa
     assert missing.code == 2
 
 
+async def test_a_stream_under_a_compromised_key_opens_only_when_allowed(
+    served: ServerInfo, short_tmp: Path
+) -> None:
+    sock = served.socket_path
+    plain, sealed, opened = short_tmp / "plain", short_tmp / "sealed", short_tmp / "opened"
+    plain.write_bytes(b"incident data" * 50)
+    with Client(sock) as client:
+        await trio.to_thread.run_sync(client.key_create, "cli/burnt", "aes256-gcm")
+        assert (await kb("encrypt", "--key", "cli/burnt", plain, sealed, socket=sock)).code == 0
+        await trio.to_thread.run_sync(client.key_compromise, "cli/burnt")
+    refused = await kb("decrypt", sealed, opened, socket=sock)
+    assert refused.code == 1 and refused.err.startswith("keybroker: invalid_state") and not opened.exists()
+    allowed = await kb("decrypt", "--allow-compromised", sealed, opened, socket=sock)
+    assert allowed.code == 0, allowed.err
+    assert opened.read_bytes() == plain.read_bytes()
+
+
 def key_uses(audit_log: Path) -> list[str]:
     """The ``datakey`` and ``decrypt`` records in the audit log, in order."""
     ops = [json.loads(line)["op"] for line in audit_log.read_bytes().splitlines()]
