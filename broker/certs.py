@@ -69,7 +69,7 @@ DAY: Final = 86_400
 # A CSR bigger than this is not a CSR.
 MAX_CSR_CHARS: Final = 64 * 1024
 CA_TYPES: Final = frozenset({KeyType.ECDSA_P256, KeyType.RSA_3072})
-# PROTOCOL.md: rsa-3072 signs with RSASSA-PSS, SHA-256, salt length 32.
+# docs/protocol.md: rsa-3072 signs with RSASSA-PSS, SHA-256, salt length 32.
 PSS_SALT_LEN: Final = 32
 
 _SAN_TYPES: Final[Mapping[type[x509.GeneralName], str]] = {

@@ -27,7 +27,7 @@ __all__ = [
     "parse_config",
 ]
 
-# PROTOCOL.md's defaults.
+# docs/protocol.md's defaults.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_BATCH_ITEMS = 100_000
 DEFAULT_MAX_CONNECTIONS = 1024

@@ -1,7 +1,7 @@
 """One error hierarchy, mapped onto the wire protocol's error codes.
 
 Every error the broker reports to a client is a :class:`BrokerError` whose
-``code`` is one of the codes in PROTOCOL.md's table. Messages are written for
+``code`` is one of the codes in docs/protocol.md's table. Messages are written for
 the caller and never carry key material, plaintext or ciphertext.
 """
 

@@ -349,7 +349,7 @@ def next_rotation_at(key: Key) -> int | None:
 
 
 def to_metadata(key: Key, uses: Mapping[int, int] | None = None) -> dict[str, Any]:
-    """The wire form of a key (PROTOCOL.md "Key metadata").
+    """The wire form of a key (docs/protocol.md "Key metadata").
 
     Args:
         key: the key.

@@ -3,8 +3,8 @@
 Params ``{since?: int (Unix seconds), days?: int}`` (at most one of them;
 default the last 30 days) choose the audit period; the result is the JSON
 report ``keybroker report`` prints (docs/report.md). Authorization is
-``report`` on no key, which the built-in ``admin`` role has and ``app`` and
-``auditor`` do not: the report names every key and principal.
+``report`` on no key, which the built-in ``admin`` and ``auditor`` roles
+have and ``app`` does not: the report names every key and principal.
 
 Unlike the offline command, the RPC judges usage limits by this broker's
 live counts (uses spent since the last store lease), and reads the keys

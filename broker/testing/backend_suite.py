@@ -93,7 +93,7 @@ def _flip(data: bytes, index: int) -> bytes:
 
 
 def _check_signature(pem: bytes, key_type: KeyType, message: bytes, signature: bytes) -> None:
-    """Verify with ``cryptography`` alone, per PROTOCOL.md; raises InvalidSignature."""
+    """Verify with ``cryptography`` alone, per docs/protocol.md; raises InvalidSignature."""
     public = serialization.load_pem_public_key(pem)
     if key_type is KeyType.ED25519:
         assert isinstance(public, ed25519.Ed25519PublicKey)

@@ -26,7 +26,7 @@ Design notes:
   throughput on SoftHSM2, where the trip to a worker thread costs more than
   the token call). Larger batches are a loan of their own.
 - ECDSA signs a SHA-256 digest computed in Python (CKM_ECDSA), and the raw
-  r||s the token returns becomes DER (PROTOCOL.md). RSA-3072 signs with
+  r||s the token returns becomes DER (docs/protocol.md). RSA-3072 signs with
   CKM_RSA_PKCS_PSS over the digest, SHA-256/MGF1-SHA-256/salt 32.
 - Verification needs no secret: it runs in ``cryptography`` against the
   public key read once from the token, which keeps the pool for private-key
@@ -322,7 +322,7 @@ class Pkcs11Backend:
     # --- signatures and MACs ------------------------------------------------------
 
     async def sign(self, ref: VersionRef, data: bytes, *, prehashed: bool) -> bytes:
-        """Sign on the token per PROTOCOL.md (ECDSA DER, RSA-PSS, Ed25519).
+        """Sign on the token per docs/protocol.md (ECDSA DER, RSA-PSS, Ed25519).
 
         Raises:
             InvalidArgument: not a signing key; a digest that is not 32 bytes;

@@ -68,7 +68,7 @@ SYMMETRIC_KEY_LEN = 32
 RSA_PUBLIC_EXPONENT = 65537
 RSA_BITS = 3072
 SHA256_LEN = 32
-# PROTOCOL.md fixes the PSS salt length to the hash length.
+# docs/protocol.md fixes the PSS salt length to the hash length.
 PSS_SALT_LEN = 32
 # Versioned so that a later change of wrapping can be told apart.
 CONTEXT_PREFIX = b"keybroker/v1/"
@@ -208,7 +208,7 @@ class SoftwareBackend:
             )
 
     async def sign(self, ref: VersionRef, data: bytes, *, prehashed: bool) -> bytes:
-        """Sign per PROTOCOL.md: ECDSA P-256 / SHA-256 (DER), RSA-PSS / SHA-256 with
+        """Sign per docs/protocol.md: ECDSA P-256 / SHA-256 (DER), RSA-PSS / SHA-256 with
         a 32-byte salt, or Ed25519 (message only).
 
         Args:

@@ -52,7 +52,7 @@ def unwrap_with(private: rsa.RSAPrivateKey, wrapped: bytes) -> bytes:
 
 
 def seal_like_the_broker(key: bytes, key_id: bytes, version: int, plaintext: bytes, aad: bytes) -> bytes:
-    """A format-1 envelope made with cryptography's AESGCM, as DESIGN.md lays it out."""
+    """A format-1 envelope made with cryptography's AESGCM, as docs/design.md lays it out."""
     nonce = os.urandom(12)
     header = pack_header(key_id, version, nonce)
     return header + AESGCM(key).encrypt(nonce, plaintext, header + aad)

@@ -1,5 +1,5 @@
 """Hostile bytes against a real broker on its socket: every frame gets a code
-from PROTOCOL.md's table or only that connection is closed, the broker never
+from docs/protocol.md's table or only that connection is closed, the broker never
 crashes, and a well-behaved client on another connection is served throughout."""
 
 from __future__ import annotations

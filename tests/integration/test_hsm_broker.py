@@ -114,7 +114,7 @@ async def test_every_operation_of_hsm_keys(make_config: ConfigFactory, softhsm: 
             public = serialization.load_pem_public_key(pem.encode() if isinstance(pem, str) else pem)
             if key_type == "ecdsa-p256":
                 assert isinstance(public, ec.EllipticCurvePublicKey)
-                public.verify(signature, message, ec.ECDSA(hashes.SHA256()))  # DER per PROTOCOL.md
+                public.verify(signature, message, ec.ECDSA(hashes.SHA256()))  # DER per docs/protocol.md
                 digest_sig = (await client.sign(name, digest=hashlib.sha256(message).digest()))["signature"]
                 public.verify(digest_sig, message, ec.ECDSA(hashes.SHA256()))
             elif key_type == "ed25519":

@@ -1,4 +1,4 @@
-"""Every method of PROTOCOL.md through the method table of a real in-process
+"""Every method of docs/protocol.md through the method table of a real in-process
 broker (SQLite store, software keys, audit file), happy paths and error codes."""
 
 from __future__ import annotations

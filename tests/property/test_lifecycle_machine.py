@@ -1,6 +1,6 @@
 """A model-based test: random lifecycle and crypto calls against a real
 in-process broker (SQLite store, software keys, audit) and a small
-independent model of what PROTOCOL.md says must happen."""
+independent model of what docs/protocol.md says must happen."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests._broker_thread import BrokerThread
 
 NAMES = st.sampled_from(["a", "b/c", "d.e"])
 
-# The model's own reading of DESIGN.md's diagram (deliberately not imported
+# The model's own reading of docs/design.md's diagram (deliberately not imported
 # from broker.lifecycle, so a mistake in one shows up against the other).
 ARROWS: dict[str, tuple[set[str], str | None]] = {
     "key.activate": ({"pre_active"}, "active"),
