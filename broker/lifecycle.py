@@ -260,6 +260,11 @@ def transition(key: Key, call: Transition, now: int, *, pending_days: int | None
         extra["activate_at"] = None
     elif call is Transition.DEACTIVATE:
         extra["deactivate_at"] = None
+    elif call is Transition.COMPROMISE:
+        # Out of destroy_pending, nothing is pending any more: the grace
+        # period's end destroys only destroy_pending keys, and cancel_destroy
+        # has no arrow from compromised. schedule_destroy starts a new one.
+        extra.update(destroy_at=None, prior_state=None)
     return _changed(key, now, state=target, **extra)
 
 

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from .calls import KEY, VERSION, Call, GroupHandler, Handler, Method
 from .envelope import OVERHEAD, parse_header
-from .errors import BrokerError, DecryptionFailed, InvalidArgument
-from .keys import Key, KeyType
+from .errors import BrokerError, DecryptionFailed, InvalidArgument, InvalidState
+from .keys import Key, KeyType, VersionRef
 from .lifecycle import check_operation, use_limit
 from .params import Field, as_aad, as_bin, as_bin_list, as_bool, as_int
 
@@ -262,14 +262,11 @@ async def _verify(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
     key = await d.key_for(call, args["key"])
     check_operation(key, "verify")
     data, prehashed = _signed_data(key, args)
-    for grant in d.service.verification_versions(
-        key, args.get("version"), allow_compromised=args["allow_compromised"]
-    ):
-        ref = key.ref(grant.version.number)
-        if await d.service.verify(key, ref, data, args["signature"], prehashed=prehashed):
-            call.version, call.alarm = ref.version, grant.alarm
-            return {"valid": True}
-    return {"valid": False}
+
+    async def made(ref: VersionRef) -> bool:
+        return await d.service.verify(key, ref, data, args["signature"], prehashed=prehashed)
+
+    return await _verified(d, call, key, args, made)
 
 
 async def _mac(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
@@ -282,13 +279,39 @@ async def _mac(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
 async def _verify_mac(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
     key = await d.key_for(call, args["key"])
     check_operation(key, "verify_mac")
-    for grant in d.service.verification_versions(
-        key, args.get("version"), allow_compromised=args["allow_compromised"]
-    ):
+
+    async def made(ref: VersionRef) -> bool:
+        return await d.service.verify_mac(key, ref, args["message"], args["mac"])
+
+    return await _verified(d, call, key, args, made)
+
+
+async def _verified(
+    d: Dispatcher, call: Call, key: Key, args: dict[str, Any], made: Callable[[VersionRef], Awaitable[bool]]
+) -> dict[str, bool]:
+    """``{"valid": ...}``: whether a version the call may check ``made`` the signature or MAC.
+
+    Without ``version`` or ``allow_compromised``, compromised versions are
+    not checked; if none of the others made it, but a compromised one did,
+    the answer is ``invalid_state`` rather than ``valid: false``: the
+    signature is genuine, and only ``allow_compromised`` accepts it.
+    """
+    allow = args["allow_compromised"]
+    for grant in d.service.verification_versions(key, args.get("version"), allow_compromised=allow):
         ref = key.ref(grant.version.number)
-        if await d.service.verify_mac(key, ref, args["message"], args["mac"]):
+        if await made(ref):
             call.version, call.alarm = ref.version, grant.alarm
             return {"valid": True}
+    if args.get("version") is None and not allow:
+        for grant in d.service.verification_versions(key, None, allow_compromised=True):
+            number = grant.version.number
+            if grant.alarm and await made(key.ref(number)):
+                call.version = number
+                raise InvalidState(
+                    f"key {key.name!r}: version {number}, which made this, is compromised; "
+                    "accepting it needs allow_compromised",
+                    {"version": number},
+                )
     return {"valid": False}
 
 

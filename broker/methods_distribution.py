@@ -17,10 +17,11 @@ from cryptography.hazmat.primitives import serialization
 
 from .backup import Passphrase, Protector, Recipient, collect_keys, create_backup
 from .calls import KEY, NAME, PERIOD, USES, VERSION, Call, Kind, Method
-from .certs import DAY, ca_certificate, issue_certificate, list_certificates, policy_of
+from .certs import CERT_KIND, DAY, ca_certificate, issue_certificate, list_certificates, policy_of
 from .errors import InvalidArgument, PermissionDenied
 from .keys import Classification, KeyType, check_name
 from .params import Field, as_bin, as_bool, as_enum, as_int, as_labels, as_str
+from .store import check_document_ref
 from .transfer import (
     WRAPPING_ALGORITHM,
     load_recipient,
@@ -200,6 +201,16 @@ async def _cert_issue(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
     }
 
 
+def _as_cert_cursor(name: str, value: Any) -> str:
+    """A ``cursor`` that ``cert.list`` could have returned: a certificate's serial as stored."""
+    cursor = as_str(name, value)
+    try:
+        check_document_ref(CERT_KIND, cursor)
+    except ValueError:
+        raise InvalidArgument(f"{name}: not a cursor cert.list returned", {"field": name}) from None
+    return cursor
+
+
 async def _cert_list(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
     ca_name = args.get("ca_key")
     if ca_name is not None:
@@ -268,7 +279,7 @@ DISTRIBUTION_METHODS: Mapping[str, Method] = {
             "ca_key": Field(as_str),
             "expiring_within_days": Field(as_int(0, 100 * 366)),
             "limit": Field(as_int(1, 1000), default=100),
-            "cursor": Field(as_str),
+            "cursor": Field(_as_cert_cursor),
         },
         _cert_list,
         Kind.READ,

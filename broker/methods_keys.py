@@ -9,7 +9,7 @@ from . import __version__
 from .calls import NAME, PERIOD, TIME, USES, VERSION, Call, Handler, Kind, Method
 from .errors import ApprovalRequired, BrokerError, PermissionDenied
 from .keys import Classification, KeyState, KeyType, check_name
-from .lifecycle import Transition
+from .lifecycle import Transition, transition
 from .params import Field, Spec, as_bool, as_enum, as_int, as_labels, as_str
 from .policy import AuthzRequest
 
@@ -93,6 +93,9 @@ def _lifecycle(transition: Transition) -> Handler:
 
 async def _key_schedule_destroy(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
     key = await d.key_for(call, args["name"])
+    # What could never be carried out (a destroy_pending key, pending_days out
+    # of range) is refused before anyone is asked to approve it.
+    transition(key, Transition.SCHEDULE_DESTROY, d.service.now(), pending_days=args["pending_days"])
     required = d.plugins.required_approvals(key, "destroy")
     if required > 0:
         request = d.approvals.request(

@@ -186,6 +186,10 @@ async def test_list_and_expiry_event(ca_broker: Broker, owner: str, clock: FakeC
     assert len(page["certificates"]) == 2 and page["cursor"] is not None
     rest = await admin("cert.list", limit=2, cursor=page["cursor"])
     assert len(rest["certificates"]) == 1 and rest["cursor"] is None
+    for bad in ("", "a\x00b", "x" * 300):
+        with pytest.raises(BrokerError) as info:
+            await admin("cert.list", cursor=bad)
+        assert info.value.code == "invalid_argument" and info.value.details == {"field": "cursor"}
 
     events: list[KeyEvent] = []
     ca_broker.service.add_listener(events.append)

@@ -243,6 +243,30 @@ async def test_mac(admin: Caller) -> None:
     await fails(admin("mac", key="nope", message=b"m"), "not_found")
 
 
+@pytest.mark.parametrize("whole_key", [False, True], ids=["one-version", "whole-key"])
+async def test_a_signature_by_a_compromised_version_is_not_called_invalid(
+    admin: Caller, whole_key: bool
+) -> None:
+    await admin("key.create", name="s", type="ed25519")
+    await admin("key.create", name="h", type="hmac-sha256")
+    sig = (await admin("sign", key="s", message=b"m"))["signature"]
+    tag = (await admin("mac", key="h", message=b"m"))["mac"]
+    for name in ("s", "h"):
+        await admin("key.rotate", name=name)
+        await admin("key.compromise", name=name, **({} if whole_key else {"version": 1}))
+    # Made by the compromised version: invalid_state naming it, not "valid: false" ...
+    err = await fails(admin("verify", key="s", message=b"m", signature=sig), "invalid_state")
+    assert err.details == {"version": 1}
+    err = await fails(admin("verify_mac", key="h", message=b"m", mac=tag), "invalid_state")
+    assert err.details == {"version": 1}
+    # ... accepted with allow_compromised ...
+    assert (await admin("verify", key="s", message=b"m", signature=sig, allow_compromised=True))["valid"]
+    assert (await admin("verify_mac", key="h", message=b"m", mac=tag, allow_compromised=True))["valid"]
+    # ... while what no version made stays "valid: false".
+    assert not (await admin("verify", key="s", message=b"other", signature=sig))["valid"]
+    assert not (await admin("verify_mac", key="h", message=b"other", mac=tag))["valid"]
+
+
 async def test_lifecycle_calls(admin: Caller) -> None:
     await admin("key.create", name="l", type="aes256-gcm", activate=False)
     await fails(admin("encrypt", key="l", plaintext=b"x"), "invalid_state")

@@ -227,6 +227,11 @@ async def test_two_admin_destroy(governed: Broker, owner: str) -> None:
     meta = await alice("key.get", name="c")
     assert meta["state"] == "destroy_pending"
     await fails(bob("approve", request_id=request_id), "not_found")
+    # What could never be carried out is refused before anyone is asked to approve it.
+    await fails(requester("key.schedule_destroy", name="c"), "invalid_state")
+    await requester("key.create", name="d", type="aes256-gcm", classification="critical",
+                    rotation_period_s=30 * DAY)
+    await fails(requester("key.schedule_destroy", name="d", pending_days=3), "invalid_argument")
 
 
 async def test_approvals_expire(make_config: ConfigFactory, owner: str) -> None:

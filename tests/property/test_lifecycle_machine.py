@@ -180,6 +180,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         for name, key in self.model.items():
             meta = self.kb.call("key.get", name=name)
             assert meta["state"] == key.state
+            # A destruction is pending exactly while the key is destroy_pending.
+            assert (meta["destroy_at"] is not None) == (key.state == "destroy_pending")
             assert meta["primary_version"] == key.primary
             assert meta["min_decrypt_version"] == key.min_decrypt
             assert {v["version"]: v["state"] for v in meta["versions"]} == key.versions
