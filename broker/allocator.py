@@ -15,8 +15,12 @@ one as soon as it empties, so a batch of 100,000 x 32 B mapped its ~10 arenas
 anew each time. The native module's arena cache (``kb_arena_cache``)
 keeps up to ``KEPT_ARENA_BYTES`` of emptied arenas for the next batch.
 
-Key material is not affected: it lives in the native module's locked pages,
-which are cleansed on release and never come from this heap or those arenas.
+Neither is cleansed when it is kept, as neither was before when it was
+freed: plaintext a request carried (a data key that ``datakey`` returned, an
+item of ``decrypt_batch``) can stay in that memory until it is reused,
+longer than when it went back to the system at once. Key slots are not
+affected: their key bytes live in the native module's locked pages, which
+are cleansed on release and never come from this heap or those arenas.
 """
 
 from __future__ import annotations

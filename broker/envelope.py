@@ -283,6 +283,19 @@ def _run_chunks(
 _ZERO_KEY = bytes(KEY_LEN)
 
 
+_unlocked = {"reported": False}
+
+
+def _report_unlocked() -> None:
+    """Say once per process that key slots fell back to swappable memory."""
+    if not _unlocked["reported"]:
+        _unlocked["reported"] = True
+        log.warning(
+            "key slots are in ordinary, swappable memory: mlock failed "
+            "(raise RLIMIT_MEMLOCK, e.g. LimitMEMLOCK= in the service unit)"
+        )
+
+
 def _cleanse(key: bytearray) -> None:
     """Overwrite a lent key in place (the bytearray's buffer is the only copy Python made)."""
     key[:] = _ZERO_KEY
@@ -402,6 +415,8 @@ class KeySlot:
         self._ptr = ffi.gc(out[0], lib.kb_slot_free)
         if isinstance(key, bytearray):
             key[:] = bytes(len(key))  # the caller's copy is gone; only the slot holds the key
+        if not lib.kb_slot_locked(self._ptr):
+            _report_unlocked()
 
     # -- state
 

@@ -5,8 +5,11 @@
  *  - every length is validated before any copy, and offset arithmetic is
  *    checked against size_t overflow before it is done;
  *  - every OpenSSL return value is checked;
- *  - key bytes live only in locked memory (secure heap, or mlock'd and
- *    MADV_DONTDUMP pages) and are cleansed when the slot is released;
+ *  - a slot's key bytes live only in locked memory (mlock'd, MADV_DONTDUMP
+ *    pages) and are cleansed when the slot is released; the key schedules
+ *    OpenSSL expands from them live in its cipher contexts on the ordinary
+ *    heap while the slot keeps them (see kb_slot), and OpenSSL cleanses
+ *    them when they are freed;
  *  - plaintext that passes through C in rewrap lives in a scratch buffer that
  *    is cleansed before it is freed; a failed open cleanses its output.
  */
@@ -27,6 +30,7 @@
 #include <openssl/core_dispatch.h>
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 #include <openssl/params.h>
@@ -62,7 +66,9 @@ struct kb_slot {
     /* Keyed GCM contexts (see gctx_new) kept between calls ([0] decrypt,
      * [1] encrypt), so a call does not pay for context setup and key
      * expansion. A call borrows one exclusively; they are freed (OpenSSL
-     * cleanses them) with the key. */
+     * cleanses them) with the key. They hold the expanded key schedule,
+     * from which the key can be recovered, in OpenSSL's heap: not locked,
+     * so swappable (docs/sidecar.md). */
     pthread_mutex_t ctx_lock;
     void *ctx_pool[2][KB_CTX_POOL];
     int ctx_count[2];
@@ -159,6 +165,15 @@ static void pool_free(unsigned char *p)
         link = &a->next;
     }
     (void)pthread_mutex_unlock(&pool_lock);
+}
+
+/* A call that failed may have left entries in this thread's OpenSSL error
+ * queue: drop them, so that a later, unrelated failure on this thread (the
+ * cryptography package reads the same queue) is not reported with them. */
+static void drop_errors_if(int failed)
+{
+    if (failed)
+        ERR_clear_error();
 }
 
 /* ------------------------------------------------------------------------ */
@@ -958,6 +973,7 @@ done:
     if (nonces != NULL)
         release_nonces(nonces, small);
     slot_release(slot);
+    drop_errors_if(rc != 0);
     return rc;
 }
 
@@ -1017,6 +1033,7 @@ int64_t kb_open_batch(kb_slot *slot, size_t n, const unsigned char *in, size_t i
 done:
     ctx_return(slot, 0, ctx, rc == 0);
     slot_release(slot);
+    drop_errors_if(rc != 0);
     return rc;
 }
 
@@ -1117,6 +1134,7 @@ done:
         release_nonces(nonces, small);
     slot_release(new_slot);
     slot_release(old_slot);
+    drop_errors_if(rc != 0);
     return rc;
 }
 
@@ -1141,6 +1159,7 @@ int kb_slot_seal_header(kb_slot *slot, unsigned char *out, size_t out_len)
     }
     OPENSSL_cleanse(nonce, sizeof(nonce));
     slot_release(slot);
+    drop_errors_if(rc != KB_OK);
     return rc;
 }
 
@@ -1171,8 +1190,10 @@ static int hmac_compute(kb_slot *s, const unsigned char *msg, size_t msg_len, un
     if (md == NULL)
         return KB_ECRYPTO;
     if (HMAC(md, s->key, (int)s->key_len, msg != NULL ? msg : empty, msg_len, mac, &mac_len) == NULL ||
-        mac_len != KB_MAC_LEN)
+        mac_len != KB_MAC_LEN) {
+        drop_errors_if(1);
         return KB_ECRYPTO;
+    }
     return KB_OK;
 }
 
@@ -1295,8 +1316,13 @@ static void kb_flush_child(void)
     }
     flush_head = flush_tail = NULL;
     flush_queued = flush_threads = flush_idle = 0;
-    pthread_mutex_init(&flush_mu, NULL);
-    pthread_cond_init(&flush_cv, NULL);
+    /* The prepare handler locked flush_mu in this very thread, the only one
+     * the child has: it may unlock it. The condition variable may still
+     * count the parent's waiting flushers, which the child does not have:
+     * it starts from a fresh one. */
+    static const pthread_cond_t fresh = PTHREAD_COND_INITIALIZER;
+    flush_cv = fresh;
+    pthread_mutex_unlock(&flush_mu);
 }
 
 static void kb_flush_init(void)
@@ -1384,25 +1410,41 @@ int kb_fdatasync_start(int fd, int notify_fd)
  * mapped its arenas afresh and page-faulted them in again: the heap
  * thresholds of broker/allocator.py do not reach memory that never comes
  * from malloc. Kept arenas keep their pages, so the next batch reuses them.
- * pymalloc calls these functions with the GIL held, which also guards the
- * state below. Only arenas of one size (the first one returned) are kept.
+ * CPython calls these functions with the GIL held (for pymalloc's arenas,
+ * and for the chunks of its threads' frame stacks, 16 KiB and up), which
+ * also guards the state below. Only blocks of at least KB_ARENA_MIN_KEPT
+ * bytes are kept, each with its size, and a kept block is handed out again
+ * only for a request of that same size: the frame-stack chunks pass
+ * through, whichever comes first.
  */
 
-enum { KB_ARENAS_KEPT_MAX = 1024 };
+enum { KB_ARENAS_KEPT_MAX = 1024, KB_ARENA_MIN_KEPT = 256 * 1024 };
 
 static kb_arena_allocator arena_inner;
 static kb_arena_allocator arena_outer;
 static int arena_installed;
-static void *arena_kept[KB_ARENAS_KEPT_MAX];
+static struct {
+    void *ptr;
+    size_t size;
+} arena_kept[KB_ARENAS_KEPT_MAX];
 static size_t arena_kept_n;
+static size_t arena_kept_bytes; /* sum of the kept blocks' sizes, <= arena_keep_bytes */
 static size_t arena_keep_bytes;
-static size_t arena_size;
 
 static void *kb_arena_alloc(void *ctx, size_t size)
 {
     (void)ctx;
-    if (arena_kept_n > 0 && size == arena_size)
-        return arena_kept[--arena_kept_n];
+    if (size >= KB_ARENA_MIN_KEPT) {
+        /* Newest first; every kept block has the same size in practice. */
+        for (size_t i = arena_kept_n; i-- > 0;) {
+            if (arena_kept[i].size != size)
+                continue;
+            void *ptr = arena_kept[i].ptr;
+            arena_kept[i] = arena_kept[--arena_kept_n];
+            arena_kept_bytes -= size;
+            return ptr;
+        }
+    }
     return arena_inner.alloc(arena_inner.ctx, size);
 }
 
@@ -1411,11 +1453,12 @@ static void kb_arena_free(void *ctx, void *ptr, size_t size)
     (void)ctx;
     if (ptr == NULL)
         return;
-    if (arena_size == 0 && size != 0)
-        arena_size = size;
-    if (size != 0 && size == arena_size && arena_kept_n < KB_ARENAS_KEPT_MAX &&
-        (arena_kept_n + 1) <= arena_keep_bytes / size) {
-        arena_kept[arena_kept_n++] = ptr;
+    if (size >= KB_ARENA_MIN_KEPT && arena_kept_n < KB_ARENAS_KEPT_MAX &&
+        size <= arena_keep_bytes - arena_kept_bytes) {
+        arena_kept[arena_kept_n].ptr = ptr;
+        arena_kept[arena_kept_n].size = size;
+        arena_kept_n++;
+        arena_kept_bytes += size;
         return;
     }
     arena_inner.free(arena_inner.ctx, ptr, size);

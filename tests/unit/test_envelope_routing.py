@@ -8,6 +8,7 @@ import os
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from broker import envelope
 from broker.envelope import HEADER_LEN, OVERHEAD, ROUTE_MIN_BYTES, KeySlot, parse_header, rewrap_batch
 from broker.errors import DecryptionFailed
 
@@ -107,3 +108,26 @@ def test_a_shared_aad_is_passed_by_its_real_length(slot: KeySlot) -> None:
     assert slot.open_batch(sealed, aad=aad) == [b"a", b"b"]
     other = KeySlot(os.urandom(32), os.urandom(16), 1)
     assert other.open_batch(rewrap_batch(slot, other, sealed, aad=aad), aad=b"ctx") == [b"a", b"b"]
+
+
+class MlockFails:
+    """The native library as it behaves when mlock fails under RLIMIT_MEMLOCK."""
+
+    def __init__(self, lib: object) -> None:
+        self._lib = lib
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._lib, name)
+
+    def kb_slot_locked(self, _ptr: object) -> int:
+        return 0
+
+
+def test_unlocked_key_slots_are_reported_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(envelope, "lib", MlockFails(envelope.lib))
+    monkeypatch.setitem(envelope._unlocked, "reported", False)
+    KeySlot(KEY, KEY_ID, 1).close()
+    KeySlot(KEY, KEY_ID, 2).close()
+    assert len(caplog.records) == 1 and "swappable" in caplog.text
