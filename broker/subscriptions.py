@@ -25,19 +25,29 @@ MAX_BACKLOG = 1024
 
 
 class Subscriptions:
-    """Subscribers of one broker, fed by the service's key events."""
+    """Subscribers of one broker, fed by the service's key events.
+
+    A connection has one feed: subscribing again adds a prefix to it, and
+    an event under several of its prefixes is sent once.
+    """
 
     def __init__(self, nursery: trio.Nursery, service: KeyService) -> None:
         self._nursery = nursery
         self._service = service
-        self._by_connection: dict[int, list[Callable[[], None]]] = {}
+        self._feeds: dict[int, tuple[list[str], Callable[[], None]]] = {}
 
     def add(self, ctx: RequestContext, prefix: str, visible: Callable[[str], bool]) -> None:
-        """Start feeding ``ctx`` events of keys starting with ``prefix`` that ``visible`` allows."""
+        """Feed ``ctx`` events of keys starting with ``prefix`` that ``visible`` allows
+        (the connection's principal decides what is visible: the first call's ``visible`` stays)."""
+        feed = self._feeds.get(ctx.connection_id)
+        if feed is not None:
+            feed[0].append(prefix)
+            return
+        prefixes = [prefix]
         send, receive = trio.open_memory_channel[KeyEvent](MAX_BACKLOG)
 
         def listener(event: KeyEvent) -> None:
-            if not event.name.startswith(prefix) or not visible(event.name):
+            if not any(event.name.startswith(p) for p in prefixes) or not visible(event.name):
                 return
             try:
                 send.send_nowait(event)
@@ -53,7 +63,7 @@ class Subscriptions:
             remove()
             send.close()
 
-        self._by_connection.setdefault(ctx.connection_id, []).append(stop)
+        self._feeds[ctx.connection_id] = (prefixes, stop)
         self._nursery.start_soon(self._forward, ctx, receive)
 
     async def _forward(self, ctx: RequestContext, receive: trio.MemoryReceiveChannel[KeyEvent]) -> None:
@@ -66,9 +76,11 @@ class Subscriptions:
         self.closed(ctx)
 
     def closed(self, ctx: RequestContext) -> None:
-        """Stop every subscription of a closed connection. Idempotent."""
-        for stop in self._by_connection.pop(ctx.connection_id, []):
-            stop()
+        """Stop the feed of a closed connection. Idempotent."""
+        feed = self._feeds.pop(ctx.connection_id, None)
+        if feed is not None:
+            feed[1]()
 
     def __len__(self) -> int:
-        return sum(len(stops) for stops in self._by_connection.values())
+        """Subscribed prefixes over every connection."""
+        return sum(len(prefixes) for prefixes, _ in self._feeds.values())

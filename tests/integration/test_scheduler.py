@@ -21,8 +21,10 @@ from broker.envelope import parse_header
 from broker.errors import BrokerError
 from broker.keys import Classification, Key, KeyType
 from broker.lifecycle import new_key
+from broker.protocol import Notification
 from broker.scheduler import PAUSE_PER_PASS_TIME, Action, Scheduler, due_action
 from broker.service import KeyService
+from tests._transport_helpers import RawConn
 from tests.conftest import Caller, ConfigFactory
 
 DAY = 86_400
@@ -276,6 +278,30 @@ async def test_subscriber_sees_rotation_within_a_second(served: Any) -> None:
                     await trio.sleep(0.005)
             assert trio.current_time() - started < 1.0
         assert [(e["name"], e["event"], e["version"]) for e in seen] == [("svc/k", "rotated", 2)]
+
+
+async def test_subscribing_again_adds_a_prefix_and_each_event_comes_once(served: Any) -> None:
+    watcher = await RawConn.open(served.socket_path)
+    async with AsyncClient(served.socket_path) as admin:
+        await admin.key_create("svc/k", "aes256-gcm")
+        await admin.key_create("other/k", "aes256-gcm")
+        for msgid, prefix in enumerate(("svc/", "svc/k", "other/")):
+            assert (await watcher.call(msgid, "subscribe", {"prefix": prefix})).result == {}
+        await admin.key_rotate("svc/k")  # under two of the prefixes
+        await admin.key_rotate("other/k")
+        await admin.key_create("third/k", "aes256-gcm")  # under none
+        await admin.key_rotate("svc/k")
+        seen = []
+        with trio.fail_after(5):
+            while len(seen) < 3:
+                event = await watcher.next()
+                assert isinstance(event, Notification)
+                seen.extend((e["name"], e["version"]) for e in event.params)
+    assert seen == [("svc/k", 2), ("other/k", 2), ("svc/k", 3)]
+    with trio.move_on_after(0.2):
+        extra = await watcher.next()
+        raise AssertionError(f"an event came twice: {extra}")
+    await watcher.aclose()
 
 
 async def test_a_long_pass_stretches_the_pause_after_it(autojump_clock: trio.testing.MockClock) -> None:
