@@ -17,10 +17,13 @@ from typing import Final, Protocol
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-__all__ = ["Principal", "principal_for_cert", "principal_for_unix", "unix_peer"]
+__all__ = ["UNIX_NAMESPACE", "Principal", "principal_for_cert", "principal_for_unix", "unix_peer"]
 
-# struct ucred {pid_t pid; uid_t uid; gid_t gid;} -- three 32-bit ints on Linux.
-_UCRED: Final = struct.Struct("3i")
+# struct ucred {pid_t pid; uid_t uid; gid_t gid;}: 32 bits each on Linux; uid_t
+# and gid_t are unsigned (a uid of 2**31 or more must not read as negative).
+_UCRED: Final = struct.Struct("=iII")
+# Names of this form are the kernel's word about a Unix peer (SO_PEERCRED).
+UNIX_NAMESPACE: Final = "uid:"
 
 
 class _HasSockopt(Protocol):
@@ -85,7 +88,10 @@ def principal_for_cert(der_or_cert: bytes | x509.Certificate, mapping: Mapping[s
     """The principal of a TLS peer, from its (already verified) certificate.
 
     The identity is the certificate's URI SAN -- a ``spiffe://`` one first
-    when there are several -- else the subject's common name.
+    when there are several -- else the subject's common name. An identity
+    in the Unix peers' ``uid:N`` namespace is refused: only the kernel names
+    a peer ``uid:0`` (the broker's owner, an admin by default), never a
+    certificate.
 
     Args:
         der_or_cert: the DER bytes the TLS layer returns, or a parsed cert.
@@ -95,7 +101,8 @@ def principal_for_cert(der_or_cert: bytes | x509.Certificate, mapping: Mapping[s
         A principal with transport ``"tls"``.
 
     Raises:
-        ValueError: the certificate does not parse, or names no identity.
+        ValueError: the certificate does not parse, names no identity, or
+            names one in the Unix namespace.
     """
     if isinstance(der_or_cert, x509.Certificate):
         cert = der_or_cert
@@ -104,6 +111,8 @@ def principal_for_cert(der_or_cert: bytes | x509.Certificate, mapping: Mapping[s
     identity = _uri_san(cert) or _common_name(cert)
     if not identity:
         raise ValueError("client certificate has neither a URI SAN nor a subject CN")
+    if identity[: len(UNIX_NAMESPACE)].lower() == UNIX_NAMESPACE:
+        raise ValueError("a client certificate may not name a Unix peer (uid:N)")
     return Principal(name=mapping.get(identity, identity), transport="tls")
 
 

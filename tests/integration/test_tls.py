@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ssl
+import struct
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from broker.auth import principal_for_cert, principal_for_unix
+from broker.auth import principal_for_cert, principal_for_unix, unix_peer
 from broker.client import AsyncClient, Client, ConnectionLost, client_ssl_context
 from broker.config import Config, TLSConfig
 from broker.server import ServerInfo
@@ -171,6 +172,26 @@ async def test_cert_from_another_ca_refused(server: ServerInfo, tmpdir_short: Pa
     assert reply == b""
 
 
+@pytest.mark.parametrize("where", ["cn", "uri"])
+async def test_a_certificate_naming_a_unix_peer_is_refused(
+    server: ServerInfo, ca: trustme.CA, tmpdir_short: Path, where: str
+) -> None:
+    """uid:0 is the broker's owner (an admin by default): only the kernel names a peer so."""
+    assert server.tls_port
+    if where == "cn":
+        leaf = ca.issue_cert("x@example.org", common_name="UID:0")
+        cert, key = leaf.cert_chain_pems[0].bytes(), leaf.private_key_pem.bytes()
+    else:
+        cert, key = issue_uri_cert(ca, "uid:0", common_name="harmless")
+    ctx = client_context(tmpdir_short, cert, key)
+    with trio.fail_after(5):
+        try:
+            reply = await _raw_tls_attempt(server.tls_port, ctx)
+        except trio.BrokenResourceError:
+            reply = b""
+    assert reply == b""
+
+
 async def test_tls12_refused(server: ServerInfo, ca: trustme.CA, tmpdir_short: Path) -> None:
     assert server.tls_port
     leaf = ca.issue_cert("x@example.org", common_name="old-client")
@@ -205,3 +226,16 @@ def test_principal_for_unix_mapping() -> None:
     p = principal_for_unix(1000, 100, 42, {"uid:1000": "alice"})
     assert (p.name, p.transport, p.uid, p.gid, p.pid) == ("alice", "unix", 1000, 100, 42)
     assert principal_for_unix(7, 7, 7, {}).name == "uid:7"
+
+
+class _PeerCred:
+    """A socket whose kernel reports a peer with a uid and gid of 2**31 and up."""
+
+    def getsockopt(self, level: int, optname: int, buflen: int, /) -> bytes:
+        return struct.pack("=iii", 42, -2, -3)  # the bytes of uid 4294967294, gid 4294967293
+
+
+def test_large_uids_are_read_unsigned() -> None:
+    uid, gid, pid = unix_peer(_PeerCred())
+    assert (uid, gid, pid) == (2**32 - 2, 2**32 - 3, 42)
+    assert principal_for_unix(uid, gid, pid, {}).name == "uid:4294967294"
