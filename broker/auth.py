@@ -24,6 +24,8 @@ __all__ = ["UNIX_NAMESPACE", "Principal", "principal_for_cert", "principal_for_u
 _UCRED: Final = struct.Struct("=iII")
 # Names of this form are the kernel's word about a Unix peer (SO_PEERCRED).
 UNIX_NAMESPACE: Final = "uid:"
+# The longest certificate identity taken: every audit record carries it.
+MAX_IDENTITY_CHARS: Final = 1024
 
 
 class _HasSockopt(Protocol):
@@ -102,7 +104,7 @@ def principal_for_cert(der_or_cert: bytes | x509.Certificate, mapping: Mapping[s
 
     Raises:
         ValueError: the certificate does not parse, names no identity, or
-            names one in the Unix namespace.
+            names one in the Unix namespace or longer than MAX_IDENTITY_CHARS.
     """
     if isinstance(der_or_cert, x509.Certificate):
         cert = der_or_cert
@@ -111,6 +113,8 @@ def principal_for_cert(der_or_cert: bytes | x509.Certificate, mapping: Mapping[s
     identity = _uri_san(cert) or _common_name(cert)
     if not identity:
         raise ValueError("client certificate has neither a URI SAN nor a subject CN")
+    if len(identity) > MAX_IDENTITY_CHARS:
+        raise ValueError(f"a client certificate's identity is over {MAX_IDENTITY_CHARS} characters")
     if identity[: len(UNIX_NAMESPACE)].lower() == UNIX_NAMESPACE:
         raise ValueError("a client certificate may not name a Unix peer (uid:N)")
     return Principal(name=mapping.get(identity, identity), transport="tls")

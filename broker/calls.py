@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+from .errors import InvalidArgument
+from .keys import NAME_PATTERN
 from .params import Field, Spec, as_int, as_str
 
 if TYPE_CHECKING:
@@ -14,7 +16,8 @@ if TYPE_CHECKING:
     from .rpc import Dispatcher
 
 __all__ = [
-    "KEY", "NAME", "PERIOD", "TIME", "USES", "VERSION", "Call", "GroupHandler", "Handler", "Kind", "Method",
+    "KEY", "NAME", "PERIOD", "PREFIX", "TIME", "USES", "VERSION", "Call", "GroupHandler", "Handler", "Kind",
+    "Method", "as_key_name",
 ]
 
 UINT32 = 2**32 - 1
@@ -61,9 +64,30 @@ class Method:
     group: GroupHandler | None = None
 
 
+def as_key_name(name: str, value: Any) -> str:
+    """A key name as docs/protocol.md defines it, checked before the call
+    records it anywhere (the audit log, a log line, an error)."""
+    text = as_str(name, value)
+    if NAME_PATTERN.fullmatch(text) is None:
+        raise InvalidArgument(
+            f"{name}: a key name is 1-128 characters of [a-z0-9._/-] starting with a letter or digit",
+            {"field": name},
+        )
+    return text
+
+
+def _as_prefix(name: str, value: Any) -> str:
+    """The start of key names: at most as long as a name."""
+    text = as_str(name, value)
+    if len(text) > 128:
+        raise InvalidArgument(f"{name}: at most 128 characters", {"field": name})
+    return text
+
+
 # Fields many methods share.
-NAME = Field(as_str, required=True)
-KEY = Field(as_str, required=True)
+NAME = Field(as_key_name, required=True)
+KEY = Field(as_key_name, required=True)
+PREFIX = Field(_as_prefix, default="")
 VERSION = Field(as_int(1, UINT32))
 PERIOD = Field(as_int(0, 2**40))
 USES = Field(as_int(0, 2**62))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives import serialization
 
 from .backup import Passphrase, Protector, Recipient, collect_keys, create_backup
-from .calls import KEY, NAME, PERIOD, USES, VERSION, Call, Kind, Method
+from .calls import KEY, NAME, PERIOD, USES, VERSION, Call, Kind, Method, as_key_name
 from .certs import CERT_KIND, DAY, ca_certificate, issue_certificate, list_certificates, policy_of
 from .errors import InvalidArgument, PermissionDenied
 from .keys import Classification, KeyType, check_name
@@ -276,7 +276,7 @@ DISTRIBUTION_METHODS: Mapping[str, Method] = {
     ),
     "cert.list": Method(
         {
-            "ca_key": Field(as_str),
+            "ca_key": Field(as_key_name),
             "expiring_within_days": Field(as_int(0, 100 * 366)),
             "limit": Field(as_int(1, 1000), default=100),
             "cursor": Field(_as_cert_cursor),

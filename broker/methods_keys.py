@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .calls import NAME, PERIOD, TIME, USES, VERSION, Call, Handler, Kind, Method
+from .calls import NAME, PERIOD, PREFIX, TIME, USES, VERSION, Call, Handler, Kind, Method
 from .errors import ApprovalRequired, BrokerError, PermissionDenied
 from .keys import Classification, KeyState, KeyType, check_name
 from .lifecycle import Transition, transition
@@ -184,7 +184,7 @@ KEY_METHODS: Mapping[str, Method] = {
     "key.get": Method(_NAME_ONLY, _key_get, Kind.READ),
     "key.list": Method(
         {
-            "prefix": Field(as_str, default=""),
+            "prefix": PREFIX,
             "state": Field(as_enum(KeyState)),
             "limit": Field(as_int(1, 1000), default=100),
             "cursor": Field(as_str),
@@ -219,5 +219,5 @@ KEY_METHODS: Mapping[str, Method] = {
     "key.cancel_destroy": Method(_NAME_ONLY, _lifecycle(Transition.CANCEL_DESTROY), Kind.CHANGE),
     "key.public": Method({"name": NAME, "version": VERSION}, _key_public, Kind.READ),
     "approve": Method({"request_id": Field(as_str, required=True)}, _approve, Kind.CHANGE),
-    "subscribe": Method({"prefix": Field(as_str, default="")}, _subscribe),
+    "subscribe": Method({"prefix": PREFIX}, _subscribe),
 }

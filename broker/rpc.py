@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .approvals import Approvals
 from .audit import AuditLog
-from .calls import Call, Kind, Method
+from .calls import Call, Kind, Method, as_key_name
 from .envelope import parse_header
 from .errors import (
     BrokerError,
@@ -35,7 +35,7 @@ from .methods_distribution import DISTRIBUTION_METHODS
 from .methods_keys import KEY_METHODS, target
 from .methods_report import REPORT_METHODS
 from .metrics import Metrics
-from .params import as_str, parse
+from .params import parse
 from .policy import RpcMethod
 from .service import KeyService
 from .subscriptions import Subscriptions
@@ -241,7 +241,7 @@ class Dispatcher:
             if entry.key_param is None:
                 self.authorize_no_key(call)
             else:
-                await self.key_for(call, as_str(entry.key_param, params.get(entry.key_param)))
+                await self.key_for(call, as_key_name(entry.key_param, params.get(entry.key_param)))
             result = await entry.handler(ctx, params)
         except BrokerError as exc:
             await self.record(call, "denied" if isinstance(exc, PermissionDenied) else "error", exc.code)

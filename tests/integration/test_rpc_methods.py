@@ -267,6 +267,18 @@ async def test_a_signature_by_a_compromised_version_is_not_called_invalid(
     assert not (await admin("verify_mac", key="h", message=b"other", mac=tag))["valid"]
 
 
+async def test_a_malformed_name_is_refused_before_it_is_recorded(broker: Broker, owner: str) -> None:
+    admin, nobody = Caller(broker, owner), Caller(broker, "uid:4242")
+    huge = "k" * 300_000
+    for caller in (admin, nobody):
+        await fails(caller("key.get", name=huge), "invalid_argument")
+        await fails(caller("encrypt", key="Upper", plaintext=b"x"), "invalid_argument")
+        await fails(caller("subscribe", prefix=huge), "invalid_argument")
+    records = audit_records(broker)
+    assert all(len(json.dumps(r)) < 4096 for r in records)
+    assert verify_audit_dir(broker.config.audit_dir).ok
+
+
 async def test_lifecycle_calls(admin: Caller) -> None:
     await admin("key.create", name="l", type="aes256-gcm", activate=False)
     await fails(admin("encrypt", key="l", plaintext=b"x"), "invalid_state")

@@ -222,6 +222,12 @@ def test_principal_for_cert_without_identity(ca: trustme.CA) -> None:
         principal_for_cert(b"not a certificate", {})
 
 
+def test_an_overlong_certificate_identity_is_refused(ca: trustme.CA) -> None:
+    cert_pem, _ = issue_uri_cert(ca, "spiffe://example.org/" + "x" * 1100)
+    with pytest.raises(ValueError, match="over 1024"):
+        principal_for_cert(x509.load_pem_x509_certificate(cert_pem), {})
+
+
 def test_principal_for_unix_mapping() -> None:
     p = principal_for_unix(1000, 100, 42, {"uid:1000": "alice"})
     assert (p.name, p.transport, p.uid, p.gid, p.pid) == ("alice", "unix", 1000, 100, 42)
