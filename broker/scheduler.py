@@ -24,7 +24,7 @@ from .events import EventKind, KeyEvent
 from .keys import Key, KeyState
 from .lifecycle import Transition, next_rotation_at
 from .metrics import Metrics
-from .service import KeyService
+from .service import KeyService, NotDue
 
 __all__ = ["Action", "Scheduler", "due_action"]
 
@@ -163,11 +163,22 @@ class Scheduler:
             due = due_action(key, self.service.now())
             if due is None:
                 return applied
+
+            def still_due(fresh: Key, due: Due = due) -> bool:
+                # The page was read earlier: the key may have changed since.
+                return due_action(fresh, self.service.now()) == due
+
+            # As for a client's change, its record is durable before the change is made.
+            await self._record(key, due, "requested", None)
             try:
                 if due.action is Action.ROTATE:
-                    key = await self.service.rotate(key.name)
+                    key = await self.service.rotate(key.name, only_if=still_due)
                 else:
-                    key = await self.service.lifecycle(key.name, _TRANSITION[due.action])
+                    key = await self.service.lifecycle(key.name, _TRANSITION[due.action], only_if=still_due)
+            except NotDue:
+                log.info("scheduled %s of %s: no longer due", due.action.value, key.name)
+                await self._record(key, due, "error", "invalid_state")
+                return applied
             except BrokerError as exc:
                 self.metrics.scheduler_actions.labels(due.action.value, exc.code).inc()
                 log.warning("scheduled %s of %s failed: %s", due.action.value, key.name, exc.code)

@@ -52,7 +52,7 @@ from .store import Store
 from .transfer import ImportToken, ImportTokens, new_wrapping_key, unwrap
 from .usage import Meter, lease_size
 
-__all__ = ["KeyService", "Sealed"]
+__all__ = ["KeyService", "NotDue", "Sealed"]
 
 log = logging.getLogger("keybroker.service")
 
@@ -78,6 +78,16 @@ EVENT_FOR: dict[Transition, EventKind] = {
     Transition.CANCEL_DESTROY: EventKind.DESTROY_CANCELLED,
     Transition.DESTROY: EventKind.DESTROYED,
 }
+
+
+class NotDue(Exception):
+    """A scheduled change found the key, read afresh under its lock, no longer
+    due: another change (a cancel_destroy, a manual rotation) came first."""
+
+
+def _check_due(old: Key, only_if: Callable[[Key], bool] | None) -> None:
+    if only_if is not None and not only_if(old):
+        raise NotDue(old.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,8 +336,15 @@ class KeyService:
         self._emit(key, EventKind.CREATED)
         return key
 
-    async def rotate(self, name: str) -> Key:
+    async def rotate(self, name: str, *, only_if: Callable[[Key], bool] | None = None) -> Key:
+        """Add a primary version.
+
+        ``only_if`` (the scheduler's) is asked about the current key under
+        its lock, before anything is generated; NotDue if it says no.
+        """
+
         async def change(old: Key) -> Key:
+            _check_due(old, only_if)
             rotated = add_version(old, b"", self.now())
             self.plugins.validate(rotated, "rotate")
             material = await self.backend(old).generate(old.id, rotated.primary_version, old.type)
@@ -347,10 +364,21 @@ class KeyService:
         self._emit(key, EventKind.UPDATED)
         return key
 
-    async def lifecycle(self, name: str, call: Transition, *, pending_days: int | None = None) -> Key:
-        """Apply activate / deactivate / disable / enable / compromise / (cancel_)destroy."""
+    async def lifecycle(
+        self,
+        name: str,
+        call: Transition,
+        *,
+        pending_days: int | None = None,
+        only_if: Callable[[Key], bool] | None = None,
+    ) -> Key:
+        """Apply activate / deactivate / disable / enable / compromise / (cancel_)destroy.
+
+        ``only_if``: as for :meth:`rotate`.
+        """
 
         async def change(old: Key) -> Key:
+            _check_due(old, only_if)
             new = transition(old, call, self.now(), pending_days=pending_days)
             if call in (Transition.SCHEDULE_DESTROY, Transition.DESTROY):
                 self.plugins.validate(new, "destroy")

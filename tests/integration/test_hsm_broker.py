@@ -27,7 +27,6 @@ from broker.client import AsyncClient
 from broker.config import Config
 from broker.errors import BrokerError
 from broker.keys import Key
-from broker.lifecycle import Transition
 from broker.server import serve
 from tests import hsm_fixtures
 from tests.conftest import ConfigFactory
@@ -66,7 +65,9 @@ def envelope_fields(envelope: bytes) -> tuple[bytes, int, int, bytes, int]:
     return magic, fmt, alg, key_id, version
 
 
-async def test_every_operation_of_hsm_keys(make_config: ConfigFactory, softhsm: SoftToken) -> None:
+async def test_every_operation_of_hsm_keys(
+    make_config: ConfigFactory, softhsm: SoftToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = hsm_config(make_config, softhsm)
     async with serving(config) as (broker, client):
         made = {}
@@ -145,11 +146,15 @@ async def test_every_operation_of_hsm_keys(make_config: ConfigFactory, softhsm: 
         before = await trio.to_thread.run_sync(token_objects, softhsm, object_ids)
         assert all(before[i] for i in object_ids)  # 2 AES versions, 1 EC pair: present until destroy
         for key_type in ("aes256-gcm", "ecdsa-p256"):
-            name = f"h/{key_type}"
-            meta = await client.key_schedule_destroy(name, pending_days=7)
+            meta = await client.key_schedule_destroy(f"h/{key_type}", pending_days=7)
             assert meta["state"] == "destroy_pending" and meta["destroy_at"]
-            await broker.service.lifecycle(name, Transition.DESTROY)
-            assert (await client.key_get(name))["state"] == "destroyed"
+        # Eight days on, the scheduler destroys them.
+        later = broker.service.now() + 8 * 86_400
+        with monkeypatch.context() as clock:
+            clock.setattr(broker.service, "now", lambda: later)
+            assert await broker.scheduler.run_once() == 2
+        for key_type in ("aes256-gcm", "ecdsa-p256"):
+            assert (await client.key_get(f"h/{key_type}"))["state"] == "destroyed"
         found = await trio.to_thread.run_sync(token_objects, softhsm, object_ids)
         assert found and all(objects == [] for objects in found.values())
         await fails(client.decrypt(ct, aad=b"ctx"), "invalid_state")

@@ -100,11 +100,9 @@ async def _build_bad(data_dir: Path, clock: FakeClock) -> None:
         await admin("key.schedule_destroy", name="pending", pending_days=7)
         await create("gone")
         await admin("key.schedule_destroy", name="gone", pending_days=7)
-        await service.lifecycle("gone", Transition.DESTROY)
         # A destroyed critical software key breaks no rule any more.
         await create("crit-gone", classification="critical", rotation_period_s=30 * DAY)
         await service.lifecycle("crit-gone", Transition.SCHEDULE_DESTROY, pending_days=7)
-        await service.lifecycle("crit-gone", Transition.DESTROY)
         await create("overdue", type="hmac-sha256", rotation_period_s=30 * DAY)
         await create("crit-soft", classification="critical", rotation_period_s=60 * DAY)
         await create("crit-export", classification="critical", rotation_period_s=60 * DAY, exportable=True)
@@ -114,6 +112,9 @@ async def _build_bad(data_dir: Path, clock: FakeClock) -> None:
         await admin("key.update", name="usage", max_uses_per_version=10)
         for day in range(1, 121):
             clock.now += DAY
+            if day == 7:  # their grace periods are over
+                await service.lifecycle("gone", Transition.DESTROY)
+                await service.lifecycle("crit-gone", Transition.DESTROY)
             if day in (40, 80, 100):
                 await admin("key.rotate", name="active-ok")
             if day == 100:

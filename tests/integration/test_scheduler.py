@@ -52,9 +52,20 @@ def opened(config: Config, clock: FakeClock) -> Any:
     return open_broker(config, clock=clock, run_scheduler=False)
 
 
-def audit_ops(broker: Broker, principal: str) -> list[str]:
+def audit_records(broker: Broker, principal: str) -> list[dict[str, Any]]:
     lines = (broker.config.audit_dir / "audit.jsonl").read_bytes().splitlines()
-    return [r["op"] for r in map(json.loads, lines) if r["principal"] == principal]
+    return [r for r in map(json.loads, lines) if r["principal"] == principal]
+
+
+def audit_ops(broker: Broker, principal: str) -> list[str]:
+    """The operations ``principal`` carried out, each after its durable "requested" record."""
+    records = audit_records(broker, principal)
+    done = []
+    for before, record in itertools.pairwise([{"outcome": None}, *records]):
+        if record["outcome"] == "allowed":
+            assert (before["outcome"], before.get("op")) == ("requested", record["op"]), record
+            done.append(record["op"])
+    return done
 
 
 async def test_thirty_day_rotation_over_a_year_across_a_restart(
@@ -76,6 +87,35 @@ async def test_thirty_day_rotation_over_a_year_across_a_restart(
     assert len(created) == 13  # 365 days / 30 = 12 rotations
     assert all(b - a == 30 * DAY for a, b in itertools.pairwise(created))
     assert meta["next_rotation_at"] == created[-1] + 30 * DAY
+
+
+async def test_a_stale_page_never_destroys_or_rotates_what_is_no_longer_due(
+    make_config: ConfigFactory, owner: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    async with opened(make_config(), clock) as broker:
+        admin = Caller(broker, owner)
+        await admin("key.create", name="d", type="aes256-gcm")
+        await admin("key.schedule_destroy", name="d", pending_days=7)
+        await admin("key.create", name="r", type="aes256-gcm", rotation_period_s=DAY)
+        clock.advance(8 * DAY)
+        # The scheduler reads its page; then, before it acts, an admin steps in.
+        stale = await broker.service.list_scheduled(limit=10, after=None)
+        await admin("key.cancel_destroy", name="d")
+        await admin("key.schedule_destroy", name="d", pending_days=30)
+        await admin("key.rotate", name="r")
+
+        async def listed(**_: Any) -> list[Key]:
+            return stale
+
+        monkeypatch.setattr(broker.service, "list_scheduled", listed)
+        assert await broker.scheduler.run_once() == 0
+        assert (await admin("key.get", name="d"))["state"] == "destroy_pending"
+        assert (await admin("key.get", name="r"))["primary_version"] == 2
+        assert [(r["op"], r["outcome"]) for r in audit_records(broker, "scheduler")] == [
+            ("key.destroy", "requested"), ("key.destroy", "error"),
+            ("key.rotate", "requested"), ("key.rotate", "error"),
+        ]
 
 
 async def test_missed_periods_rotate_once_on_start(make_config: ConfigFactory, owner: str) -> None:

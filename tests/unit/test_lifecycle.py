@@ -24,6 +24,7 @@ from broker.lifecycle import (
 )
 
 NOW = 1_800_000_000
+DAY = 86_400
 
 
 def make(key_type: KeyType = KeyType.AES256_GCM, **kw: object) -> Key:
@@ -52,7 +53,8 @@ def in_state(state: KeyState) -> Key:
         KeyState.DESTROYED: [Transition.SCHEDULE_DESTROY, Transition.DESTROY],
     }[state]
     for call in path:
-        key = transition(key, call, NOW)
+        # Destruction comes once the (default, 30-day) grace period is over.
+        key = transition(key, call, NOW + 30 * DAY if call is Transition.DESTROY else NOW)
     assert key.state is state
     return key
 
@@ -62,11 +64,12 @@ def in_state(state: KeyState) -> Key:
 def test_every_transition_follows_the_table(state: KeyState, call: Transition) -> None:
     key = in_state(state)
     sources, target = TRANSITIONS[call]
+    later = NOW + 31 * DAY  # past any grace period in_state began
     if state not in sources:
         with pytest.raises(InvalidState):
-            transition(key, call, NOW + 1)
+            transition(key, call, later)
         return
-    after = transition(key, call, NOW + 1)
+    after = transition(key, call, later)
     assert after.revision == key.revision + 1
     if target is not None:
         assert after.state is target
@@ -97,7 +100,10 @@ def test_pending_days_out_of_range(days: int) -> None:
 
 def test_destroy_drops_material_and_keeps_metadata() -> None:
     key = add_version(make(), b"blob2", NOW + 10)
-    gone = transition(transition(key, Transition.SCHEDULE_DESTROY, NOW), Transition.DESTROY, NOW + 1)
+    pending = transition(key, Transition.SCHEDULE_DESTROY, NOW, pending_days=7)
+    with pytest.raises(InvalidState, match="grace period"):
+        transition(pending, Transition.DESTROY, NOW + 7 * DAY - 1)
+    gone = transition(pending, Transition.DESTROY, NOW + 7 * DAY)
     assert gone.state is KeyState.DESTROYED
     assert all(v.state is VersionState.DESTROYED and v.material == b"" for v in gone.versions)
     assert gone.name == key.name and len(gone.versions) == 2
