@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,6 +40,8 @@ from broker.keys import Key, KeyState
 from broker.store import check_document_ref, key_columns, key_from_columns, lost_replace, version_columns
 
 from .schema import SCHEMA_VERSION, migrate
+
+log = logging.getLogger("keybroker.sqlite")
 
 __all__ = ["DB_FILE_NAME", "DIR_MODE", "FILE_MODE", "SQLiteStore"]
 
@@ -55,6 +58,10 @@ _SQLITE_BUSY: Final = 5
 # The writer checkpoints the log (in a worker thread) after this many
 # committed groups: about what SQLite's default of 1,000 log pages would do.
 CHECKPOINT_EVERY_GROUPS: Final = 256
+# After an erasure, how often (and how patiently) the log is emptied before it
+# is left to the periodic checkpoints (SQLiteStore._truncate_log).
+TRUNCATE_ATTEMPTS: Final = 5
+TRUNCATE_PAUSE_S: Final = 0.02
 
 # Primary SQLite result codes that mean "the medium cannot serve now".
 _UNAVAILABLE_CODES: Final[Mapping[int, str]] = {
@@ -445,6 +452,12 @@ def _checkpoint(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
+def _checkpoint_truncate(conn: sqlite3.Connection) -> bool:
+    """Copy the whole log into the database and empty it; False if a reader kept it (busy)."""
+    busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    return bool(busy)
+
+
 def _fail_all(changes: Sequence[_Change], exc: Exception) -> None:
     error = _translate(exc)
     for change in changes:
@@ -505,6 +518,9 @@ class _Connection:
         self._log = log
         self._busy_timeout_s = busy_timeout_s
         self._groups = 0  # committed since the last checkpoint
+        # Erased material may still be in the log (SQLiteStore._truncate_log):
+        # the periodic checkpoint empties the log, not only copies it.
+        self.erasure_pending = False
 
     async def change(self, body: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``body`` in a write transaction shared with the changes queued beside it.
@@ -567,7 +583,11 @@ class _Connection:
             self._groups = 0
             # Under the lock, after the group's callers were released.
             with contextlib.suppress(Unavailable):
-                await trio.to_thread.run_sync(_translated, functools.partial(_checkpoint, conn))
+                if self.erasure_pending:
+                    truncate = functools.partial(_checkpoint_truncate, conn)
+                    self.erasure_pending = await trio.to_thread.run_sync(_translated, truncate)
+                else:
+                    await trio.to_thread.run_sync(_translated, functools.partial(_checkpoint, conn))
 
     async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         async with self.lock:
@@ -636,6 +656,10 @@ class SQLiteStore:
             writer = _connect(self.path, self.busy_timeout_s, read_only=False)
             try:
                 migrate(writer, where=str(self.path))
+                # A broker that stopped before it could empty the log after an
+                # erasure left the old material in it: empty it now (best effort,
+                # another process may be reading).
+                _checkpoint_truncate(writer)
                 _for_the_loop(writer)
                 reader = _connect(self.path, self.busy_timeout_s, read_only=True)
             except BaseException:
@@ -695,12 +719,35 @@ class SQLiteStore:
         erased = await writer.change(lambda c: _replace(c, key, expected_revision))
         if erased:
             # Outside the change's transaction, so a crash here cannot undo
-            # the erasure. Best effort: the change is committed, and a reader
-            # holding an old snapshot or a failing disk only delays the
-            # rewrite of the old pages until the next checkpoint; failing the
-            # call now would make the caller retry a change that happened.
-            with contextlib.suppress(Unavailable):
-                await writer.run(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+            # the erasure. The change is committed: failing the call now
+            # would make the caller retry a change that happened.
+            await self._truncate_log()
+
+    async def _truncate_log(self) -> bool:
+        """Copy the whole log into the database and empty it; True once done.
+
+        Erased material is overwritten in the database by the checkpoint, but
+        its old bytes stay in the log's earlier frames until the log is
+        emptied, which SQLite refuses (reporting "busy", not an error) while
+        any reader holds a snapshot. The store's own reader is held off
+        meanwhile; a reader in another process may still be, so this tries a
+        few times, then leaves the log marked for the next checkpoints (and
+        for the next open, after a crash).
+        """
+        writer, reader = self._write_conn(), self._read_conn()
+        for attempt in range(TRUNCATE_ATTEMPTS):
+            try:
+                async with reader.lock:
+                    busy = await writer.run(_checkpoint_truncate)
+            except Unavailable:
+                busy = True
+            if not busy:
+                writer.erasure_pending = False
+                return True
+            await trio.sleep(TRUNCATE_PAUSE_S * (attempt + 1))
+        writer.erasure_pending = True
+        log.warning("the key store's log could not be emptied yet; erased material stays in it until it can")
+        return False
 
     async def reserve_uses(self, key_id: bytes, version: int, count: int, limit: int | None) -> int:
         """Atomically add up to ``count`` to the version's uses, never past ``limit``.

@@ -18,7 +18,7 @@ from keybroker_sqlite import store as sqlite_store
 
 from broker.config import parse_config
 from broker.errors import AlreadyExists, InvalidArgument, Unavailable
-from broker.keys import Classification, KeyType
+from broker.keys import Classification, Key, KeyType
 from broker.lifecycle import Transition, add_version, new_key, transition
 from broker.store import Store
 from broker.testing.store_suite import OpenStore, StoreConformance, make_key
@@ -223,6 +223,73 @@ async def test_every_index_the_schema_creates_serves_a_query(opened: SQLiteStore
 
 
 # --- erasure, failures, plugin hook ----------------------------------------------------
+
+
+def key_with_markers(name: str) -> tuple[Key, list[bytes]]:
+    """A key of two versions whose material is easy to find on disk."""
+    markers = [b"wrapped-material-v1:" + os.urandom(40), b"wrapped-material-v2:" + os.urandom(400)]
+    first = new_key(
+        key_id=os.urandom(16),
+        name=name,
+        key_type=KeyType.AES256_GCM,
+        protection="software",
+        classification=Classification.INTERNAL,
+        material=markers[0],
+        now=1_700_000_000,
+    )
+    return add_version(first, markers[1], first.created_at + 1), markers
+
+
+async def destroy(store: SQLiteStore, key: Key) -> None:
+    pending = transition(key, Transition.SCHEDULE_DESTROY, key.updated_at, pending_days=7)
+    await store.replace_key(pending, expected_revision=key.revision)
+    destroyed = transition(pending, Transition.DESTROY, pending.updated_at + 7 * 86_400)
+    await store.replace_key(destroyed, expected_revision=pending.revision)
+
+
+async def test_erasure_is_not_held_up_by_the_stores_own_reads(opened: SQLiteStore, db_path: Path) -> None:
+    for i in range(40):
+        await opened.insert_key(make_key(f"filler-{i}"))
+    key, markers = key_with_markers("erase-me")
+    await opened.insert_key(key)
+    async with trio.open_nursery() as nursery:
+
+        async def keep_reading() -> None:
+            while True:
+                await opened.list_keys(prefix="", limit=1000)
+                await trio.sleep(0)
+
+        nursery.start_soon(keep_reading)
+        await trio.sleep(0.01)
+        await destroy(opened, key)
+        data = on_disk(db_path)
+        nursery.cancel_scope.cancel()
+    assert not any(m in data for m in markers)
+
+
+async def test_erasure_kept_from_the_log_by_a_reader_is_finished_on_the_next_open(
+    opened: SQLiteStore, db_path: Path
+) -> None:
+    key, markers = key_with_markers("erase-me")
+    await opened.insert_key(key)
+    # Another process's connection, open throughout (so closing the store
+    # does not empty the log either), holds a snapshot during the erasure.
+    other = raw(db_path)
+    try:
+        other.execute("BEGIN")
+        other.execute("SELECT count(*) FROM keys").fetchall()
+        await destroy(opened, key)
+        assert any(m in on_disk(db_path) for m in markers)  # kept in the log meanwhile
+        other.execute("COMMIT")
+        await opened.aclose()
+        reopened = SQLiteStore(db_path)
+        await reopened.open()
+        try:
+            assert not any(m in on_disk(db_path) for m in markers)
+        finally:
+            await reopened.aclose()
+    finally:
+        other.close()
 
 
 async def test_erased_material_leaves_no_trace_on_disk(opened: SQLiteStore, db_path: Path) -> None:
