@@ -54,7 +54,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from .envelope import KeySlot
 from .errors import AlreadyExists, DecryptionFailed, InvalidArgument
-from .keys import Key
+from .keys import Key, KeyType
+from .lifecycle import use_limit
 from .store import key_columns, key_from_columns
 from .stream import DEFAULT_SEGMENT_SIZE, SEGMENT_OVERHEAD, Progress, open_segments, seal_segments
 from .transfer import load_recipient
@@ -443,6 +444,18 @@ class RestoreSummary:
     skipped: tuple[str, ...]
 
 
+def _restored_uses(key: Key, archived: int) -> int:
+    """A restored version's use count.
+
+    An aes256-gcm version may have sealed more since the backup than the
+    archive counts, each with a random nonce; so it comes back used up to
+    its limit, and the first encryption after the restore rotates the key
+    (usage-based rotation), never drawing more nonces under it.
+    """
+    limit = use_limit(key) if key.type is KeyType.AES256_GCM else None
+    return archived if limit is None else max(archived, limit)
+
+
 async def restore_keys(
     service: KeyService, archive: Archive, *, progress: Callable[[int, int], None] | None = None
 ) -> RestoreSummary:
@@ -483,7 +496,10 @@ async def restore_keys(
             for number, material in item.materials.items():
                 assert importer is not None
                 blobs[number] = await importer(key.id, number, key.type, bytearray(material))
-        versions = tuple(replace(v, material=blobs.get(v.number, b"")) for v in key.versions)
+        versions = tuple(
+            replace(v, material=blobs.get(v.number, b""), uses=_restored_uses(key, v.uses))
+            for v in key.versions
+        )
         await service.restore_key(replace(key, versions=versions, revision=1))
         restored.append(key.name)
         if progress is not None:

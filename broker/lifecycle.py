@@ -40,6 +40,8 @@ __all__ = [
 # Random 96-bit nonces bound one AES-GCM key to 2^32 encryptions (NIST SP
 # 800-38D §8.3); the default stays a factor of two inside that bound.
 AES_GCM_DEFAULT_MAX_USES = 2**31
+# The most a key version may seal with random nonces (NIST SP 800-38D, 8.3).
+AES_GCM_MAX_USES = 2**32
 DAY = 86_400
 MIN_PENDING_DAYS = 7
 MAX_PENDING_DAYS = 30
@@ -126,6 +128,19 @@ def use_limit(key: Key) -> int | None:
     return key.max_uses_per_version or None
 
 
+def _check_use_limit(key_type: KeyType, max_uses_per_version: int | None) -> None:
+    """Random 96-bit nonces bound an AES-GCM key to 2^32 encryptions (NIST SP 800-38D, 8.3):
+    no limit (0), or a limit past that, is refused for aes256-gcm."""
+    if key_type is not KeyType.AES256_GCM or max_uses_per_version is None:
+        return
+    if not 0 < max_uses_per_version <= AES_GCM_MAX_USES:
+        raise InvalidArgument(
+            "max_uses_per_version must be 1 to 2^32 for aes256-gcm (random nonces bound a key "
+            "to 2^32 encryptions); 0, no limit, is refused",
+            {"field": "max_uses_per_version"},
+        )
+
+
 def check_use(
     key: Key, usage: Usage, version: int | None = None, *, allow_compromised: bool = False
 ) -> UseGrant:
@@ -200,12 +215,7 @@ def new_key(
     origin: str = "broker",
 ) -> Key:
     """A new key with version 1 holding ``material``."""
-    if max_uses_per_version == 0 and key_type is KeyType.AES256_GCM:
-        raise InvalidArgument(
-            "max_uses_per_version 0 (no limit) is refused for aes256-gcm: random nonces bound a key "
-            "to 2^32 encryptions",
-            {"field": "max_uses_per_version"},
-        )
+    _check_use_limit(key_type, max_uses_per_version)
     return Key(
         id=key_id,
         name=name,
@@ -321,11 +331,7 @@ def update_settings(
     if rotation_period_s is not None:
         changes["rotation_period_s"] = rotation_period_s
     if max_uses_per_version is not None:
-        if max_uses_per_version == 0 and key.type is KeyType.AES256_GCM:
-            raise InvalidArgument(
-                "max_uses_per_version 0 (no limit) is refused for aes256-gcm",
-                {"field": "max_uses_per_version"},
-            )
+        _check_use_limit(key.type, max_uses_per_version)
         changes["max_uses_per_version"] = max_uses_per_version
     if min_decrypt_version is not None:
         if not 1 <= min_decrypt_version <= key.primary_version:

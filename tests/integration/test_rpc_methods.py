@@ -59,6 +59,13 @@ async def test_create_errors(admin: Caller) -> None:
     await fails(admin("key.create", name="k", type="des"), "invalid_argument")
     await fails(admin("key.create", name="k", type="aes256-gcm", colour="red"), "invalid_argument")
     await fails(admin("key.create", name="k", type="aes256-gcm", exportable="yes"), "invalid_argument")
+    # Random nonces bound an AES-GCM version to 2^32 encryptions.
+    for limit in (0, 2**32 + 1):
+        refused = admin("key.create", name="lim", type="aes256-gcm", max_uses_per_version=limit)
+        await fails(refused, "invalid_argument")
+    await admin("key.create", name="lim", type="aes256-gcm", max_uses_per_version=2**32)
+    await fails(admin("key.update", name="lim", max_uses_per_version=2**40), "invalid_argument")
+    await admin("key.create", name="lim-mac", type="hmac-sha256", max_uses_per_version=2**40)
     await fails(admin("key.create", name="k", type="aes256-gcm", max_uses_per_version=0), "invalid_argument")
     err = await fails(admin("key.create", name="k", type="aes256-gcm", protection="hsm"), "invalid_argument")
     assert "hsm" in err.message.lower()
