@@ -330,11 +330,25 @@ class KeyService:
             try:
                 await self.store.insert_key(key)
             except BaseException:
-                await backend.destroy(key.ref(1))
+                with trio.CancelScope(shield=True):
+                    if not await self._may_be_stored(key_id):
+                        await backend.destroy(key.ref(1))
                 raise
             self._remember(key)
         self._emit(key, EventKind.CREATED)
         return key
+
+    async def _may_be_stored(self, key_id: bytes) -> bool:
+        """After a failed insert: could the key be stored all the same?
+
+        A commit whose flush failed, or whose answer a lost connection
+        swallowed, may have happened; the material it names must then stay.
+        Only a store that answers "no such key" lets it go.
+        """
+        try:
+            return await self.store.get_key_by_id(key_id) is not None
+        except Exception:  # not knowing means keeping the material
+            return True
 
     async def rotate(self, name: str, *, only_if: Callable[[Key], bool] | None = None) -> Key:
         """Add a primary version.

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from broker.app import Broker, open_broker
 from broker.client import AsyncClient
 from broker.config import Config
-from broker.errors import BrokerError
+from broker.errors import BrokerError, Unavailable
 from broker.keys import Key
 from broker.server import serve
 from tests import hsm_fixtures
@@ -250,3 +250,26 @@ async def test_a_rotation_that_loses_a_race_leaves_no_token_object(
         assert all(found[i] for i in winner_ids)  # the stored versions are intact
         sealed = (await client.encrypt("h/raced", b"after the race"))["ciphertext"]
         assert (await client.decrypt(sealed))["plaintext"] == b"after the race"
+
+
+async def test_a_create_whose_outcome_is_unknown_keeps_its_token_object(
+    make_config: ConfigFactory, softhsm: SoftToken
+) -> None:
+    """A commit whose flush failed may have happened: the key it stored must keep its material."""
+    async with serving(hsm_config(make_config, softhsm)) as (broker, client):
+        store = broker.service.store
+        real_insert = store.insert_key
+
+        async def insert_then_fail(key: Key) -> None:
+            await real_insert(key)
+            raise Unavailable("the key store could not flush its log: Input/output error")
+
+        store.insert_key = insert_then_fail  # type: ignore[method-assign]
+        try:
+            await fails(client.key_create("h/unsure", "aes256-gcm", protection="hsm"), "unavailable")
+        finally:
+            store.insert_key = real_insert  # type: ignore[method-assign]
+        broker.service.forget("h/unsure")
+        # The key is there after all, and its material on the token still seals and opens.
+        sealed = await client.encrypt("h/unsure", b"kept")
+        assert (await client.decrypt(sealed["ciphertext"]))["plaintext"] == b"kept"
