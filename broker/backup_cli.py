@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from .app import open_broker
 from .backup import Passphrase, Recipient, collect_keys, create_backup, open_archive, restore_keys
 from .config import Config, load_config
+from .durable import sync_directory
 from .errors import BrokerError, InvalidArgument
 from .progress import ProgressBar
 from .stream import atomic_output
@@ -203,8 +204,10 @@ async def run_backup_restore(
                 },
             )
         _check_fresh(target)
-        # rename(2) replaces an empty directory atomically.
+        # rename(2) replaces an empty directory atomically; flushing the
+        # parent keeps the new name through a power loss.
         os.replace(staging, target)
+        sync_directory(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -24,13 +24,14 @@ write and its acknowledgement.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Final
 
 import trio
 
 from ._native import lib
 
-__all__ = ["fdatasync"]
+__all__ = ["fdatasync", "flush", "sync_directory"]
 
 # Eventfds kept for the next flushes (see the module docstring), at most this many.
 MAX_IDLE_EVENTFDS: Final = 16
@@ -57,6 +58,16 @@ def flush(fd: int) -> None:
         os.fdatasync(fd)
     else:  # pragma: no cover - macOS
         os.fsync(fd)
+
+
+def sync_directory(path: Path) -> None:
+    """Flush a directory's entries: after a file in it is created, renamed or
+    linked, until this returns the new name may not survive a power loss."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 async def fdatasync(fd: int) -> None:

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Final
 
+from .durable import sync_directory
 from .envelope import HEADER_LEN, NONCE_LEN, TAG_LEN, KeySlot, pack_header
 from .errors import DecryptionFailed, InvalidArgument
 
@@ -345,7 +346,8 @@ def atomic_output(dst: Path) -> Iterator[IO[bytes]]:
 
     On any exception the temporary file is removed and ``dst`` is untouched,
     so a failed decryption never leaves (partial) plaintext behind. Same
-    directory, hence same file system: the rename is atomic.
+    directory, hence same file system: the rename is atomic; the directory
+    is flushed after it, so the name survives a power loss once this returns.
     """
     try:
         fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
@@ -359,6 +361,7 @@ def atomic_output(dst: Path) -> Iterator[IO[bytes]]:
             out.flush()
             os.fsync(out.fileno())
         os.replace(temp, dst)
+        sync_directory(dst.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()

@@ -54,7 +54,7 @@ from broker.audit import (
     parse_valid_line,
 )
 from broker.config import Config
-from broker.durable import fdatasync, flush
+from broker.durable import fdatasync, flush, sync_directory
 from broker.hookspecs import hookimpl
 
 __all__ = ["DIR_MODE", "FILE_MODE", "FileAuditSink", "kb_audit_sinks"]
@@ -179,7 +179,7 @@ class FileAuditSink:
                 ) from None
             if created:
                 # The new name must survive a crash as well as its contents.
-                _fsync_dir(self.directory)
+                sync_directory(self.directory)
             head = self._recover(fd)
             self._size = os.fstat(fd).st_size
         except BaseException:
@@ -242,14 +242,6 @@ class FileAuditSink:
 # --- helpers -----------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _make_private_dir(path: Path) -> None:
     try:
         path.mkdir(mode=DIR_MODE)
@@ -257,7 +249,7 @@ def _make_private_dir(path: Path) -> None:
         return  # an operator's choice of mode on an existing directory stands
     # mkdir's mode is filtered by the umask; chmod is not.
     os.chmod(path, DIR_MODE)
-    _fsync_dir(path.parent)
+    sync_directory(path.parent)
 
 
 def _open_private(path: Path, flags: int) -> tuple[int, bool]:
@@ -343,5 +335,5 @@ def _set_aside(fd: int, directory: Path, start: int, end: int) -> tuple[Path, in
         os.fsync(out)
     finally:
         os.close(out)
-    _fsync_dir(directory)
+    sync_directory(directory)
     return path, lines

@@ -46,6 +46,7 @@ from typing import cast
 
 import trio
 
+from broker.durable import sync_directory
 from broker.envelope import KeySlot
 from broker.errors import DecryptionFailed, InvalidState, Unavailable
 
@@ -293,11 +294,7 @@ class FileRootKey:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        sync_directory(directory)
 
     async def _encode(self, key_id: bytes, key: bytearray) -> bytearray:
         if self._passphrase is None:

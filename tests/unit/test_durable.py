@@ -13,7 +13,7 @@ import trio
 
 from broker import durable
 from broker._native import lib
-from broker.durable import fdatasync, flush
+from broker.durable import fdatasync, flush, sync_directory
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "eventfd"), reason="the native flush is Linux-only")
 
@@ -212,3 +212,12 @@ def test_a_forked_child_flushes_with_threads_of_its_own(log_fd: int) -> None:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_sync_directory_flushes_directories_only(tmp_path: Path) -> None:
+    sync_directory(tmp_path)
+    (tmp_path / "f").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError):
+        sync_directory(tmp_path / "f")
+    with pytest.raises(FileNotFoundError):
+        sync_directory(tmp_path / "absent")
