@@ -98,7 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    return audit_verify_main(args.data_dir, sys.stdout)
+    return audit_verify_main(args.data_dir, sys.stdout, args.expect_hash)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_commands.add_parser("verify", help="prove the audit chain unbroken (exit 0 when intact)")
     verify.add_argument("--data-dir", type=Path, required=True)
+    verify.add_argument(
+        "--expect-hash",
+        metavar="HASH",
+        help="a 'last hash' printed before and kept elsewhere: fail unless the chain still holds it",
+    )
     verify.set_defaults(func=_audit_verify)
 
     add_client_commands(commands)

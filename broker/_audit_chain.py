@@ -28,6 +28,8 @@ MAX_DETAIL_CHARS: Final = 1024
 # A record is a few hundred bytes; anything longer than this cannot be one,
 # so readers refuse to parse it instead of buffering an arbitrary blob.
 MAX_LINE_BYTES: Final = 256 * 1024
+# The record a start-up writes after setting a damaged tail aside.
+RECOVER_OP: Final = "audit.recover"
 
 DetailValue = str | int | bool | None
 
@@ -483,6 +485,11 @@ class VerifyResult:
         reason: why that line is bad, or None.
         last_hash: hash of the last good record (GENESIS when there is none);
             keep it elsewhere to detect a later truncation of the tail.
+        set_aside_lines: complete lines the log once held past its last good
+            record that a start-up set aside (as its ``audit.recover``
+            records say). A crash leaves at most a partial last line, so a
+            complete line set aside means the end of the log was altered.
+        hashes: every good record's hash, when asked for (see verify_chain).
     """
 
     ok: bool
@@ -490,6 +497,8 @@ class VerifyResult:
     first_bad: int | None = None
     reason: str | None = None
     last_hash: str = GENESIS
+    set_aside_lines: int = 0
+    hashes: frozenset[str] = frozenset()
 
 
 def _parse_line(line: bytes) -> tuple[AuditRecord | None, str | None]:
@@ -523,7 +532,7 @@ def parse_valid_line(line: bytes) -> AuditRecord | None:
     return _parse_line(line)[0]
 
 
-def verify_chain(lines: Iterable[bytes]) -> VerifyResult:
+def verify_chain(lines: Iterable[bytes], *, keep_hashes: bool = False) -> VerifyResult:
     """Check that lines form one unbroken chain starting at seq 1.
 
     Each line must end in ``b"\\n"``, parse as an audit record in canonical
@@ -533,6 +542,7 @@ def verify_chain(lines: Iterable[bytes]) -> VerifyResult:
 
     Args:
         lines: the log's lines as read from a binary file (newline included).
+        keep_hashes: collect every good record's hash in ``hashes``.
 
     Returns:
         A :class:`VerifyResult`; ``first_bad`` is the 1-based line number.
@@ -542,7 +552,8 @@ def verify_chain(lines: Iterable[bytes]) -> VerifyResult:
         ``last_hash`` with a copy kept elsewhere to detect that.
     """
     prev = GENESIS
-    count = 0
+    count = set_aside = 0
+    hashes: set[str] = set()
     for number, line in enumerate(lines, start=1):
         record, reason = _parse_line(line)
         if record is not None and record.seq != count + 1:
@@ -550,7 +561,17 @@ def verify_chain(lines: Iterable[bytes]) -> VerifyResult:
         elif record is not None and record.prev != prev:
             reason = "prev does not match the previous record's hash"
         if reason is not None or record is None:
-            return VerifyResult(ok=False, records=count, first_bad=number, reason=reason, last_hash=prev)
+            return VerifyResult(
+                ok=False, records=count, first_bad=number, reason=reason, last_hash=prev,
+                set_aside_lines=set_aside, hashes=frozenset(hashes),
+            )
+        if record.op == RECOVER_OP:
+            lines_set_aside = record.details.get("set_aside_lines")
+            set_aside += lines_set_aside if isinstance(lines_set_aside, int) else 0
+        if keep_hashes:
+            hashes.add(record.hash)
         prev = record.hash
         count += 1
-    return VerifyResult(ok=True, records=count, last_hash=prev)
+    return VerifyResult(
+        ok=True, records=count, last_hash=prev, set_aside_lines=set_aside, hashes=frozenset(hashes)
+    )

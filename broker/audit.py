@@ -40,6 +40,7 @@ import trio
 from ._audit_chain import (
     GENESIS,
     MAX_LINE_BYTES,
+    RECOVER_OP,
     AuditRecord,
     ChainHead,
     DetailValue,
@@ -128,26 +129,32 @@ def verify_audit_dir(path: Path) -> VerifyResult:
         return verify_chain(fh)
 
 
-def audit_verify_main(data_dir: Path, out: TextIO) -> int:
+def audit_verify_main(data_dir: Path, out: TextIO, expect_hash: str | None = None) -> int:
     """``keybroker audit verify``: check the chain under ``data_dir`` and report.
 
     Args:
         data_dir: the broker's data directory (the log is in ``audit/``).
         out: where the human-readable report goes.
+        expect_hash: a record hash seen earlier (a ``last hash`` this
+            command printed, kept elsewhere): the chain must still hold it,
+            which a log cut short before it, or rewritten, does not.
 
     Returns:
-        0 when the chain is intact, 1 when it is broken, 2 when there is no
-        log to check or it cannot be read.
+        0 when the chain is intact, 1 when it is broken (including complete
+        records set aside at a start-up, and ``expect_hash`` missing), 2 when
+        there is no log to check or it cannot be read.
     """
     audit_dir = data_dir / "audit"
     if not (audit_dir / AUDIT_FILE_NAME).is_file():
         print(f"no audit log at {audit_dir / AUDIT_FILE_NAME}", file=out)
         return 2
     try:
-        result = verify_audit_dir(audit_dir)
+        with (audit_dir / AUDIT_FILE_NAME).open("rb") as fh:
+            result = verify_chain(fh, keep_hashes=expect_hash is not None)
     except OSError as exc:
         print(f"cannot read the audit log: {exc}", file=out)
         return 2
+    intact = result.ok
     if result.ok:
         print(f"audit chain intact: {result.records} records", file=out)
         print(f"last hash: {result.last_hash}", file=out)
@@ -156,7 +163,19 @@ def audit_verify_main(data_dir: Path, out: TextIO) -> int:
     torn = sorted(p.name for p in audit_dir.glob(f"{TORN_FILE_PREFIX}*.bin"))
     if torn:
         print(f"note: {len(torn)} torn tail(s) set aside, not part of the chain: {', '.join(torn)}", file=out)
-    return 0 if result.ok else 1
+    if result.set_aside_lines:
+        # A crash leaves at most a partial last line; whole records gone from
+        # the end mean the log was altered there.
+        print(
+            f"ALTERED: {result.set_aside_lines} complete record(s) were set aside at a start-up "
+            f"(see the audit.recover records and the torn files)",
+            file=out,
+        )
+        intact = False
+    if expect_hash is not None and expect_hash not in result.hashes:
+        print(f"ALTERED: no record has the expected hash {expect_hash} (cut short or rewritten)", file=out)
+        intact = False
+    return 0 if intact else 1
 
 
 # --- sinks -----------------------------------------------------------------
@@ -749,7 +768,7 @@ async def open_audit_log(
                 nursery.start_soon(fanout.run)
             if head.set_aside_bytes:
                 log._notes.append(log._entry(
-                    _rfc3339(clock()), principal="keybroker", op="audit.recover", outcome="recovered",
+                    _rfc3339(clock()), principal="keybroker", op=RECOVER_OP, outcome="recovered",
                     key=None, version=None, code=None, alarm=head.set_aside_lines > 0,
                     details={"set_aside_bytes": head.set_aside_bytes, "set_aside_to": head.set_aside_path,
                              "set_aside_lines": head.set_aside_lines, "after_seq": head.seq},

@@ -131,6 +131,29 @@ async def test_damaged_complete_lines_are_set_aside_as_an_alarm(audit_dir: Path)
     assert note.op == "audit.recover" and note.alarm
     assert note.details["set_aside_lines"] == 2
     assert verify_audit_dir(audit_dir).records == 4
+    # The chain links up again, but whole records went missing from its end:
+    # no crash does that, so verification says the log was altered.
+    out = io.StringIO()
+    assert audit_verify_main(audit_dir.parent, out) == 1
+    assert "audit chain intact: 4 records" in out.getvalue()
+    assert "ALTERED: 2 complete record(s) were set aside" in out.getvalue()
+
+
+async def test_records_cut_off_the_end_fail_against_a_kept_hash(audit_dir: Path) -> None:
+    await write_records(audit_dir, 5)
+    out = io.StringIO()
+    assert audit_verify_main(audit_dir.parent, out) == 0
+    kept = out.getvalue().split("last hash: ")[1].split()[0]
+    path = audit_dir / AUDIT_FILE_NAME
+    path.write_bytes(b"".join(log_lines(audit_dir)[:3]))  # the last two records cut off
+    assert audit_verify_main(audit_dir.parent, io.StringIO()) == 0  # a chain cannot tell alone
+    out = io.StringIO()
+    assert audit_verify_main(audit_dir.parent, out, expect_hash=kept) == 1
+    assert f"no record has the expected hash {kept}" in out.getvalue()
+    await write_records(audit_dir, 4)  # growing past it again does not bring it back
+    assert audit_verify_main(audit_dir.parent, io.StringIO(), expect_hash=kept) == 1
+    earlier = AuditRecord.from_json(json.loads(log_lines(audit_dir)[1])).hash
+    assert audit_verify_main(audit_dir.parent, io.StringIO(), expect_hash=earlier) == 0
 
 
 async def test_log_with_no_complete_record(audit_dir: Path) -> None:
