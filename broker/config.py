@@ -121,7 +121,8 @@ class Config:
     # Maps a transport identity ("uid:1000", a SPIFFE ID, a CN) to a name.
     principals: Mapping[str, str] = field(default_factory=dict)
     # Plugin sections, by plugin name: [plugins.rbac], [plugins.pkcs11], ...
-    plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Left out of repr: a section may hold a secret (an inline DSN's password).
+    plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False)
     disabled_plugins: tuple[str, ...] = ()
 
     def section(self, name: str) -> Mapping[str, Any]:

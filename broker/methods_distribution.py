@@ -162,7 +162,10 @@ async def _backup_create(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any
         keys = await collect_keys(d.service, None)
         for key in keys:
             if not d.allowed(call, key.name, key):
-                raise PermissionDenied(f"{call.ctx.principal.name} may not back up {key.name!r}")
+                # Not naming it: the caller may not even know the key exists.
+                raise PermissionDenied(
+                    f"{call.ctx.principal.name} may not back up every key; name the keys to back up"
+                )
     out = io.BytesIO()
     summary = await create_backup(d.service, keys, protector, out, node=d.config.node)
     call.details["keys"] = summary.keys

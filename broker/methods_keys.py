@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .calls import NAME, PERIOD, PREFIX, TIME, USES, VERSION, Call, Handler, Kind, Method
 from .errors import ApprovalRequired, BrokerError, PermissionDenied
-from .keys import Classification, KeyState, KeyType, check_name
+from .keys import Classification, Key, KeyState, KeyType, check_name
 from .lifecycle import Transition, transition
 from .params import Field, Spec, as_bool, as_enum, as_int, as_labels, as_str
 from .policy import AuthzRequest
@@ -62,11 +62,24 @@ async def _key_get(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
 
 async def _key_list(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
     d.authorize_no_key(call)
-    keys = await d.service.list_keys(
-        prefix=args["prefix"], state=args.get("state"), limit=args["limit"], after=args.get("cursor")
-    )
-    visible = [k for k in keys if d.allowed(call, k.name, k, "key.get")]
-    cursor = keys[-1].name if len(keys) == args["limit"] else None
+    limit, after = args["limit"], args.get("cursor")
+    # Pages are read until `limit` keys the caller may see are found (or the
+    # store ends), and the cursor is the last of those: a cursor naming a key
+    # the caller may not see would tell it that key's name.
+    visible: list[Key] = []
+    while len(visible) < limit:
+        page = await d.service.list_keys(
+            prefix=args["prefix"], state=args.get("state"), limit=limit, after=after
+        )
+        for key in page:
+            if d.allowed(call, key.name, key, "key.get"):
+                visible.append(key)
+                if len(visible) == limit:
+                    break
+        if len(page) < limit:
+            break
+        after = page[-1].name
+    cursor = visible[-1].name if len(visible) == limit else None
     call.details["count"] = len(visible)
     return {"keys": [d.service.metadata(k) for k in visible], "cursor": cursor}
 

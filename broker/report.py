@@ -267,7 +267,11 @@ class AuditStats:
             self._keys.setdefault(key, Counter())[op] += 1
         if record.get("alarm") is True:
             self._alarms += 1
-        if outcome == "denied":
+        details = record.get("details")
+        refused = details.get("denied") if isinstance(details, dict) else None
+        # A batch call with refused items succeeds, its record counting them.
+        partly = type(refused) is int and refused > 0
+        if outcome == "denied" or partly:
             self._denied_principal[principal] += 1
             self._denied_op[op] += 1
             if isinstance(key, str):

@@ -262,7 +262,8 @@ class Dispatcher:
             InvalidState: the version's state forbids opening data.
         """
         if not self.allowed(call, key.name, key, op):
-            raise PermissionDenied(f"{call.ctx.principal.name} may not {op} with {key.name!r}")
+            # Not naming the key: the caller brought only its envelope.
+            raise PermissionDenied(f"{call.ctx.principal.name} may not {op} with this envelope's key")
         if key.type is not KeyType.AES256_GCM:
             raise DecryptionFailed()
         return self.service.process_grant(key, version, allow_compromised=allow_compromised)
@@ -290,6 +291,7 @@ class Dispatcher:
                 continue
             groups.setdefault((header.key_id, header.version), []).append(index)
         ready: list[tuple[Key, int, list[int]]] = []
+        denied = 0
         for (key_id, version), indexes in groups.items():
             try:
                 key = await self.service.get_by_id(key_id)
@@ -297,9 +299,14 @@ class Dispatcher:
                 call.alarm = call.alarm or grant.alarm
                 ready.append((key, version, indexes))
             except BrokerError as exc:
+                if isinstance(exc, PermissionDenied):
+                    denied += len(indexes)
                 wire = exc.to_wire()
                 for index in indexes:
                     errors[index] = wire
+        if denied:
+            # The call succeeds with per-item errors; its record still shows the refusals.
+            call.details["denied"] = denied
         if len(ready) == 1:
             call.key, call.version = ready[0][0].name, ready[0][1]
         elif ready:

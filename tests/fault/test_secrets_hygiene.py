@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from broker.client import Client
+from broker.config import parse_config
 from broker.errors import BrokerError
 from tests._broker_process import BrokerProcess, broker_process
 
@@ -81,3 +82,13 @@ def test_no_secret_in_logs_audit_errors_or_core(broker: BrokerProcess) -> None:
     # Error messages name the field and the rule, never a value.
     assert leaks("\n".join(messages).encode(), secrets) == []
     assert os.listdir(data / "audit") == ["audit.jsonl"]
+
+
+def test_the_configs_repr_holds_no_plugin_secret(tmp_path: Path) -> None:
+    password = "S3cret-" + os.urandom(6).hex()
+    config = parse_config(
+        {"store": "postgres", "plugins": {"postgres": {"dsn": f"postgresql://kb:{password}@db/kb"}}},
+        data_dir=tmp_path,
+    )
+    assert config.section("postgres")["dsn"].endswith("@db/kb")  # still there to use
+    assert password not in repr(config)

@@ -286,6 +286,42 @@ async def test_a_malformed_name_is_refused_before_it_is_recorded(broker: Broker,
     assert verify_audit_dir(broker.config.audit_dir).ok
 
 
+async def test_a_principal_learns_no_name_of_a_key_it_may_not_see(
+    make_config: ConfigFactory, owner: str
+) -> None:
+    grant = {"principals": ["alice"], "roles": ["app", "auditor"], "operations": ["backup.create"]}
+    grants = {"grants": [{**grant, "keys": ["alice/*"]}]}
+    async with open_broker(make_config({"plugins": {"rbac": grants}})) as broker:
+        admin, alice = Caller(broker, owner), Caller(broker, "alice")
+        names = ["alice/a", "hr/payroll", "hr/salaries", "alice/b", "ops/db"]
+        for name in names:
+            await admin("key.create", name=name, type="aes256-gcm")
+        # Listing one key at a time: every cursor names a key alice may see.
+        seen, cursor = [], None
+        while True:
+            page = await alice("key.list", limit=1, **({"cursor": cursor} if cursor else {}))
+            seen += [k["name"] for k in page["keys"]]
+            cursor = page["cursor"]
+            if cursor is None:
+                break
+            assert cursor.startswith("alice/")
+        assert seen == ["alice/a", "alice/b"]
+        # An envelope of another key: refused without its name, in a batch too.
+        sealed = (await admin("encrypt", key="hr/payroll", plaintext=b"x"))["ciphertext"]
+        err = await fails(alice("decrypt", ciphertext=sealed), "permission_denied")
+        assert "hr/" not in err.message
+        mine = (await alice("encrypt", key="alice/a", plaintext=b"y"))["ciphertext"]
+        batch = await alice("decrypt_batch", ciphertexts=[sealed, mine])
+        assert batch["plaintexts"] == [None, b"y"] and "hr/" not in str(batch["errors"])
+        # The batch succeeded, and its audit record counts the refused item.
+        record = audit_records(broker)[-1]
+        assert (record["op"], record["outcome"]) == ("decrypt_batch", "allowed")
+        assert record["details"]["denied"] == 1
+        # A backup of everything, which alice may not make, names no key either.
+        err = await fails(alice("backup.create", passphrase="pw"), "permission_denied")
+        assert "every key" in err.message and "hr/" not in err.message and "ops/" not in err.message
+
+
 async def test_lifecycle_calls(admin: Caller) -> None:
     await admin("key.create", name="l", type="aes256-gcm", activate=False)
     await fails(admin("encrypt", key="l", plaintext=b"x"), "invalid_state")

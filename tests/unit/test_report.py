@@ -106,6 +106,19 @@ def test_audit_stats_filter_by_period_and_bucket_denials() -> None:
     assert sum(counts) == 3 and len(counts) == 4
 
 
+def test_a_batch_with_refused_items_counts_as_a_denial() -> None:
+    stats = AuditStats(since=T0, until=T0 + DAY)
+    ts = datetime.fromtimestamp(T0 + 5, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    base = {"ts": ts, "principal": "mallory", "op": "decrypt_batch", "key": None, "outcome": "allowed",
+            "alarm": False}
+    stats.add({**base, "seq": 1, "details": {"items": 3, "denied": 2}})
+    stats.add({**base, "seq": 2, "details": {"items": 3, "denied": 0}})
+    stats.add({**base, "seq": 3, "details": {"denied": True}})  # not a count
+    denials = stats.to_dict()["denials"]
+    assert denials["total"] == 1 and denials["by_principal"] == {"mallory": 1}
+    assert denials["by_op"] == {"decrypt_batch": 1}
+
+
 def test_long_periods_get_wider_buckets() -> None:
     stats = AuditStats(since=T0, until=T0 + 365 * DAY)
     over_time = stats.to_dict()["denials"]["over_time"]
