@@ -521,6 +521,8 @@ class _Connection:
         # Erased material may still be in the log (SQLiteStore._truncate_log):
         # the periodic checkpoint empties the log, not only copies it.
         self.erasure_pending = False
+        # Why the log's flush failed, once it has: no change is written after.
+        self.broken: str | None = None
 
     async def change(self, body: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``body`` in a write transaction shared with the changes queued beside it.
@@ -561,6 +563,10 @@ class _Connection:
             if conn is None or self._log is None:
                 _fail_all(changes, Unavailable("the key store is closed"))
                 return
+            if self.broken is not None:
+                refused = f"{self.broken}; no change is written until the broker restarts"
+                _fail_all(changes, Unavailable(refused))
+                return
             # Statements and commit run here on the event loop: a few tens of
             # microseconds per change, where a worker thread would first wait
             # for the GIL the busy loop keeps retaking. Only when another
@@ -574,7 +580,13 @@ class _Connection:
                 except OSError as exc:
                     # Committed, but not known to be durable: nobody is told
                     # it succeeded (the data is visible and may survive).
-                    _fail_all(changes, Unavailable(f"the key store could not flush its log: {exc.strerror}"))
+                    # Nor is anyone after: the kernel may have dropped the
+                    # pages it failed to write, and a later flush that
+                    # succeeds would not bring them back, while recovery stops
+                    # at the first bad frame of the log, taking every later
+                    # commit with it. Writes wait for a reopen.
+                    self.broken = f"the key store could not flush its log: {exc.strerror}"
+                    _fail_all(changes, Unavailable(self.broken))
                 self._groups += 1
         finally:
             for queued in changes:

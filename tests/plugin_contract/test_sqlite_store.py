@@ -368,7 +368,9 @@ async def test_a_change_returns_only_once_its_log_is_flushed(
     assert len(flushed) == 2
 
 
-async def test_a_failed_flush_fails_the_change(opened: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_failed_flush_fails_the_change_and_every_later_one_until_reopened(
+    opened: SQLiteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async def failing(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
@@ -376,7 +378,19 @@ async def test_a_failed_flush_fails_the_change(opened: SQLiteStore, monkeypatch:
     with pytest.raises(Unavailable, match="flush"):
         await opened.insert_key(make_key("unflushed"))
     monkeypatch.undo()
-    await opened.insert_key(make_key("flushed"))
+    # The kernel may have dropped what it failed to write: a later flush that
+    # succeeds would acknowledge commits that recovery could not reach.
+    with pytest.raises(Unavailable, match="until the broker restarts"):
+        await opened.insert_key(make_key("after"))
+    assert await opened.get_key("after") is None
+    await opened.aclose()
+    reopened = SQLiteStore(db_path)
+    await reopened.open()
+    try:
+        await reopened.insert_key(make_key("flushed"))
+        assert await reopened.get_key("flushed") is not None
+    finally:
+        await reopened.aclose()
 
 
 async def test_the_log_is_checkpointed_into_the_database(opened: SQLiteStore, db_path: Path) -> None:
