@@ -116,6 +116,8 @@ def kb_key_event(event: KeyEvent) -> None:
     """Observe a key event (created, rotated, state changed, destroyed, ...).
 
     Called after the change is durable. Must not block; schedule any I/O.
+    An exception is logged and ignored: the change stands, and the other
+    observers are still called.
     """
 
 

@@ -7,6 +7,8 @@ entry-point group, so every plugin sees the same surface. Names listed in
 
 from __future__ import annotations
 
+import logging
+import traceback
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, cast
 
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 __all__ = ["Plugins", "StartupError"]
 
 # Authorization decisions remembered at most; the cache starts over when full.
+log = logging.getLogger("keybroker.plugins")
+
 DECISION_CACHE_SIZE = 65_536
 
 
@@ -138,7 +142,20 @@ class Plugins:
         return max((c for c in counts if c is not None), default=0)
 
     def key_event(self, event: KeyEvent) -> None:
-        self._hook.kb_key_event(event=event)
+        """Tell every observer; one that raises is logged and the others still hear of it.
+
+        The change is durable by now: an observer's failure must not turn it
+        into an error for the caller, nor stop the scheduler.
+        """
+        for impl in self._hook.kb_key_event.get_hookimpls():
+            try:
+                impl.function(event=event)
+            except Exception as exc:
+                # The type and stack only, as for any internal error: a message may quote key data.
+                stack = "".join(traceback.format_tb(exc.__traceback__))
+                log.error(
+                    "key event observer %s failed: %s\n%s", impl.plugin_name, type(exc).__qualname__, stack
+                )
 
     def rpc_methods(self) -> dict[str, RpcMethod]:
         methods: dict[str, RpcMethod] = {}

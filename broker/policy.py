@@ -38,14 +38,20 @@ class AuthzRequest:
     classification: str | None = None
 
 
-def combine(decisions: Iterable[Decision | None]) -> bool:
-    """Allowed iff some plugin allows and none denies."""
+def combine(decisions: Iterable[object]) -> bool:
+    """Allowed iff some plugin allows and none denies.
+
+    Fails closed: anything but ALLOW, DENY (or their strings, "allow" and
+    "deny") and None, from a policy that returns, say, False, is a denial.
+    """
     allowed = False
     for decision in decisions:
-        if decision is Decision.DENY:
-            return False
-        if decision is Decision.ALLOW:
+        if decision is None:
+            continue
+        if decision == Decision.ALLOW:
             allowed = True
+            continue
+        return False  # DENY, or an answer that is no Decision
     return allowed
 
 
@@ -57,7 +63,14 @@ class Policy:
     """
 
     def authorize(self, request: AuthzRequest) -> Decision | None:
-        """ALLOW, DENY or None (no opinion). Called on every request; must not block."""
+        """ALLOW, DENY or None (no opinion); any other answer counts as DENY.
+
+        Must not block, and must be a pure function of the request and the
+        configuration: the broker remembers each answer for the request's
+        fields (principal, operation, key, classification) for the life of
+        the process, so a policy is not asked again for a request it has
+        answered. (Time-based or rate-limiting rules do not fit here.)
+        """
         return None
 
     def roles(self, principal: str) -> Sequence[str]:

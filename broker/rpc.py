@@ -21,6 +21,7 @@ from .envelope import parse_header
 from .errors import (
     BrokerError,
     DecryptionFailed,
+    Internal,
     LimitExceeded,
     NotFound,
     PermissionDenied,
@@ -121,9 +122,8 @@ class Dispatcher:
             if entry.kind is Kind.CHANGE:
                 await self.record(Call(call.ctx, call.method, key=target(args)), "requested", None)
             result = await entry.run(self, call, args)
-        except BrokerError as exc:
-            outcome = "denied" if isinstance(exc, PermissionDenied) else "error"
-            await self.record(call, outcome, exc.code, durable=False)
+        except Exception as exc:
+            await self.record(call, *_failure(exc), durable=False)
             raise
         try:
             await self.record(call, "allowed", None, durable=False)
@@ -243,8 +243,8 @@ class Dispatcher:
             else:
                 await self.key_for(call, as_key_name(entry.key_param, params.get(entry.key_param)))
             result = await entry.handler(ctx, params)
-        except BrokerError as exc:
-            await self.record(call, "denied" if isinstance(exc, PermissionDenied) else "error", exc.code)
+        except Exception as exc:
+            await self.record(call, *_failure(exc))
             raise
         await self.record(call, "allowed", None)
         return result
@@ -314,10 +314,18 @@ class Dispatcher:
         return ready, errors
 
 
+def _failure(exc: Exception) -> tuple[str, str]:
+    """The audit outcome and code of a call that raised ``exc``: a bug (in a
+    plugin's policy or method, say) is recorded too, as ``internal``."""
+    if isinstance(exc, PermissionDenied):
+        return "denied", exc.code
+    return "error", exc.code if isinstance(exc, BrokerError) else Internal.code
+
+
 def _outcome(result: Any) -> tuple[str, str | None]:
     """The audit outcome and code of a call that returned or failed with ``result``."""
     if isinstance(result, BrokerError):
-        return ("denied" if isinstance(result, PermissionDenied) else "error"), result.code
+        return _failure(result)
     return "allowed", None
 
 
