@@ -26,6 +26,7 @@ import base64
 import binascii
 import contextlib
 import json
+import math
 import os
 import ssl
 import stat
@@ -401,6 +402,17 @@ def _labels(pairs: list[str] | None) -> dict[str, str] | None:
             raise UsageError(f"--label wants KEY=VALUE, not {pair!r}")
         labels[name] = value
     return labels
+
+
+def _wait(text: str) -> float:
+    """A positive, finite number of seconds to wait."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
 
 
 def _seconds(text: str) -> int:
@@ -832,7 +844,7 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
                       help="CA certificate(s) that signed the broker's")
     conn.add_argument("--tls-server-name", metavar="NAME", default=argparse.SUPPRESS,
                       help="name to check the broker's certificate for (default: --tls-host)")
-    conn.add_argument("--timeout", metavar="SECONDS", type=float, default=argparse.SUPPRESS,
+    conn.add_argument("--timeout", metavar="SECONDS", type=_wait, default=argparse.SUPPRESS,
                       help="give up waiting for the broker after this long (default 60)")
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", default=argparse.SUPPRESS,

@@ -428,6 +428,9 @@ class Client(_Api[Any]):
     ) -> None:
         if busy_poll_us < 0:
             raise ValueError("busy_poll_us must not be negative")
+        if timeout is not None and not 0 < timeout < math.inf:
+            # 0 would make the socket non-blocking: a call still on its way would read as lost.
+            raise ValueError("timeout must be a positive number of seconds, or None")
         self._endpoint = _Endpoint.of(socket_path, host, port, ssl_context, server_hostname)
         self._timeout = timeout
         self._busy_poll_s = busy_poll_us / 1e6
@@ -488,6 +491,11 @@ class Client(_Api[Any]):
     def subscribe(self, prefix: str | None = None) -> Iterator[dict[str, Any]]:
         """Subscribe to key events and yield them (blocking, no timeout).
 
+        The subscription takes the client for as long as it is iterated
+        (calls from other threads wait): give it a client of its own. When
+        the iterator is closed, the connection is closed with it, so that
+        no events pile up for it; the next call connects afresh.
+
         Raises:
             ConnectionLost: the connection broke; subscribe again.
         """
@@ -507,7 +515,8 @@ class Client(_Api[Any]):
                         raise ConnectionLost("subscription connection lost") from None
             finally:
                 if self._sock is sock:
-                    sock.settimeout(self._timeout)
+                    self._drop()  # ends the broker's feed to this connection
+                self._notes.clear()
 
     # -- internals -----------------------------------------------------------
 
@@ -584,7 +593,9 @@ class Client(_Api[Any]):
         fd, buffer = sock.fileno(), self._poll_buffer
         # The decoder copies what it keeps, so the buffer can be read into again.
         view = memoryview(buffer)
-        deadline = time.perf_counter() + self._busy_poll_s
+        # Never past the call's timeout: after that the broker is not answering.
+        window = min(self._busy_poll_s, self._timeout if self._timeout is not None else math.inf)
+        deadline = time.perf_counter() + window
         while True:
             try:
                 count = os.readv(fd, [buffer])
@@ -667,7 +678,11 @@ class _AsyncConnection:
                 for event in self.decoder.feed(data):
                     if isinstance(event, Notification):
                         for channel in list(self.subscribers):
-                            channel.send_nowait(event)
+                            try:
+                                channel.send_nowait(event)
+                            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                                # Its subscription ended: that is no reason to end the connection.
+                                self.subscribers.discard(channel)
                     elif (waiter := self.waiters.get(event.msgid)) is not None:
                         waiter.response = event
                         waiter.event.set()
@@ -686,6 +701,12 @@ class _AsyncConnection:
             # The broker cannot have read all of it: not acted on.
             self.fail()
             raise _NotSent from None
+        except BaseException:
+            # Cancelled (or failed) part-way: the broker may hold the start of
+            # this request and would read the next one's bytes as its rest.
+            # This connection is done; the next call opens another.
+            self.fail()
+            raise
 
     def fail(self) -> None:
         """Mark broken; wake every caller still waiting and end subscriptions."""
@@ -804,6 +825,9 @@ class AsyncClient(_Api[Awaitable[Any]]):
     async def subscribe(self, prefix: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Subscribe to key events and yield them as they come.
 
+        Several subscriptions may share the client's connection; each yields
+        only the events under its own prefix.
+
         Raises:
             ConnectionLost: the connection broke; subscribe again.
         """
@@ -817,7 +841,8 @@ class AsyncClient(_Api[Awaitable[Any]]):
             async with receive:
                 async for note in receive:
                     for event in _key_events(note):
-                        yield event
+                        if prefix is None or str(event.get("name", "")).startswith(prefix):
+                            yield event
             raise ConnectionLost("subscription connection lost")
         finally:
             conn.subscribers.discard(send)

@@ -98,3 +98,18 @@ def test_a_late_reply_is_waited_for_after_the_poll(tmp_path: Path, polls: list[i
 def test_busy_poll_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="busy_poll_us"):
         Client("/nonexistent.sock", busy_poll_us=-1)
+
+
+def test_polling_stops_at_the_calls_timeout(tmp_path: Path) -> None:
+    path = str(tmp_path / "silent.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    try:
+        with Client(path, timeout=0.2, busy_poll_us=5_000_000) as kb:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                kb.call("ping", {})
+            assert time.monotonic() - started < 2.0  # not the 5 s polling window
+    finally:
+        listener.close()

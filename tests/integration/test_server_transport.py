@@ -459,6 +459,46 @@ async def test_async_subscribe_yields_key_events(server: ServerInfo) -> None:
     assert events == [{"name": "k", "event": "rotated"}]
 
 
+async def test_async_subscriptions_each_get_their_prefix_and_end_alone(server: ServerInfo) -> None:
+    async with AsyncClient(server.socket_path) as client:
+        got: dict[str, list[str]] = {"a": [], "b": []}
+
+        async def listen(prefix: str, count: int) -> None:
+            async for event in client.subscribe(prefix=prefix):
+                got[prefix].append(event["name"])
+                if len(got[prefix]) == count:
+                    return  # ends this subscription, not the connection
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(listen, "a", 1)
+            nursery.start_soon(listen, "b", 2)
+            await trio.sleep(0.05)
+            for name in ("a1", "b1", "a2", "b2"):
+                await client.call("notify", {"name": name})
+                await trio.sleep(0.01)
+        # Events kept coming for the ended subscription; the connection is still the same.
+        await client.call("notify", {"name": "a3"})
+        assert await client.call("echo", {"still": 1}) == {"still": 1}
+    assert got == {"a": ["a1"], "b": ["b1", "b2"]}
+
+
+async def test_a_request_cancelled_while_sending_does_not_garble_the_next(server: ServerInfo) -> None:
+    async with AsyncClient(server.socket_path) as client:
+        conn = await client._ensure()  # the connection the cancelled send will use
+        with trio.move_on_after(0.001):
+            # Larger than the socket buffers: the send is still going when cancelled.
+            await client.call("echo", {"b": b"x" * (8 << 20)})
+        assert conn.broken
+        with trio.fail_after(5):
+            assert await client.call("echo", {"after": 1}) == {"after": 1}
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf")])
+def test_a_client_timeout_must_be_positive_and_finite(timeout: float) -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        Client("/nonexistent.sock", timeout=timeout)
+
+
 def test_sync_subscribe_yields_key_events(tmpdir_short: Path) -> None:
     config = make_config(tmpdir_short)
 
