@@ -15,6 +15,7 @@ from enum import StrEnum
 from .errors import InvalidArgument
 
 __all__ = [
+    "HSM",
     "NAME_PATTERN",
     "SOFTWARE",
     "Classification",
