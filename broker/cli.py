@@ -370,7 +370,10 @@ def _run(args: argparse.Namespace) -> int:
             try:
                 return handler(client, args)
             except (ConnectionLost, TimeoutError, ssl.SSLError) as exc:
-                raise _Unreachable(str(exc) or type(exc).__name__) from None
+                message = str(exc) or type(exc).__name__
+                if isinstance(exc, TimeoutError) or "waiting for the reply" in message:
+                    message += " (the broker may have carried it out: check before repeating a change)"
+                raise _Unreachable(message) from None
             except OSError as exc:
                 # Local files are read and written through helpers that raise
                 # UsageError, so an OSError here comes from the connection.

@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import shutil
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +204,21 @@ async def test_no_broker_exits_3(short_tmp: Path) -> None:
     result = await kb("status", "--socket", short_tmp / "absent.sock")
     assert result.code == 3
     assert result.err.startswith("keybroker: unavailable: cannot connect to ")
+
+
+async def test_a_reply_that_never_comes_says_the_change_may_have_happened(short_tmp: Path) -> None:
+    path = short_tmp / "silent.sock"
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(str(path))
+    listener.listen(1)
+    try:
+        result = await kb("key", "rotate", "cli/x", "--timeout", "0.3", socket=path)
+    finally:
+        listener.close()
+    assert result.code == 3
+    assert "may have carried it out" in result.err
+    for bad in ("0", "-1", "nan"):
+        assert (await kb("key", "get", "cli/x", "--timeout", bad, socket=path)).code == 2
 
 
 async def test_usage_errors_exit_2(sock: Path, short_tmp: Path) -> None:
