@@ -7,10 +7,11 @@ entry-point group, so every plugin sees the same surface. Names listed in
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import traceback
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import pluggy
 
@@ -32,6 +33,7 @@ __all__ = ["Plugins", "StartupError"]
 
 # Authorization decisions remembered at most; the cache starts over when full.
 log = logging.getLogger("keybroker.plugins")
+_T = TypeVar("_T")
 
 DECISION_CACHE_SIZE = 65_536
 
@@ -58,15 +60,37 @@ class Plugins:
         for name in config.disabled_plugins:
             self.manager.set_blocked(name)
         if entry_points:
+            installed = {ep.name for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT)}
+            unknown = sorted(set(config.disabled_plugins) - installed)
+            if unknown:
+                # A misspelled name would leave the plugin it meant enabled.
+                raise StartupError(f"disabled_plugins names no installed plugin: {', '.join(unknown)}")
             self.manager.load_setuptools_entrypoints(hookspecs.PROJECT)
         for plugin in extra:
             self.manager.register(plugin)
         self.manager.check_pending()
         self._hook = self.manager.hook
         self._decisions: dict[tuple[str, str, str | None, str | None], bool] = {}
-        self.policies: list[Policy] = [
-            policy for batch in self._hook.kb_policies(config=config) for policy in batch
-        ]
+        self.policies: list[Policy] = self._provided("kb_policies", Policy, config=config)
+
+    def _provided(self, hook: str, kind: type[_T], **kwargs: object) -> list[_T]:
+        """What every plugin's ``hook`` returns, flattened: each must return a
+        list (or tuple) of ``kind``. A plugin that returns anything else is
+        named in the StartupError."""
+        found: list[_T] = []
+        for impl in reversed(getattr(self._hook, hook).get_hookimpls()):  # pluggy's call order
+            batch = impl.function(**{name: kwargs[name] for name in impl.argnames})
+            if batch is None:
+                continue
+            if not isinstance(batch, list | tuple) or not all(isinstance(item, kind) for item in batch):
+                # A module plugin by its module, an object by its class.
+                named = getattr(impl.plugin, "__name__", type(impl.plugin).__qualname__)
+                raise StartupError(
+                    f"plugin {impl.plugin_name!r} ({named}): {hook} must return a list of {kind.__name__}, "
+                    f"not {type(batch).__name__}"
+                )
+            found.extend(batch)
+        return found
 
     @property
     def names(self) -> list[str]:
@@ -92,15 +116,16 @@ class Plugins:
 
     def backends(self, root: RootKey) -> dict[str, Backend]:
         found: dict[str, Backend] = {}
-        for batch in self._hook.kb_backends(config=self.config, root=root):
-            for backend in batch:
-                if backend.protection in found:
-                    raise StartupError(f"two backends claim protection {backend.protection!r}")
-                found[backend.protection] = backend
+        # Backend is a Protocol: the list is checked, its items are trusted.
+        provided = self._provided("kb_backends", object, config=self.config, root=root)
+        for backend in cast("list[Backend]", provided):
+            if backend.protection in found:
+                raise StartupError(f"two backends claim protection {backend.protection!r}")
+            found[backend.protection] = backend
         return found
 
     def audit_sinks(self) -> list[AuditSink]:
-        sinks = [sink for batch in self._hook.kb_audit_sinks(config=self.config) for sink in batch]
+        sinks = cast("list[AuditSink]", self._provided("kb_audit_sinks", object, config=self.config))
         primaries = [sink for sink in sinks if sink.primary]
         if len(primaries) != 1:
             raise StartupError(f"exactly one primary audit sink is needed, found {len(primaries)}")

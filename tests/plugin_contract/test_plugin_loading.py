@@ -165,3 +165,21 @@ async def test_a_raising_policy_fails_closed_and_is_audited(make_config: ConfigF
         last = json.loads(lines[-1])
         assert (last["principal"], last["op"]) == ("app", "encrypt")
         assert (last["outcome"], last["code"]) == ("error", "internal")
+
+
+def test_a_misspelled_disabled_plugin_stops_the_start(make_config: ConfigFactory) -> None:
+    # Left alone, the plugin the name meant would stay enabled.
+    with pytest.raises(StartupError, match="demo-sofware"):
+        Plugins(make_config({"disabled_plugins": ["demo-sofware"]}))
+
+
+class _OnePolicyNotAList:
+    @hookimpl
+    def kb_policies(self, config: Config) -> Policy:
+        return Policy()
+
+
+def test_a_hook_returning_no_list_names_its_plugin(make_config: ConfigFactory) -> None:
+    with pytest.raises(StartupError, match="must return a list of Policy") as info:
+        Plugins(make_config(), extra=[_OnePolicyNotAList()])
+    assert "(_OnePolicyNotAList)" in str(info.value)
