@@ -260,6 +260,10 @@ def transition(key: Key, call: Transition, now: int, *, pending_days: int | None
             )
         return _changed(key, now, state=target, prior_state=key.state, destroy_at=now + days * DAY)
     if call is Transition.CANCEL_DESTROY:
+        if key.destroy_at is not None and key.destroy_at <= now:
+            # Its material may already be gone (destruction is not one step
+            # on an HSM): bringing the key back could only bring back a husk.
+            raise InvalidState(f"key {key.name!r}: its grace period is over; it is being destroyed")
         back = key.prior_state or KeyState.ACTIVE
         return _changed(key, now, state=back, prior_state=None, destroy_at=None)
     if call is Transition.DESTROY:

@@ -101,8 +101,7 @@ async def test_a_stale_page_never_destroys_or_rotates_what_is_no_longer_due(
         clock.advance(8 * DAY)
         # The scheduler reads its page; then, before it acts, an admin steps in.
         stale = await broker.service.list_scheduled(limit=10, after=None)
-        await admin("key.cancel_destroy", name="d")
-        await admin("key.schedule_destroy", name="d", pending_days=30)
+        await admin("key.compromise", name="d")  # ends the pending destruction
         await admin("key.rotate", name="r")
 
         async def listed(**_: Any) -> list[Key]:
@@ -110,7 +109,7 @@ async def test_a_stale_page_never_destroys_or_rotates_what_is_no_longer_due(
 
         monkeypatch.setattr(broker.service, "list_scheduled", listed)
         assert await broker.scheduler.run_once() == 0
-        assert (await admin("key.get", name="d"))["state"] == "destroy_pending"
+        assert (await admin("key.get", name="d"))["state"] == "compromised"
         assert (await admin("key.get", name="r"))["primary_version"] == 2
         assert [(r["op"], r["outcome"]) for r in audit_records(broker, "scheduler")] == [
             ("key.destroy", "requested"), ("key.destroy", "error"),
