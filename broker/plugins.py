@@ -77,8 +77,13 @@ class Plugins:
         """What every plugin's ``hook`` returns, flattened: each must return a
         list (or tuple) of ``kind``. A plugin that returns anything else is
         named in the StartupError."""
+        caller = getattr(self._hook, hook)
+        impls = caller.get_hookimpls()
+        if any(impl.hookwrapper or impl.wrapper for impl in impls):
+            # Wrappers change what the others return: let pluggy call them all.
+            return [item for batch in caller(**kwargs) for item in batch]
         found: list[_T] = []
-        for impl in reversed(getattr(self._hook, hook).get_hookimpls()):  # pluggy's call order
+        for impl in reversed(impls):  # pluggy's call order
             batch = impl.function(**{name: kwargs[name] for name in impl.argnames})
             if batch is None:
                 continue

@@ -5,6 +5,8 @@ plugins are refused at start-up."""
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Generator
 
 import pluggy
 import pytest
@@ -183,3 +185,23 @@ def test_a_hook_returning_no_list_names_its_plugin(make_config: ConfigFactory) -
     with pytest.raises(StartupError, match="must return a list of Policy") as info:
         Plugins(make_config(), extra=[_OnePolicyNotAList()])
     assert "(_OnePolicyNotAList)" in str(info.value)
+
+
+class _DenyEncrypt(Policy):
+    def authorize(self, request: AuthzRequest) -> Decision | None:
+        return Decision.DENY if request.operation == "encrypt" else None
+
+
+class _WrapsPolicies:
+    """A hook wrapper (pluggy's new style) adding a policy to what the others provide."""
+
+    @hookimpl(wrapper=True)
+    def kb_policies(self, config: Config) -> Generator[None, list[list[Policy]], list[list[Policy]]]:
+        provided = yield
+        return [*provided, [_DenyEncrypt()]]
+
+
+def test_provider_hooks_keep_pluggy_wrappers(make_config: ConfigFactory) -> None:
+    plugins = Plugins(make_config(), extra=[_WrapsPolicies()])
+    assert any(isinstance(policy, _DenyEncrypt) for policy in plugins.policies)
+    assert not plugins.authorize(AuthzRequest(f"uid:{os.getuid()}", "encrypt", "k"))
