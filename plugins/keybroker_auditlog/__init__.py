@@ -106,6 +106,9 @@ class FileAuditSink:
         # they must go before anything else is appended.
         self._dirty = False
         self._limiter = trio.CapacityLimiter(1)
+        # What append wrote since the last successful sync: the last
+        # len(_unsynced) bytes before _size (see sync).
+        self._unsynced = bytearray()
 
     async def open(self) -> ChainHead:
         """Create or reopen the log, set aside a torn tail, and report the head.
@@ -152,10 +155,25 @@ class FileAuditSink:
     async def sync(self) -> None:
         """Fsync everything appended so far (:func:`broker.durable.fdatasync`: off the event loop).
 
+        After a failed fsync the kernel may have dropped the pages it could
+        not write and marked them clean, so a later fsync that succeeds
+        would not write them: the unsynced bytes are written again from the
+        sink's own copy, then flushed, before this returns.
+
         Raises:
-            OSError: the fsync failed or the sink is closed.
+            OSError: the fsync failed (again) or the sink is closed.
         """
-        await fdatasync(self._open_fd())
+        fd = self._open_fd()
+        covered = len(self._unsynced)
+        try:
+            await fdatasync(fd)
+        except OSError:
+            # The copy and its place, as of now (appends may have come meanwhile).
+            data = bytes(self._unsynced)
+            self._rewrite(data, self._size - len(data))
+            await fdatasync(fd)
+            covered = len(data)
+        del self._unsynced[:covered]
 
     async def aclose(self) -> None:
         """Close the file, releasing the lock. Idempotent."""
@@ -207,6 +225,18 @@ class FileAuditSink:
     def _write_sync(self, records: Sequence[AuditRecord]) -> None:
         self._append(records, sync=True)
 
+    def _rewrite(self, data: bytes, offset: int) -> None:
+        """Write ``data`` over the log at ``offset``, through a descriptor of
+        its own: the sink's is O_APPEND, where Linux's pwrite appends."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            view = memoryview(data)
+            while view:
+                done = os.pwrite(fd, view, offset)
+                view, offset = view[done:], offset + done
+        finally:
+            os.close(fd)
+
     def _open_fd(self) -> int:
         fd = self._fd
         if fd is None:
@@ -226,7 +256,12 @@ class FileAuditSink:
             # to flush, so durability is exactly the sync below.
             _write_all(fd, data)
             if sync:
+                if self._unsynced:  # a sync failed since they were appended: write them again first
+                    self._rewrite(bytes(self._unsynced), self._size - len(self._unsynced))
                 flush(fd)
+                self._unsynced.clear()
+            else:
+                self._unsynced += data
         except OSError:
             self._dirty = True
             try:

@@ -337,3 +337,33 @@ async def test_staged_log_fsyncs_what_is_left_on_close(audit_dir: Path) -> None:
         await log.record(principal="p", op="encrypt", outcome="allowed", durable=False)
         assert sink.syncs == 0
     assert sink.syncs == 1
+
+
+async def test_a_failed_fsync_writes_the_unsynced_records_again(
+    audit_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed fsync the kernel may have dropped the pages it could not
+    write: the sink writes its unsynced records again before it syncs."""
+    real = keybroker_auditlog.fdatasync
+    failures: list[int] = []
+
+    async def loses_the_pages_once(fd: int) -> None:
+        if not failures:
+            size = os.fstat(fd).st_size
+            failures.append(size)
+            # What a crash would find where the pages were (through a descriptor
+            # of its own: on the sink's O_APPEND one, pwrite appends).
+            side = os.open(audit_dir / AUDIT_FILE_NAME, os.O_WRONLY)
+            os.pwrite(side, b"\0" * 200, size - 200)
+            os.close(side)
+            raise OSError(errno.EIO, "Input/output error")
+        await real(fd)
+
+    monkeypatch.setattr(keybroker_auditlog, "fdatasync", loses_the_pages_once)
+    async with open_audit_log([FileAuditSink(audit_dir)], node="n1", sync_interval=0.01) as log:
+        for _ in range(3):
+            await log.record(principal="p", op="encrypt", outcome="allowed", durable=False)
+        await log.record(principal="p", op="key.create", outcome="allowed")  # durable: waits for the sync
+    assert failures
+    result = verify_audit_dir(audit_dir)
+    assert result.ok and result.records == 4
