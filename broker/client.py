@@ -473,6 +473,10 @@ class Client(_Api[Any]):
                 msgid = self._msgid
                 try:
                     self._send(sock, encode_request(msgid, method, params, self._packer))
+                except TimeoutError:
+                    # The broker is not reading: another try would only wait as long again.
+                    self._drop()
+                    raise
                 except OSError as exc:
                     # The broker cannot have read the whole request (it only
                     # acts on complete messages): safe to send it again.
