@@ -15,6 +15,7 @@ import trio
 from broker._audit_chain import _SHAPES, MAX_SHAPES, _chain_entries, _Entry
 from broker.audit import (
     AUDIT_FILE_NAME,
+    CLOSE_TIMEOUT_S,
     GENESIS,
     AuditRecord,
     ChainHead,
@@ -357,6 +358,23 @@ async def test_hanging_secondary_never_delays_record(autojump_clock: trio.testin
     assert len(primary.lines) == 20
     assert hanging.closed
     assert log.sink_gaps["siem"] == 20  # cancelled at close: in its write or still queued
+
+
+class StuckClosing(MemorySink):
+    async def aclose(self) -> None:
+        await trio.sleep_forever()
+
+
+async def test_a_sink_that_hangs_closing_costs_no_other_its_close(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    primary, after = MemorySink(), MemorySink("after", primary=False)
+    stuck = StuckClosing("stuck", primary=False)
+    started = trio.current_time()
+    async with open_audit_log([primary, stuck, after], node="n1") as log:
+        await log.record(principal="p", op="a", outcome="allowed")
+    assert primary.closed and after.closed
+    assert trio.current_time() - started <= CLOSE_TIMEOUT_S + 1  # one timeout, not one per sink
 
 
 async def test_failing_secondary_counts_gaps_and_gets_same_records() -> None:
