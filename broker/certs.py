@@ -40,7 +40,7 @@ import trio
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import Internal, InvalidArgument, Unavailable
@@ -318,7 +318,9 @@ async def ca_certificate(service: KeyService, ca: Key, policy: CertPolicy) -> x5
     stored = await service.store.get_document(CA_KIND, doc_id)
     if stored is not None:
         cert = x509.load_pem_x509_certificate(json.loads(stored)["pem"].encode())
-        if _ts(cert.not_valid_after_utc) > now:
+        # Renewed while it can still sign a certificate of the longest validity
+        # policy allows (a certificate may not outlive its CA certificate).
+        if _ts(cert.not_valid_after_utc) > now + policy.max_validity_days * DAY:
             return cert
     public = serialization.load_pem_public_key(pem)
     assert isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey)
@@ -335,7 +337,7 @@ async def ca_certificate(service: KeyService, ca: Key, policy: CertPolicy) -> x5
         .issuer_name(name)
         .public_key(public)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(_when(now))
+        .not_valid_before(_when(now - CLOCK_SKEW_S))
         .not_valid_after(_when(now + policy.ca_validity_days * DAY))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(_key_usage({"digital_signature", "key_cert_sign", "crl_sign"}), critical=True)
@@ -382,7 +384,41 @@ def _load_csr(csr_pem: str) -> x509.CertificateSigningRequest:
         raise InvalidArgument("csr: not a PEM certificate signing request", {"field": "csr"}) from None
     if not csr.is_signature_valid:
         raise InvalidArgument("csr: its signature does not verify", {"field": "csr"})
+    try:
+        # Parsed lazily: a malformed or repeated extension first fails here.
+        extensions = csr.extensions
+    except (ValueError, x509.DuplicateExtension):
+        raise InvalidArgument("csr: an extension is malformed or repeated", {"field": "csr"}) from None
+    _check_subject_key(csr.public_key())
+    named = len(csr.subject) > 0 or any(isinstance(e.value, x509.SubjectAlternativeName) for e in extensions)
+    if not named:
+        raise InvalidArgument("csr: names no subject and no subject alternative name", {"field": "csr"})
     return csr
+
+
+# Certificates start this long before they are made: a relying party whose
+# clock runs a little slow would refuse one that starts "in the future".
+CLOCK_SKEW_S: Final = 300
+# Subject keys a certificate is issued for: nothing weaker than the CA's own.
+MIN_RSA_BITS: Final = 2048
+_CURVES: Final = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+
+
+def _check_subject_key(key: object) -> None:
+    """Refuse a key no certificate should vouch for (RSA under 2048 bits or e != 65537, DSA, small curves)."""
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size >= MIN_RSA_BITS and key.public_numbers().e == 65537:
+            return
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        if isinstance(key.curve, _CURVES):
+            return
+    elif isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        return
+    raise InvalidArgument(
+        "csr: the subject key must be RSA of 2048 bits or more (e = 65537), ECDSA P-256/384/521, "
+        "Ed25519 or Ed448",
+        {"field": "csr"},
+    )
 
 
 def _checked_extensions(
@@ -481,7 +517,9 @@ async def issue_certificate(
     ca_cert = await ca_certificate(service, ca, policy)
     version, _ = await service.public_pem(ca, None)
     now = service.now()
-    not_after = now + days * DAY
+    # The period is exactly `days` long, starting CLOCK_SKEW_S before now.
+    not_before = now - CLOCK_SKEW_S
+    not_after = not_before + days * DAY
     if not_after > _ts(ca_cert.not_valid_after_utc):
         raise _rule("certificates.max_validity_days", "the certificate would outlive its CA certificate")
     subject_key = csr.public_key()
@@ -491,7 +529,7 @@ async def issue_certificate(
         .issuer_name(ca_cert.subject)
         .public_key(subject_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(_when(now))
+        .not_valid_before(_when(not_before))
         .not_valid_after(_when(not_after))
     )
     for value, critical in extensions:

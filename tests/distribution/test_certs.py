@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.app import Broker, open_broker
@@ -128,6 +128,75 @@ async def test_policy_limits_are_refused(ca_broker: Broker, owner: str) -> None:
     await fails(Caller(ca_broker, "uid:4242")("cert.issue", ca_key="ca", csr=csr()), "permission_denied")
     await admin("key.disable", name="ca")
     await fails(admin("cert.issue", ca_key="ca", csr=csr()), "invalid_state")
+
+
+def _csr_with(
+    key: Any, *, name: x509.Name | None = None, extensions: Sequence[x509.ExtensionType] = ()
+) -> str:
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        name if name is not None else x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "svc")])
+    )
+    for ext in extensions:
+        builder = builder.add_extension(ext, critical=False)
+    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    size = len(body)
+    if size < 0x80:
+        return bytes([tag, size]) + body
+    octets = size.to_bytes((size.bit_length() + 7) // 8, "big")  # DER: the fewest octets
+    return bytes([tag, 0x80 | len(octets)]) + octets + body
+
+
+def _csr_with_san_twice() -> str:
+    """A correctly signed CSR asking for two subjectAltName extensions (builders refuse to make one)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    placeholder = x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4"), b"\x30\x03\x82\x01a")
+    built = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "d")]))
+        .add_extension(placeholder, critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("b")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    # 1.2.3.4 and subjectAltName (2.5.29.17) encode to three bytes each.
+    info = built.tbs_certrequest_bytes.replace(b"\x06\x03\x2a\x03\x04", b"\x06\x03\x55\x1d\x11")
+    ecdsa_sha256 = bytes.fromhex("300a06082a8648ce3d040302")
+    signature = key.sign(info, ec.ECDSA(hashes.SHA256()))
+    der = _der(0x30, info + ecdsa_sha256 + _der(0x03, b"\x00" + signature))
+    return x509.load_der_x509_csr(der).public_bytes(serialization.Encoding.PEM).decode()
+
+
+async def test_csrs_a_certificate_must_not_vouch_for(ca_broker: Broker, owner: str) -> None:
+    admin = Caller(ca_broker, owner)
+    await admin("key.create", name="ca", type="ecdsa-p256")
+    weak = {
+        "rsa-1024": rsa.generate_private_key(public_exponent=65537, key_size=1024),
+        "rsa-2048, e=3": rsa.generate_private_key(public_exponent=3, key_size=2048),
+        "dsa-2048": dsa.generate_private_key(key_size=2048),
+        "secp192r1": ec.generate_private_key(ec.SECP192R1()),
+    }
+    for what, key in weak.items():
+        err = await fails(admin("cert.issue", ca_key="ca", csr=_csr_with(key)), "invalid_argument")
+        assert "subject key" in err.message, what
+    nameless = _csr_with(SUBJECT_KEY, name=x509.Name([]))
+    err = await fails(admin("cert.issue", ca_key="ca", csr=nameless), "invalid_argument")
+    assert "no subject" in err.message
+    san = x509.SubjectAlternativeName([x509.DNSName("a.example.org")])
+    err = await fails(admin("cert.issue", ca_key="ca", csr=_csr_with_san_twice()), "invalid_argument")
+    assert "repeated" in err.message
+    # What a certificate may vouch for is still issued, starting a little before now.
+    fine = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        ed25519.Ed25519PrivateKey.generate(),
+    )
+    for key in fine:
+        request = _csr_with(key, name=x509.Name([]), extensions=[san])
+        issued = await admin("cert.issue", ca_key="ca", csr=request)
+        cert = x509.load_pem_x509_certificate(issued["pem"].encode())
+        assert int(cert.not_valid_before_utc.timestamp()) == ca_broker.service.now() - 300
 
 
 async def test_policy_can_allow_intermediate_cas(make_config: ConfigFactory, owner: str) -> None:
