@@ -252,6 +252,11 @@ def transition(key: Key, call: Transition, now: int, *, pending_days: int | None
     if call is Transition.ROTATE:
         raise ValueError("use add_version to rotate")
     target = _check_from(key, call)
+    if call is Transition.COMPROMISE and _grace_over(key, now):
+        # As for cancel_destroy: once the grace period is over, only the
+        # destruction may change the key's state, so that no change racing it
+        # (from another broker) can leave a key whose material is gone.
+        raise InvalidState(f"key {key.name!r}: its grace period is over; it is being destroyed")
     if call is Transition.SCHEDULE_DESTROY:
         days = 30 if pending_days is None else pending_days
         if not MIN_PENDING_DAYS <= days <= MAX_PENDING_DAYS:
@@ -260,7 +265,7 @@ def transition(key: Key, call: Transition, now: int, *, pending_days: int | None
             )
         return _changed(key, now, state=target, prior_state=key.state, destroy_at=now + days * DAY)
     if call is Transition.CANCEL_DESTROY:
-        if key.destroy_at is not None and key.destroy_at <= now:
+        if _grace_over(key, now):
             # Its material may already be gone (destruction is not one step
             # on an HSM): bringing the key back could only bring back a husk.
             raise InvalidState(f"key {key.name!r}: its grace period is over; it is being destroyed")
@@ -280,6 +285,10 @@ def transition(key: Key, call: Transition, now: int, *, pending_days: int | None
         # has no arrow from compromised. schedule_destroy starts a new one.
         extra.update(destroy_at=None, prior_state=None)
     return _changed(key, now, state=target, **extra)
+
+
+def _grace_over(key: Key, now: int) -> bool:
+    return key.state is KeyState.DESTROY_PENDING and key.destroy_at is not None and key.destroy_at <= now
 
 
 def destroy(key: Key, now: int) -> Key:

@@ -130,6 +130,8 @@ class KeyService:
         self.plugins = plugins
         self.clock = clock
         self._by_name: dict[str, Key] = {}
+        # How many times a key was forgotten: a read that began before one is not cached.
+        self._forgotten = 0
         self._name_by_id: dict[bytes, str] = {}
         self._lock = NameLocks()
         self._meters: dict[tuple[bytes, int], Meter] = {}
@@ -167,6 +169,7 @@ class KeyService:
 
     def forget(self, name: str) -> None:
         """Drop a key from the cache (another broker changed it); ``"*"`` drops every key."""
+        self._forgotten += 1
         if name == "*":
             for cached in list(self._by_name):
                 self.forget(cached)
@@ -183,8 +186,9 @@ class KeyService:
         cached = self._by_name.get(name)
         if cached is not None:
             return cached
+        seen = self._forgotten
         key = await self.store.get_key(name)
-        return None if key is None else self._remember(key)
+        return None if key is None else self._remember_read(key, seen)
 
     async def get(self, name: str) -> Key:
         key = await self.find(name)
@@ -196,10 +200,17 @@ class KeyService:
         name = self._name_by_id.get(key_id)
         if name is not None and name in self._by_name:
             return self._by_name[name]
+        seen = self._forgotten
         key = await self.store.get_key_by_id(key_id)
         if key is None:
             raise NotFound("no key with the id named in the envelope")
-        return self._remember(key)
+        return self._remember_read(key, seen)
+
+    def _remember_read(self, key: Key, seen: int) -> Key:
+        """Cache a key read from the store, unless something was forgotten
+        while the read was on its way: the change behind it may be newer than
+        what the read returned, and caching that would keep it for good."""
+        return self._remember(key) if self._forgotten == seen else key
 
     async def list_keys(
         self, *, prefix: str, state: KeyState | None, limit: int, after: str | None
@@ -244,13 +255,26 @@ class KeyService:
             for attempt in range(MAX_CHANGE_ATTEMPTS):
                 old = await self.get(name)
                 new = await change(old)
-                try:
-                    await self.store.replace_key(new, expected_revision=old.revision)
-                except StaleRevision:
-                    await self._lost_race(old, new, attempt)
-                    continue
-                return self._remember(new)
+                if await self._replace(old, new, attempt):
+                    return self._remember(new)
         raise StaleRevision(f"key {name!r} kept changing under this broker; try again")
+
+    async def _replace(self, old: Key, new: Key, attempt: int) -> bool:
+        """Store ``new`` over ``old``: True if it was written, False if the race was lost.
+
+        Any other failure may have happened after the commit (a lost reply):
+        the cached copy is dropped before it is raised, so that the next
+        call reads what the store holds, never the key from before.
+        """
+        try:
+            await self.store.replace_key(new, expected_revision=old.revision)
+        except StaleRevision:
+            await self._lost_race(old, new, attempt)
+            return False
+        except BaseException:
+            self.forget(old.name)
+            raise
+        return True
 
     async def _lost_race(self, old: Key, new: Key, attempt: int) -> None:
         """After ``new`` lost to a change made elsewhere: drop what it generated, forget, pause.
@@ -471,13 +495,9 @@ class KeyService:
         rotated = add_version(old, b"", self.now())
         material = await self.backend(old).generate(old.id, rotated.primary_version, old.type)
         new = _with_material(rotated, rotated.primary_version, material)
-        try:
-            await self.store.replace_key(new, expected_revision=old.revision)
-        except StaleRevision:
-            await self._lost_race(old, new, 0)
-            return
-        self._remember(new)
-        self._emit(new, EventKind.ROTATED)
+        if await self._replace(old, new, 0):
+            self._remember(new)
+            self._emit(new, EventKind.ROTATED)
 
     # --- cryptography ----------------------------------------------------------
 

@@ -64,6 +64,16 @@ _KEEPALIVES: Final = {
     "tcp_user_timeout": 10_000,  # ms
 }
 
+# The same from the server's side (its own socket settings, per session): a
+# broker cut off by the network is noticed within ~10 s, and its session,
+# with the scheduler's advisory lock, ends, where the server's defaults (the
+# kernel's, about 2 hours) would keep both. (A broker that is stopped, not
+# cut off, still answers keepalives: its lock stays until it resumes or dies.)
+_SERVER_KEEPALIVES: Final = (
+    "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3 "
+    "-c tcp_user_timeout=10000"
+)
+
 # Queries read the key's columns in KEY_COLUMNS order, then the version's in
 # VERSION_COLUMNS order (None when a key has no versions: the LEFT JOIN keeps
 # the key); _key_from_rows zips them with those names, strictly.
@@ -179,7 +189,8 @@ def connection_defaults(options: PostgresOptions, node: str) -> dict[str, Any]:
         "connect_timeout": options.connect_timeout_s,
         "application_name": app,
         "options": (
-            f"-c statement_timeout={statement_ms} -c idle_in_transaction_session_timeout={2 * statement_ms}"
+            f"-c statement_timeout={statement_ms} -c idle_in_transaction_session_timeout={2 * statement_ms} "
+            + _SERVER_KEEPALIVES
         ),
         **_KEEPALIVES,
     }
@@ -493,12 +504,15 @@ class PostgresStore:
 
         Keys: ``schema_version`` (stored), ``schema_version_known`` (the
         newest this code can migrate to), ``fsync``, ``synchronous_commit``,
-        ``statement_timeout``, ``server_version``.
+        ``statement_timeout``, ``tcp_keepalives_idle`` (0 over a Unix
+        socket), ``server_version``.
         """
 
         def read(conn: Connection) -> dict[str, object]:
             found: dict[str, object] = {}
-            for name in ("fsync", "synchronous_commit", "statement_timeout", "server_version"):
+            for name in (
+                "fsync", "synchronous_commit", "statement_timeout", "tcp_keepalives_idle", "server_version"
+            ):
                 row = conn.execute(f"SHOW {name}").fetchone()
                 found[name] = None if row is None else row[0]
             row = conn.execute("SELECT schema_version FROM keybroker.meta").fetchone()

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from broker.app import Broker, open_broker
 from broker.audit import verify_audit_dir
 from broker.envelope import parse_header
-from broker.errors import BrokerError
+from broker.errors import BrokerError, Unavailable
 from broker.keys import KeyState
 from tests.conftest import Caller, ConfigFactory
 
@@ -453,3 +453,46 @@ async def test_keys_survive_restart(make_config: ConfigFactory, owner: str) -> N
         assert (await admin("key.get", name="keep"))["primary_version"] == 2
         assert (await admin("verify", key="sig", message=b"m", signature=sig))["valid"]
         assert (await admin("key.get", name="sig"))["id"] == sig_key["id"]
+
+
+async def test_a_change_whose_reply_was_lost_leaves_no_stale_key_in_the_cache(
+    broker: Broker, owner: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    admin = Caller(broker, owner)
+    await admin("key.create", name="k", type="aes256-gcm")
+    store = broker.service.store
+    real_replace = store.replace_key
+
+    async def committed_then_lost(key: Any, *, expected_revision: int) -> None:
+        await real_replace(key, expected_revision=expected_revision)
+        raise Unavailable("the connection was lost during the commit")
+
+    monkeypatch.setattr(store, "replace_key", committed_then_lost)
+    await fails(admin("key.compromise", name="k"), "unavailable")
+    monkeypatch.setattr(store, "replace_key", real_replace)
+    # The compromise did happen: no encryption under the key from before it.
+    await fails(admin("encrypt", key="k", plaintext=b"x"), "invalid_state")
+
+
+async def test_a_read_that_overlaps_a_change_is_not_cached(
+    broker: Broker, owner: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    admin, service = Caller(broker, owner), broker.service
+    await admin("key.create", name="k", type="aes256-gcm")
+    service.forget("k")
+    store = service.store
+    real_get = store.get_key
+
+    async def read_then_changed_elsewhere(name: str) -> Any:
+        before = await real_get(name)
+        # Meanwhile another broker compromises the key, and its notice arrives
+        # before this read's answer does.
+        changed = replace(before, state=KeyState.COMPROMISED, revision=before.revision + 1)
+        await store.replace_key(changed, expected_revision=before.revision)
+        service.forget(name)
+        return before
+
+    monkeypatch.setattr(store, "get_key", read_then_changed_elsewhere)
+    assert (await service.find("k")).state is KeyState.ACTIVE  # this call's read, as it was
+    monkeypatch.setattr(store, "get_key", real_get)
+    assert (await service.find("k")).state is KeyState.COMPROMISED  # not kept in the cache

@@ -157,6 +157,8 @@ async def test_schema_is_versioned_and_runs_with_fsync_and_timeouts(pg_dsn: str)
     assert found["schema_version"] == found["schema_version_known"] == pg_schema.SCHEMA_VERSION
     assert found["fsync"] == "on" and found["synchronous_commit"] == "on"
     assert found["statement_timeout"] == "7500ms"
+    # Over TCP, the server notices a broker cut off by the network (and drops its locks) within seconds.
+    assert found["tcp_keepalives_idle"] == "5"
 
 
 async def test_newer_or_foreign_schema_is_refused(pg_server: PgServer, pg_dsn: str) -> None:

@@ -64,8 +64,9 @@ def in_state(state: KeyState) -> Key:
 def test_every_transition_follows_the_table(state: KeyState, call: Transition) -> None:
     key = in_state(state)
     sources, target = TRANSITIONS[call]
-    # Past any grace period in_state began; a cancellation comes within it.
-    later = NOW + 1 if call is Transition.CANCEL_DESTROY else NOW + 31 * DAY
+    # Past any grace period in_state began; a cancellation or compromise comes within it.
+    within = call in (Transition.CANCEL_DESTROY, Transition.COMPROMISE)
+    later = NOW + 1 if within else NOW + 31 * DAY
     if state not in sources:
         with pytest.raises(InvalidState):
             transition(key, call, later)
@@ -91,9 +92,12 @@ def test_cancel_destroy_returns_to_the_state_before() -> None:
         back = transition(pending, Transition.CANCEL_DESTROY, NOW + 5)
         assert back.state is state
         assert back.destroy_at is None
-        # Once the grace period is over, the destruction is under way.
-        with pytest.raises(InvalidState, match="grace period is over"):
-            transition(pending, Transition.CANCEL_DESTROY, NOW + 7 * 86_400)
+        # Once the grace period is over, the destruction is under way: no
+        # other change of state may race it.
+        for call in (Transition.CANCEL_DESTROY, Transition.COMPROMISE):
+            with pytest.raises(InvalidState, match="grace period is over"):
+                transition(pending, call, NOW + 7 * 86_400)
+        assert transition(pending, Transition.COMPROMISE, NOW + 5).state is KeyState.COMPROMISED
 
 
 @pytest.mark.parametrize("days", [0, 6, 31, -1])
