@@ -100,31 +100,30 @@ def test_busy_poll_must_not_be_negative() -> None:
         Client("/nonexistent.sock", busy_poll_us=-1)
 
 
-def test_polling_stops_at_the_calls_timeout(tmp_path: Path) -> None:
-    path = str(tmp_path / "silent.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(1)
-    try:
-        with Client(path, timeout=0.2, busy_poll_us=5_000_000) as kb:
-            started = time.monotonic()
-            with pytest.raises(TimeoutError):
-                kb.call("ping", {})
-            assert time.monotonic() - started < 2.0  # not the 5 s polling window
-    finally:
-        listener.close()
-
-
-def test_a_send_that_times_out_is_a_timeout_and_not_sent_twice(tmp_path: Path) -> None:
+@pytest.fixture
+def deaf_socket(tmp_path: Path) -> Iterator[str]:
+    """A Unix socket path whose listener never accepts, reads or answers."""
     path = str(tmp_path / "deaf.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(4)
     try:
-        with Client(path, timeout=0.3) as kb:
-            started = time.monotonic()
-            with pytest.raises(TimeoutError):
-                kb.call("encrypt", {"key": "k", "plaintext": b"x" * (8 << 20)})  # more than the socket holds
-            assert time.monotonic() - started < 1.0  # one timeout, not two
+        yield path
     finally:
         listener.close()
+
+
+def test_polling_stops_at_the_calls_timeout(deaf_socket: str) -> None:
+    with Client(deaf_socket, timeout=0.2, busy_poll_us=5_000_000) as kb:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            kb.call("ping", {})
+        assert time.monotonic() - started < 2.0  # not the 5 s polling window
+
+
+def test_a_send_that_times_out_is_a_timeout_and_not_sent_twice(deaf_socket: str) -> None:
+    with Client(deaf_socket, timeout=0.3) as kb:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            kb.call("encrypt", {"key": "k", "plaintext": b"x" * (8 << 20)})  # more than the socket holds
+        assert time.monotonic() - started < 1.0  # one timeout, not two

@@ -293,24 +293,11 @@ async def test_erasure_kept_from_the_log_by_a_reader_is_finished_on_the_next_ope
 
 
 async def test_erased_material_leaves_no_trace_on_disk(opened: SQLiteStore, db_path: Path) -> None:
-    markers = [b"wrapped-material-v1:" + os.urandom(40), b"wrapped-material-v2:" + os.urandom(400)]
-    first = new_key(
-        key_id=os.urandom(16),
-        name="erase-me",
-        key_type=KeyType.AES256_GCM,
-        protection="software",
-        classification=Classification.INTERNAL,
-        material=markers[0],
-        now=1_700_000_000,
-    )
-    second = add_version(first, markers[1], first.created_at + 1)
-    await opened.insert_key(second)
+    key, markers = key_with_markers("erase-me")
+    await opened.insert_key(key)
     assert all(m in on_disk(db_path) for m in markers)
 
-    pending = transition(second, Transition.SCHEDULE_DESTROY, second.updated_at, pending_days=7)
-    await opened.replace_key(pending, expected_revision=second.revision)
-    destroyed = transition(pending, Transition.DESTROY, pending.updated_at + 7 * 86_400)
-    await opened.replace_key(destroyed, expected_revision=pending.revision)
+    await destroy(opened, key)
     data = on_disk(db_path)
     assert not any(m in data for m in markers)
     await opened.aclose()
