@@ -108,11 +108,12 @@ LINGER_ROUNDS: Final = 8
 # --- reading the file sink's log (keybroker audit verify) ------------------
 
 
-def verify_audit_dir(path: Path) -> VerifyResult:
+def verify_audit_dir(path: Path, *, keep_hashes: bool = False) -> VerifyResult:
     """Verify the primary file sink's log in an audit directory.
 
     Args:
         path: the audit directory (``<data_dir>/audit``).
+        keep_hashes: as for :func:`verify_chain`.
 
     Returns:
         The :class:`VerifyResult` over ``audit.jsonl``. Torn tails set aside
@@ -127,7 +128,7 @@ def verify_audit_dir(path: Path) -> VerifyResult:
         write still in flight.
     """
     with (path / AUDIT_FILE_NAME).open("rb") as fh:
-        return verify_chain(fh)
+        return verify_chain(fh, keep_hashes=keep_hashes)
 
 
 def audit_verify_main(data_dir: Path, out: TextIO, expect_hash: str | None = None) -> int:
@@ -150,8 +151,7 @@ def audit_verify_main(data_dir: Path, out: TextIO, expect_hash: str | None = Non
         print(f"no audit log at {audit_dir / AUDIT_FILE_NAME}", file=out)
         return 2
     try:
-        with (audit_dir / AUDIT_FILE_NAME).open("rb") as fh:
-            result = verify_chain(fh, keep_hashes=expect_hash is not None)
+        result = verify_audit_dir(audit_dir, keep_hashes=expect_hash is not None)
     except OSError as exc:
         print(f"cannot read the audit log: {exc}", file=out)
         return 2

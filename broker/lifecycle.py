@@ -295,7 +295,7 @@ def destroy(key: Key, now: int) -> Key:
     """Every version destroyed and its material dropped; metadata kept."""
     if key.state is not KeyState.DESTROY_PENDING:
         raise InvalidState(f"key {key.name!r} is {key.state.value}: cannot destroy")
-    if key.destroy_at is None or key.destroy_at > now:
+    if not _grace_over(key, now):
         raise InvalidState(f"key {key.name!r}: its grace period is not over")
     versions = tuple(replace(v, state=VersionState.DESTROYED, material=b"") for v in key.versions)
     return _changed(key, now, state=KeyState.DESTROYED, versions=versions, prior_state=None)

@@ -31,10 +31,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Plugins", "StartupError"]
 
-# Authorization decisions remembered at most; the cache starts over when full.
 log = logging.getLogger("keybroker.plugins")
 _T = TypeVar("_T")
 
+# Authorization decisions remembered at most; the cache starts over when full.
 DECISION_CACHE_SIZE = 65_536
 
 

@@ -168,11 +168,8 @@ class FileAuditSink:
         try:
             await fdatasync(fd)
         except OSError:
-            # The copy and its place, as of now (appends may have come meanwhile).
-            data = bytes(self._unsynced)
-            self._rewrite(data, self._size - len(data))
+            covered = self._rewrite_unsynced()  # appends may have come meanwhile
             await fdatasync(fd)
-            covered = len(data)
         del self._unsynced[:covered]
 
     async def aclose(self) -> None:
@@ -225,17 +222,20 @@ class FileAuditSink:
     def _write_sync(self, records: Sequence[AuditRecord]) -> None:
         self._append(records, sync=True)
 
-    def _rewrite(self, data: bytes, offset: int) -> None:
-        """Write ``data`` over the log at ``offset``, through a descriptor of
-        its own: the sink's is O_APPEND, where Linux's pwrite appends."""
+    def _rewrite_unsynced(self) -> int:
+        """Write the unsynced bytes again, in their place (the last ones before
+        ``_size``); how many. Through a descriptor of its own: the sink's is
+        O_APPEND, where Linux's pwrite appends."""
+        view = memoryview(bytes(self._unsynced))
+        written, offset = len(view), self._size - len(view)
         fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            view = memoryview(data)
             while view:
                 done = os.pwrite(fd, view, offset)
                 view, offset = view[done:], offset + done
         finally:
             os.close(fd)
+        return written
 
     def _open_fd(self) -> int:
         fd = self._fd
@@ -257,7 +257,7 @@ class FileAuditSink:
             _write_all(fd, data)
             if sync:
                 if self._unsynced:  # a sync failed since they were appended: write them again first
-                    self._rewrite(bytes(self._unsynced), self._size - len(self._unsynced))
+                    self._rewrite_unsynced()
                 flush(fd)
                 self._unsynced.clear()
             else:

@@ -735,8 +735,8 @@ class SQLiteStore:
             # would make the caller retry a change that happened.
             await self._truncate_log()
 
-    async def _truncate_log(self) -> bool:
-        """Copy the whole log into the database and empty it; True once done.
+    async def _truncate_log(self) -> None:
+        """Copy the whole log into the database and empty it.
 
         Erased material is overwritten in the database by the checkpoint, but
         its old bytes stay in the log's earlier frames until the log is
@@ -755,11 +755,10 @@ class SQLiteStore:
                 busy = True
             if not busy:
                 writer.erasure_pending = False
-                return True
+                return
             await trio.sleep(TRUNCATE_PAUSE_S * (attempt + 1))
         writer.erasure_pending = True
         log.warning("the key store's log could not be emptied yet; erased material stays in it until it can")
-        return False
 
     async def reserve_uses(self, key_id: bytes, version: int, count: int, limit: int | None) -> int:
         """Atomically add up to ``count`` to the version's uses, never past ``limit``.
