@@ -98,7 +98,7 @@ async def _key_import_params(d: Dispatcher, call: Call, args: dict[str, Any]) ->
 
 
 async def _key_import(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
-    name = check_name(args["name"])
+    name = args["name"]  # a key name: the NAME field checked it
     call.key = name
     call.details["origin"] = "external"
     key_type: KeyType = args["type"]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .calls import NAME, PERIOD, PREFIX, TIME, USES, VERSION, Call, Handler, Kind, Method
 from .errors import ApprovalRequired, BrokerError, PermissionDenied
-from .keys import Classification, Key, KeyState, KeyType, check_name
+from .keys import Classification, Key, KeyState, KeyType
 from .lifecycle import Transition, transition
 from .params import Field, Spec, as_bool, as_enum, as_int, as_labels, as_str
 from .policy import AuthzRequest
@@ -36,7 +36,7 @@ async def _whoami(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
 
 
 async def _key_create(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
-    name = check_name(args["name"])
+    name = args["name"]  # a key name: the NAME field checked it
     call.key = name
     if not d.allowed(call, name):
         raise PermissionDenied(f"{call.ctx.principal.name} may not key.create {name!r}")
