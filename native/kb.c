@@ -1187,14 +1187,11 @@ static int hmac_compute(kb_slot *s, const unsigned char *msg, size_t msg_len, un
     static const unsigned char empty[1] = {0};
     const EVP_MD *md = sha256_md();
     unsigned int mac_len = 0;
-    if (md == NULL)
-        return KB_ECRYPTO;
-    if (HMAC(md, s->key, (int)s->key_len, msg != NULL ? msg : empty, msg_len, mac, &mac_len) == NULL ||
-        mac_len != KB_MAC_LEN) {
-        drop_errors_if(1);
-        return KB_ECRYPTO;
-    }
-    return KB_OK;
+    int ok = md != NULL &&
+             HMAC(md, s->key, (int)s->key_len, msg != NULL ? msg : empty, msg_len, mac, &mac_len) != NULL &&
+             mac_len == KB_MAC_LEN;
+    drop_errors_if(!ok); /* the digest's fetch can fail too */
+    return ok ? KB_OK : KB_ECRYPTO;
 }
 
 int kb_hmac(kb_slot *slot, const unsigned char *msg, size_t msg_len, unsigned char *out, size_t out_len)
