@@ -122,11 +122,8 @@ def _service_rows(table: _Table, service: dict[str, Any]) -> None:
     single = "PyKMIP Encrypt (AES-GCM), TLS"
     for figure, ours in (
         ("ping ops/s, 1 client (no work: the round-trip floor)", "ping x1"),
-        (
-            f"encrypt 32 B ops/s, 1 client polling for replies (busy_poll_us={service['busy_poll_us']})",
-            "encrypt x1 polling",
-        ),
-        ("ping ops/s, 1 client polling (no work: the round-trip floor)", "ping x1 polling"),
+        ("encrypt 32 B ops/s, 1 client sleeping for each reply (busy_poll_us=0)", "encrypt x1 blocking"),
+        ("ping ops/s, 1 client sleeping for each reply (busy_poll_us=0)", "ping x1 blocking"),
     ):
         table.compare("service", figure, m[f"keybroker|{ours}"], single, m["pykmip|encrypt x1"], None)
     table.compare(

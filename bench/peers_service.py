@@ -2,7 +2,8 @@
 
 keybroker runs as ``python -m broker serve`` on embedded defaults (SQLite,
 root key file, audit log flushed before every reply) and is driven over its
-Unix socket by :class:`broker.client.Client` (one client) and
+Unix socket by :class:`broker.client.Client` with its defaults (one client,
+which polls briefly for each reply before it sleeps) and
 :class:`broker.client.AsyncClient` (8 clients, one connection and one trio
 task each, in one process). PyKMIP runs as ``KmipServer`` over TLS on
 loopback and is driven by ``ProxyKmipClient`` (one client in this process; 8
@@ -16,8 +17,8 @@ Figures, medians of interleaved repeats:
   server-generated IV), 1 and 8 clients;
 * ping ops/s -- keybroker ``ping`` with one client: the round trip of a
   request that does no work, the ceiling of any single-client figure;
-* the same single-client encrypt and ping with a client that polls for its
-  reply (``Client(busy_poll_us=BUSY_POLL_US)``) instead of sleeping;
+* the same single-client encrypt and ping with a client that sleeps at once
+  while it waits for each reply (``Client(busy_poll_us=0)``);
 * batch items/s -- one ``encrypt_batch`` of 10,000 x 32-byte items vs the
   same items sent to PyKMIP one ``Encrypt`` request each (a bounded number of
   requests, timed).
@@ -43,11 +44,9 @@ import trio
 
 from bench.peers_common import LoopCpu, interleaved, rate, server_pid
 from bench.peers_kmip import Endpoint, Workers, active_key, aes256, client, gcm_parameters
-from broker.client import AsyncClient, Client
+from broker.client import DEFAULT_BUSY_POLL_US, AsyncClient, Client
 
 CONCURRENT = 8
-# The polling single client's window: a local reply comes within it.
-BUSY_POLL_US = 100
 BATCH = 10_000
 KEY = "bench/peers"
 _names = itertools.count()
@@ -109,9 +108,11 @@ def measure(
     workers = Workers(endpoint, CONCURRENT)
     loop_cpu = LoopCpu(server_pid(socket_path))
     try:
-        with Client(socket_path) as kb, Client(socket_path, busy_poll_us=BUSY_POLL_US) as polling, client(
-            endpoint
-        ) as kmip:
+        with (
+            Client(socket_path) as kb,
+            Client(socket_path, busy_poll_us=0) as blocking,
+            client(endpoint) as kmip,
+        ):
             kb.key_create(KEY, "aes256-gcm")
             uid = active_key(kmip)
             params = gcm_parameters()
@@ -138,10 +139,10 @@ def measure(
                 "keybroker|encrypt x8": kb_concurrent("encrypt"),
                 "pykmip|encrypt x8": lambda: workers.rate("encrypt", uid, seconds),
                 "keybroker|ping x1": lambda: rate(kb.ping, 1, seconds),
-                "keybroker|encrypt x1 polling": lambda: rate(
-                    lambda: polling.encrypt(KEY, payload), 1, seconds
+                "keybroker|encrypt x1 blocking": lambda: rate(
+                    lambda: blocking.encrypt(KEY, payload), 1, seconds
                 ),
-                "keybroker|ping x1 polling": lambda: rate(polling.ping, 1, seconds),
+                "keybroker|ping x1 blocking": lambda: rate(blocking.ping, 1, seconds),
                 "keybroker|batch items": lambda: rate(lambda: kb.encrypt_batch(KEY, items), BATCH, seconds),
                 "pykmip|batch items": lambda: rate(kmip_items, kmip_requests, 0.0),
             }
@@ -158,6 +159,6 @@ def measure(
         "batch_items": BATCH,
         "pykmip_requests_per_batch_sample": kmip_requests,
         "concurrent_clients": CONCURRENT,
-        "busy_poll_us": BUSY_POLL_US,
+        "client_busy_poll_us": DEFAULT_BUSY_POLL_US,
         "event_loop_cpu": loop_cpu.medians(),
     }

@@ -52,7 +52,14 @@ from .protocol import (
 )
 from .streamio import stream_io
 
-__all__ = ["IDEMPOTENT_METHODS", "AsyncClient", "Client", "ConnectionLost", "client_ssl_context"]
+__all__ = [
+    "DEFAULT_BUSY_POLL_US",
+    "IDEMPOTENT_METHODS",
+    "AsyncClient",
+    "Client",
+    "ConnectionLost",
+    "client_ssl_context",
+]
 
 # Methods that change no state (decrypt and verify count no uses), so a
 # request whose reply was lost may be sent again.
@@ -67,6 +74,28 @@ _RECEIVE_SIZE: Final = 256 * 1024
 # larger than this is read in several parts.
 _POLL_READ_SIZE: Final = 64 * 1024
 DEFAULT_TIMEOUT_S: Final = 60.0
+# How long a blocking client reads for its reply before it sleeps (see Client).
+DEFAULT_BUSY_POLL_US: Final = 100
+# After a poll that found no reply, the client's next calls sleep at once:
+# 1 call, then 2, 4... up to this many, until a poll finds its reply again.
+_MAX_POLL_BACKOFF: Final = 64
+
+
+class _PollSlot:
+    """One thread per process polls at a time: a process whose many threads
+    each wait for a reply would otherwise keep every core busy, the
+    broker's among them."""
+
+    lock = threading.Lock()
+
+    @classmethod
+    def renew(cls) -> None:
+        """In a forked child: a lock its parent's threads held stays held, so start afresh."""
+        cls.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_PollSlot.renew)
 
 R = TypeVar("R")
 
@@ -406,12 +435,17 @@ class Client(_Api[Any]):
             (``TimeoutError``); None waits forever.
         max_message_bytes: largest reply accepted.
         busy_poll_us: after sending a request, read for the reply without
-            sleeping for up to this many microseconds before blocking (0,
-            the default, blocks at once). A local broker often answers
-            within tens of microseconds, while waking a sleeping thread (in
-            a virtual machine, its virtual CPU) can take as long again:
-            polling trades up to this much CPU per call for that latency.
-            Plain sockets with a timeout only (not TLS, not ``timeout=None``).
+            sleeping for up to this many microseconds before blocking; 0
+            blocks at once. A local broker often answers within tens of
+            microseconds, while waking a sleeping thread (in a virtual
+            machine, its virtual CPU) can take as long again: polling
+            trades up to this much CPU per call for that latency. It adapts:
+            after a poll that found no reply (a slow call, such as a key
+            creation that waits for the disk), the next calls sleep at
+            once, 1, then 2, 4... up to 64 calls, until a poll finds its
+            reply again; and one thread per process polls at a time, the
+            others sleep. Plain sockets with a timeout only (not TLS, not
+            ``timeout=None``).
     """
 
     def __init__(
@@ -424,7 +458,7 @@ class Client(_Api[Any]):
         server_hostname: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT_S,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        busy_poll_us: int = 0,
+        busy_poll_us: int = DEFAULT_BUSY_POLL_US,
     ) -> None:
         if busy_poll_us < 0:
             raise ValueError("busy_poll_us must not be negative")
@@ -435,6 +469,8 @@ class Client(_Api[Any]):
         self._timeout = timeout
         self._busy_poll_s = busy_poll_us / 1e6
         self._poll_buffer = bytearray(_POLL_READ_SIZE) if busy_poll_us else None
+        self._poll_backoff = 0  # calls to sleep at once after the next miss, when not 0
+        self._poll_skip = 0  # calls left to sleep at once
         self._max = max_message_bytes
         self._lock = threading.RLock()
         self._packer = new_packer()
@@ -591,6 +627,26 @@ class Client(_Api[Any]):
             raise _Lost from None
         return self._decode(data)
 
+    def _poll(self, sock: socket.socket) -> list[Response]:
+        """The replies a busy poll finds (:meth:`_poll_replies`), unless this
+        call is to sleep at once: backing off after a miss, or another
+        thread is polling."""
+        if self._poll_skip:
+            self._poll_skip -= 1
+            return []
+        if not _PollSlot.lock.acquire(blocking=False):
+            return []
+        try:
+            replies = self._poll_replies(sock)
+        finally:
+            _PollSlot.lock.release()
+        if replies:
+            self._poll_backoff = 0
+        else:
+            self._poll_backoff = min(2 * self._poll_backoff or 1, _MAX_POLL_BACKOFF)
+            self._poll_skip = self._poll_backoff
+        return replies
+
     def _poll_replies(self, sock: socket.socket) -> list[Response]:
         """The first replies to arrive within ``busy_poll_us``, read without sleeping; empty if none did."""
         assert self._poll_buffer is not None
@@ -633,7 +689,7 @@ class Client(_Api[Any]):
         sock = self._sock
         assert sock is not None
         if self._busy_poll_s and self._direct(sock):
-            for response in self._poll_replies(sock):
+            for response in self._poll(sock):
                 if response.msgid == msgid:
                     return response
         while True:

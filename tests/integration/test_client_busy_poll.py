@@ -13,7 +13,7 @@ import msgpack
 import pytest
 import trio
 
-from broker.client import Client
+from broker.client import Client, _PollSlot
 from broker.protocol import Response
 from broker.server import ServerInfo
 
@@ -54,23 +54,31 @@ async def test_a_polling_client_reads_its_replies_without_sleeping(
     assert polls == [1] * 103
 
 
-@pytest.mark.parametrize("options", [{}, {"timeout": None, "busy_poll_us": 100}])
+async def test_the_default_client_polls(served: ServerInfo, polls: list[int]) -> None:
+    # Whether each reply comes within the default window depends on the
+    # machine; the first call polls whatever happens.
+    await trio.to_thread.run_sync(lambda: _round_trips(str(served.socket_path)))
+    assert polls
+
+
+@pytest.mark.parametrize("options", [{"busy_poll_us": 0}, {"timeout": None, "busy_poll_us": 100}])
 async def test_a_client_that_does_not_poll_blocks(
     served: ServerInfo, polls: list[int], options: dict[str, int | None]
 ) -> None:
-    # The default; and without a timeout the socket blocks, so there is nothing to poll.
+    # Turned off; and without a timeout the socket blocks, so there is nothing to poll.
     await trio.to_thread.run_sync(lambda: _round_trips(str(served.socket_path), **options))
     assert polls == []
 
 
-def test_a_late_reply_is_waited_for_after_the_poll(tmp_path: Path, polls: list[int]) -> None:
-    # A broker that answers after 50 ms: the 100 µs poll gives up, the call blocks and gets it.
+@pytest.fixture
+def sleepy_broker(tmp_path: Path) -> Iterator[str]:
+    """A Unix socket answering each request ``{"delay": s}`` with ``{"late": s}`` after ``s`` seconds."""
     path = str(tmp_path / "slow.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(1)
 
-    def slow_broker() -> None:
+    def serve() -> None:
         conn, _ = listener.accept()
         with conn:
             unpacker = msgpack.Unpacker(raw=False)
@@ -79,20 +87,53 @@ def test_a_late_reply_is_waited_for_after_the_poll(tmp_path: Path, polls: list[i
                 if not data:
                     return
                 unpacker.feed(data)
-                for _, msgid, _, _ in unpacker:
-                    time.sleep(0.05)
-                    conn.sendall(msgpack.packb([1, msgid, None, {"late": True}]))
+                for _, msgid, _, (params,) in unpacker:
+                    time.sleep(params["delay"])
+                    conn.sendall(msgpack.packb([1, msgid, None, {"late": params["delay"]}]))
 
-    thread = threading.Thread(target=slow_broker, daemon=True)
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        with Client(path, busy_poll_us=100) as kb:
-            assert kb.call("ping", {}) == {"late": True}
-            assert kb.call("ping", {}) == {"late": True}
+        yield path
     finally:
         listener.close()
         thread.join(5)
-    assert polls == [0, 0]
+
+
+def test_a_late_reply_is_waited_for_after_the_poll(sleepy_broker: str, polls: list[int]) -> None:
+    # Replies after 50 ms: each 100 µs poll gives up and its call blocks and
+    # gets the reply; after each miss the client sleeps at once for 1, then
+    # 2 calls, so 6 calls poll 3 times.
+    with Client(sleepy_broker, busy_poll_us=100) as kb:
+        for _ in range(6):
+            assert kb.call("ping", {"delay": 0.05}) == {"late": 0.05}
+    assert polls == [0, 0, 0]
+
+
+def test_a_reply_found_while_polling_ends_the_back_off(sleepy_broker: str, polls: list[int]) -> None:
+    # A 0.2 s window: the 0.4 s replies miss it, the immediate ones do not.
+    delays = [0.4, 0.0, 0.0, 0.4, 0.0, 0.0]
+    with Client(sleepy_broker, busy_poll_us=200_000) as kb:
+        for delay in delays:
+            assert kb.call("ping", {"delay": delay}) == {"late": delay}
+    # Miss, sleep (back-off 1), hit; the second miss backs off 1 call again, not 2.
+    assert polls == [0, 1, 0, 1]
+
+
+def test_one_thread_per_process_polls(sleepy_broker: str, polls: list[int]) -> None:
+    # Another thread is polling: this call sleeps at once rather than poll beside it.
+    with _PollSlot.lock, Client(sleepy_broker, busy_poll_us=200_000) as kb:
+        assert kb.call("ping", {"delay": 0.0}) == {"late": 0.0}
+    assert polls == []
+
+
+def test_a_forked_child_may_poll_though_its_parent_was_polling() -> None:
+    with _PollSlot.lock:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os._exit(0 if _PollSlot.lock.acquire(blocking=False) else 1)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_busy_poll_must_not_be_negative() -> None:
