@@ -47,8 +47,10 @@ never leaves partial plaintext at the output path.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import stat
 import struct
 import tempfile
 from collections.abc import Callable, Iterator
@@ -95,6 +97,8 @@ SEGMENT_OVERHEAD: Final = NONCE_LEN + TAG_LEN
 MAX_SEGMENTS: Final = 2**32
 DATAKEY_AAD_PREFIX: Final = b"keybroker/stream/v1"
 STREAM_ID_LEN: Final = 16
+# A stream's data key: an AES-256 key from ``datakey``.
+DATA_KEY_LEN: Final = 32
 # The envelope fields before the nonce, rebuilt per segment: magic, format,
 # algorithm, stream id and version 0.
 _PREFIX_LEN: Final = HEADER_LEN - NONCE_LEN
@@ -348,7 +352,22 @@ def atomic_output(dst: Path) -> Iterator[IO[bytes]]:
     so a failed decryption never leaves (partial) plaintext behind. Same
     directory, hence same file system: the rename is atomic; the directory
     is flushed after it, so the name survives a power loss once this returns.
+
+    Raises:
+        OSError: ``dst`` exists and is not a regular file (a device such as
+            /dev/null, a FIFO, a directory or a symbolic link): the rename
+            would put a file in its place rather than write through it,
+            and writing through would release data before it is complete.
+            Checked before anything else, so a caller that creates the
+            output first learns of it before doing any work.
     """
+    try:
+        mode = dst.lstat().st_mode
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "exists and is not a regular file; give a new or regular file", str(dst))
     try:
         fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
     except OSError as exc:
@@ -401,7 +420,9 @@ def encrypt_file(
     # The input is open and the output created before the broker is asked:
     # a file problem never costs a use of the key whose data key is then lost.
     with source.open("rb") as reader, atomic_output(target) as out:
-        reply = client.datakey(key, count=1, bytes=32, plaintext=True, aad=datakey_aad(stream_id, aad))
+        reply = client.datakey(
+            key, count=1, bytes=DATA_KEY_LEN, plaintext=True, aad=datakey_aad(stream_id, aad)
+        )
         item = reply["keys"][0]
         data_key = bytearray(item["plaintext"])
         header = StreamHeader(segment_size, stream_id, item["wrapped"])
@@ -447,6 +468,9 @@ def decrypt_file(
                 allow_compromised=True if allow_compromised else None,
             )
             data_key = bytearray(opened["plaintext"])
+            if len(data_key) != DATA_KEY_LEN:  # a stream's data key is an AES-256 key
+                data_key[:] = bytes(len(data_key))
+                raise DecryptionFailed()
             with KeySlot(data_key, header.stream_id, 0) as slot:
                 total = _size_of(source)
                 written = open_stream(slot, header, raw, reader, out, progress=progress, total=total)

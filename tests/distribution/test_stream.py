@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from broker.server import ServerInfo
 from broker.stream import (
     SEGMENT_OVERHEAD,
     StreamHeader,
+    datakey_aad,
     decrypt_file,
     encrypt_file,
     open_stream,
@@ -154,3 +156,45 @@ async def test_encrypt_file_and_decrypt_file(served: ServerInfo, short_tmp: Path
     with pytest.raises(DecryptionFailed):
         await trio.to_thread.run_sync(fail)
     assert not out.exists() and [p.name for p in short_tmp.iterdir() if "partial" in p.name] == []
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "symlink"])
+def test_an_output_that_is_not_a_regular_file_is_refused_first(short_tmp: Path, kind: str) -> None:
+    # A rename over it would replace the device, FIFO or link with a file.
+    src, stream, out = short_tmp / "in.bin", short_tmp / "in.kbst", short_tmp / "out"
+    src.write_bytes(b"data")
+    stream.write_bytes(seal(b"data"))
+    if kind == "fifo":
+        os.mkfifo(out)
+    elif kind == "directory":
+        out.mkdir()
+    else:
+        (short_tmp / "target").write_bytes(b"kept")
+        out.symlink_to(short_tmp / "target")
+    # No broker listens there: EINVAL rather than a failed connection shows
+    # that the output was refused before the broker was asked.
+    with Client(short_tmp / "nobody.sock") as client:
+        for call in (lambda: encrypt_file(client, "k", src, out), lambda: decrypt_file(client, stream, out)):
+            with pytest.raises(OSError, match="not a regular file") as raised:
+                call()
+            assert raised.value.errno == errno.EINVAL and raised.value.filename == str(out)
+    assert out.is_symlink() if kind == "symlink" else not out.is_file()
+    assert [p.name for p in short_tmp.iterdir() if "partial" in p.name] == []
+
+
+async def test_a_data_key_that_is_not_256_bits_fails_as_an_altered_stream(
+    served: ServerInfo, short_tmp: Path
+) -> None:
+    enc, out = short_tmp / "short-key.kbst", short_tmp / "out.bin"
+
+    def run() -> None:
+        with Client(served.socket_path) as client:
+            client.key_create("files/short", "aes256-gcm")
+            stream_id = os.urandom(16)
+            wrapped = client.encrypt("files/short", bytes(16), aad=datakey_aad(stream_id, b""))["ciphertext"]
+            enc.write_bytes(StreamHeader(SEG, stream_id, wrapped).pack())
+            decrypt_file(client, enc, out)
+
+    with pytest.raises(DecryptionFailed):
+        await trio.to_thread.run_sync(run)
+    assert not out.exists()
