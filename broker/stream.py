@@ -367,7 +367,8 @@ def atomic_output(dst: Path) -> Iterator[IO[bytes]]:
         pass
     else:
         if not stat.S_ISREG(mode):
-            raise OSError(errno.EINVAL, "exists and is not a regular file; give a new or regular file", str(dst))
+            refused = "exists and is not a regular file; give a new or regular file"
+            raise OSError(errno.EINVAL, refused, str(dst))
     try:
         fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
     except OSError as exc:
