@@ -460,27 +460,23 @@ class KeyService:
         last = self._protecting.get(key.id)
         if (
             last is not None and last.key is key and (last.limit is None or count <= last.limit)
-            and last.meter.take(count)
+            and last.meter.take(count, last.limit)
         ):
             return key, last.ref
-        limit = use_limit(key)
-        if limit is not None and count > limit:
-            raise LimitExceeded(
-                f"{count} items exceed the key's limit of {limit} uses per version",
-                {"limit": limit},
-            )
+        limit = _use_limit_for(key, count)
         number = check_use(key, Usage.PROTECT).version.number
-        if not self._meter(key, number).take(count):
+        if not self._meter(key, number).take(count, limit):
             async with self._lock(key.name):
                 for _ in range(MAX_CHANGE_ATTEMPTS):
                     key = await self.get(key.name)
+                    limit = _use_limit_for(key, count)  # as stored now: it may have been lowered
                     number = check_use(key, Usage.PROTECT).version.number
                     meter = self._meter(key, number)
-                    if meter.take(count):
+                    if meter.take(count, limit):
                         break
                     wanted = lease_size(limit, count - meter.available)
                     meter.available += await self.store.reserve_uses(key.id, number, wanted, limit)
-                    if meter.take(count):
+                    if meter.take(count, limit):
                         break
                     # The version's limit is reached: rotate before crossing it.
                     await self._rotate_for_usage(key)
@@ -787,3 +783,18 @@ def _async(fn: Callable[[Key], Key]) -> Callable[[Key], Awaitable[Key]]:
         return fn(key)
 
     return wrapper
+
+
+def _use_limit_for(key: Key, count: int) -> int | None:
+    """The key's uses-per-version limit (:func:`use_limit`), checked against one call's ``count``.
+
+    Raises:
+        LimitExceeded: one call asks for more uses than a version may have.
+    """
+    limit = use_limit(key)
+    if limit is not None and count > limit:
+        raise LimitExceeded(
+            f"{count} items exceed the key's limit of {limit} uses per version",
+            {"limit": limit},
+        )
+    return limit

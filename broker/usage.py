@@ -36,9 +36,15 @@ class Meter:
     spent: int = 0
     available: int = 0
 
-    def take(self, count: int) -> bool:
-        """Spend ``count`` leased uses if enough are available."""
-        if count > self.available:
+    def take(self, count: int, limit: int | None) -> bool:
+        """Spend ``count`` leased uses if enough are available and ``limit`` is not crossed.
+
+        Leases granted under a limit never take ``spent`` past it; a block
+        leased before the limit was lowered could, so it is not spent past
+        the new one (``spent`` may count other brokers' unspent leases, so
+        this errs on the safe side).
+        """
+        if count > self.available or (limit is not None and self.spent + count > limit):
             return False
         self.available -= count
         self.spent += count

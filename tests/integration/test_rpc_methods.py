@@ -375,6 +375,19 @@ async def test_usage_limit_rotates_before_crossing(admin: Caller) -> None:
     assert out["version"] == 4
 
 
+async def test_a_lowered_usage_limit_holds_at_once(admin: Caller) -> None:
+    # The first encrypt leases a block of uses under the default limit
+    # (2^32); lowering the limit must not let that block be spent past it.
+    await admin("key.create", name="lowered", type="aes256-gcm")
+    await admin("encrypt", key="lowered", plaintext=b"x")
+    await admin("key.update", name="lowered", max_uses_per_version=10)
+    versions = [(await admin("encrypt", key="lowered", plaintext=b"x"))["version"] for _ in range(15)]
+    assert versions == [1] * 9 + [2] * 6
+    await admin("key.update", name="lowered", max_uses_per_version=3)
+    versions = [(await admin("encrypt", key="lowered", plaintext=b"x"))["version"] for _ in range(4)]
+    assert versions == [3, 3, 3, 4]
+
+
 async def test_encrypt_follows_a_change_made_by_another_broker(admin: Caller, broker: Broker) -> None:
     # Repeated encrypts reuse what the first one worked out about the key
     # (its limit, version and meter); a change made elsewhere reaches this
