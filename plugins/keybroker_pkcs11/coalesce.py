@@ -28,11 +28,12 @@ _Out = TypeVar("_Out")
 
 @final
 class _Request(Generic[_Item, _Out]):
-    __slots__ = ("done", "error", "items", "result", "taken", "wake")
+    __slots__ = ("abandoned", "done", "error", "items", "result", "taken", "wake")
 
     def __init__(self, items: list[_Item]) -> None:
         self.items = items
         self.taken = False
+        self.abandoned = False  # its caller left while a runner held it
         self.done = False
         self.result: list[_Out] = []
         self.error: BaseException | None = None
@@ -70,8 +71,9 @@ class Coalescer(Generic[_Item, _Out]):
 
     Cancellation: a caller cancelled before its items were taken leaves the
         queue; once taken, the loan finishes and its share is discarded. A
-        runner cancelled while waiting for a loan puts the batch it took back
-        and wakes a waiter to run it.
+        runner cancelled while waiting for a loan puts back the part of the
+        batch it took whose callers still wait, and wakes them all: one of
+        them runs it.
     """
 
     def __init__(self, pool: SessionPool, *, max_items: int = 4096) -> None:
@@ -112,9 +114,9 @@ class Coalescer(Generic[_Item, _Out]):
                     finally:
                         group.runners -= 1
                         # Work handed back (a cancelled runner) needs a runner.
-                        waiting = next((r for r in group.pending if not r.taken and r is not request), None)
-                        if waiting is not None:
-                            waiting.wake.set()
+                        for waiting in group.pending:
+                            if waiting is not request:
+                                waiting.wake.set()
                     continue
                 if request.wake.is_set():
                     request.wake = trio.Event()
@@ -129,6 +131,8 @@ class Coalescer(Generic[_Item, _Out]):
             if not request.taken:
                 with contextlib.suppress(ValueError):
                     group.pending.remove(request)
+            elif not request.done:
+                request.abandoned = True  # a runner holds it: not to be handed back
             if not group.pending and group.runners == 0 and self._groups.get(key) is group:
                 del self._groups[key]
         if request.error is not None:
@@ -156,10 +160,11 @@ class Coalescer(Generic[_Item, _Out]):
                     request.wake.set()
                 continue
             except BaseException:
-                # Cancelled before the batch ran: hand it back untouched.
-                for request in batch:
+                # Cancelled before the batch ran: hand back what is still awaited.
+                waiting = [request for request in batch if not request.abandoned]
+                for request in waiting:
                     request.taken = False
-                group.pending[:0] = batch
+                group.pending[:0] = waiting
                 raise
             offset = 0
             for request in batch:
