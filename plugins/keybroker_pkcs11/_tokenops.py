@@ -54,6 +54,9 @@ PRIVATE_TEMPLATE: Final = {
     Attribute.EXTRACTABLE: False,
     Attribute.PRIVATE: True,
 }
+# A private key signs only through the signing mechanisms: sign-recover with
+# raw RSA (CKM_RSA_X_509) would be a raw private-key operation.
+KEY_PAIR_PRIVATE_TEMPLATE: Final = {**PRIVATE_TEMPLATE, Attribute.SIGN_RECOVER: False}
 PUBLIC_TEMPLATE: Final = {Attribute.PRIVATE: False}
 SIGN_VERIFY: Final = MechanismFlag.SIGN | MechanismFlag.VERIFY
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
@@ -99,7 +102,7 @@ def generate(session: Any, key_type: KeyType, object_id: bytes, label: str) -> P
         return None
     pair: dict[str, Any] = {
         "capabilities": SIGN_VERIFY,
-        "private_template": PRIVATE_TEMPLATE,
+        "private_template": KEY_PAIR_PRIVATE_TEMPLATE,
         "public_template": PUBLIC_TEMPLATE,
         **common,
     }

@@ -200,13 +200,23 @@ class Pkcs11Backend:
         self.check_type(key_type)
         key_type = key_type_of(key_type)
         check_version_id(key_id, version)
-        object_id = os.urandom(OBJECT_ID_LEN)
         label = f"keybroker/{key_id.hex()}/v{version}"
+        attempts: list[bytes] = []
 
-        def work(lease: Lease) -> PublicKey | None:
-            return generate(lease.session, key_type, object_id, label)
+        def work(lease: Lease) -> tuple[bytes, PublicKey | None]:
+            # The pool retries after a session error, which may come after
+            # the token made the objects (a lost reply): those are removed,
+            # and each attempt has an id of its own, so that a version never
+            # finds two objects under its id.
+            for earlier in attempts:
+                for obj in list(lease.session.get_objects({Attribute.ID: earlier})):
+                    with contextlib.suppress(ObjectHandleInvalid, KeyHandleInvalid):
+                        obj.destroy()
+            object_id = os.urandom(OBJECT_ID_LEN)
+            attempts.append(object_id)
+            return object_id, generate(lease.session, key_type, object_id, label)
 
-        public = await self._run(work)
+        object_id, public = await self._run(work)
         if public is not None:
             self._public[object_id] = public
         return material_for(object_id)

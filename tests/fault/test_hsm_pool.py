@@ -301,3 +301,43 @@ async def test_short_stress_has_no_errors(softhsm: SoftToken) -> None:
     result = await stress(settings, 2.0)
     assert result["errors"] == 0, result["first_errors"]
     assert result["operations"] > 100 and result["peak_open_sessions"] <= 4
+
+
+async def test_a_generation_whose_reply_was_lost_leaves_one_object_per_id(
+    softhsm: SoftToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token makes the key pair, then the session fails: the pool's retry
+    must neither reuse the id (two objects under one version: unusable) nor
+    leave the first attempt's objects behind."""
+    from keybroker_pkcs11 import backend as backend_module  # noqa: PLC0415
+    from pkcs11 import Attribute  # noqa: PLC0415
+    from pkcs11.exceptions import DeviceError  # noqa: PLC0415
+
+    real = backend_module.generate
+    ids: list[bytes] = []
+
+    def lost_reply(session: Any, key_type: KeyType, object_id: bytes, label: str) -> Any:
+        made = real(session, key_type, object_id, label)
+        ids.append(object_id)
+        if len(ids) == 1:
+            raise DeviceError()
+        return made
+
+    monkeypatch.setattr(backend_module, "generate", lost_reply)
+    async with backend_on(softhsm, size=2) as backend:
+        key_id = os.urandom(16)
+        material = await backend.generate(key_id, 1, KeyType.ECDSA_P256)
+        ref = VersionRef(key_id, 1, KeyType.ECDSA_P256, material)
+        assert await backend.sign(ref, b"message", prehashed=False)
+        assert len(ids) == 2 and ids[0] != ids[1]
+
+        def objects(lease: Any) -> list[tuple[bytes, bool]]:
+            return [
+                (bytes(obj[Attribute.ID]), bool(obj[Attribute.SIGN_RECOVER]))
+                for object_id in ids
+                for obj in lease.session.get_objects({Attribute.ID: object_id, Attribute.TOKEN: True})
+                if int(obj[Attribute.CLASS]) == 3  # CKO_PRIVATE_KEY
+            ]
+
+        # One private key, under the second id, which cannot sign-recover (raw RSA).
+        assert await backend.pool.run(objects) == [(ids[1], False)]
