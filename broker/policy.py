@@ -78,8 +78,16 @@ class Policy:
         return ()
 
     def validate(self, key: Key, action: str) -> Sequence[str]:
-        """Governance rules ``key`` breaks for ``action`` ("create", "update",
-        "rotate", "destroy"), each a sentence naming the rule; empty when compliant."""
+        """Governance rules ``key`` breaks for ``action``, each a sentence naming
+        the rule; empty when compliant.
+
+        Actions: "create" (also a key import, and ``keybroker report``'s
+        check of every stored key: every rule the key's settings could
+        break), "update", "rotate", "destroy" and "export" (before material
+        leaves the broker). A policy may check each action against the
+        rules that action can break, and should answer unknown actions
+        with no violations.
+        """
         return ()
 
     def required_approvals(self, key: Key, action: str) -> int | None:

@@ -15,7 +15,7 @@ Violations, each naming the rule it breaks (docs/report.md has the table):
 - ``usage.limit``: a version that is not destroyed has more uses than the
   key's per-version limit (the limit was lowered below the count);
 - every rule the configured governance policies report for the key through
-  ``validate(key, "update")`` (``critical.protection`` for a critical key
+  ``validate(key, "create")`` (``critical.protection`` for a critical key
   outside an HSM, ``critical.exportable`` for an exportable critical key,
   ``critical.max_rotation_period_days`` ...). The report asks the broker's
   own policy plugins, so it and the broker never disagree on a rule.

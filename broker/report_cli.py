@@ -12,7 +12,7 @@ result:
   report can run next to a serving broker (a line still being written is
   counted as unreadable, never fatal);
 - governance rules come from the configured policy plugins
-  (``Plugins.validate(key, "update")``), the very rules the broker enforces.
+  (``Plugins.validate(key, "create")``), the very rules the broker enforces.
 
 ``--check`` makes the exit status a deployment gate: 1 when any violation
 exists, 0 otherwise.
@@ -61,11 +61,11 @@ EXIT_VIOLATIONS: Final = 1
 
 
 def governance_of(plugins: Plugins) -> Governance:
-    """The configured policies' rules for a key, as the broker checks them on ``key.update``."""
+    """The configured policies' rules for a key: every rule its settings could break (the "create" check)."""
 
     def rules(key: Key) -> Sequence[str]:
         try:
-            plugins.validate(key, "update")
+            plugins.validate(key, "create")
         except InvalidArgument as exc:
             found = exc.details.get("rules")
             return [str(r) for r in found] if isinstance(found, list) else [exc.message]

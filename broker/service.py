@@ -601,6 +601,13 @@ class KeyService:
                 f"key {key.name!r} was not created exportable; its material never leaves the broker",
                 {"rule": "exportable"},
             )
+        try:
+            # A governance rule made stricter since the key was created holds.
+            self.plugins.validate(key, "export")
+        except InvalidArgument as exc:
+            rules = exc.details.get("rules")
+            rule = rules[0].split(":", 1)[0] if isinstance(rules, list) and rules else "governance"
+            raise PermissionDenied(exc.message, {"rule": rule}) from None
         if key.state not in EXPORTABLE_STATES:
             raise InvalidState(f"key {key.name!r} is {key.state.value}: export not allowed")
         number = key.primary_version if version is None else version

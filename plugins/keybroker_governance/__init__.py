@@ -12,9 +12,15 @@ Configuration, one table per classification (everything optional)::
     max_rotation_period_days = 365
 
 With no ``[plugins.governance]`` table the built-in defaults below apply to
-``critical`` keys only. Rules are checked when a key is created, updated,
-rotated and destroyed; each violation names its rule, e.g.
-``critical.protection``.
+``critical`` keys only. Each violation names its rule, e.g.
+``critical.protection``. An action is checked against the rules it could
+break (``_CHECKED``): creating a key (and importing one) against all of
+them; ``key.update``, which can change only the rotation period, against
+``max_rotation_period_days``; exporting against ``exportable``, so a rule
+made stricter holds for keys created before it. Rotating changes no
+governed setting: a key that breaks a rule made stricter since it was
+created still rotates (and ``keybroker report`` lists the violation), as
+refusing would only leave it on its old material.
 """
 
 from __future__ import annotations
@@ -32,6 +38,14 @@ from broker.policy import Policy
 __all__ = ["DEFAULT_RULES", "ClassRules", "GovernancePolicy", "kb_policies"]
 
 DAY = 86_400
+# The rules each action is checked against, by option name (see the module
+# docstring); an action not named here is checked against none.
+_ALL_RULES = frozenset({"protection", "exportable", "max_rotation_period_days"})
+_CHECKED: Mapping[str, frozenset[str]] = {
+    "create": _ALL_RULES,
+    "update": frozenset({"max_rotation_period_days"}),
+    "export": frozenset({"exportable"}),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,18 +114,20 @@ class GovernancePolicy(Policy):
 
     def validate(self, key: Key, action: str) -> Sequence[str]:
         rules = self.rules.get(key.classification)
-        if rules is None or action == "destroy":
+        checked = _CHECKED.get(action, frozenset())
+        if rules is None or not checked:
             return ()
         label = key.classification.value
         broken: list[str] = []
-        if rules.protection is not None and key.protection not in rules.protection:
+        protection = rules.protection if "protection" in checked else None
+        if protection is not None and key.protection not in protection:
             broken.append(
-                f"{label}.protection: {label} keys must be protected by {' or '.join(rules.protection)}, "
+                f"{label}.protection: {label} keys must be protected by {' or '.join(protection)}, "
                 f"not {key.protection}"
             )
-        if rules.exportable is False and key.exportable:
+        if "exportable" in checked and rules.exportable is False and key.exportable:
             broken.append(f"{label}.exportable: {label} keys must not be exportable")
-        limit = rules.max_rotation_period_days
+        limit = rules.max_rotation_period_days if "max_rotation_period_days" in checked else None
         if limit is not None and (key.rotation_period_s <= 0 or key.rotation_period_s > limit * DAY):
             broken.append(
                 f"{label}.max_rotation_period_days: {label} keys must rotate at least every {limit} days "

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from broker.app import Broker, open_broker
 from broker.client import AsyncClient
@@ -238,6 +240,31 @@ async def test_governance_on_update_and_exportable(governed: Broker, owner: str)
                 rotation_period_s=30 * DAY)
     await fails(admin("key.update", name="c", rotation_period_s=100 * DAY), "invalid_argument")
     await fails(admin("key.update", name="c", rotation_period_s=0), "invalid_argument")
+
+
+async def test_a_rule_made_stricter_holds_for_export_and_never_stops_rotation(
+    make_config: ConfigFactory, owner: str
+) -> None:
+    async with open_broker(make_config(), run_scheduler=False) as broker:
+        await Caller(broker, owner)(
+            "key.create", name="old", type="aes256-gcm", classification="confidential",
+            rotation_period_s=180 * DAY, exportable=True,
+        )
+    rules = {"exportable": False, "max_rotation_period_days": 90}
+    stricter = {"plugins": {"governance": {"confidential": rules}}}
+    async with open_broker(make_config(stricter), run_scheduler=False) as broker:
+        admin = Caller(broker, owner)
+        # Rotating fixes nothing the rules ask for, and refusing would only keep the old material.
+        assert (await admin("key.rotate", name="old"))["primary_version"] == 2
+        public = rsa.generate_private_key(public_exponent=65537, key_size=3072).public_key()
+        pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        with pytest.raises(BrokerError) as refused:
+            await admin("key.export", name="old", public_key=pem.decode())
+        assert refused.value.code == "permission_denied"
+        assert refused.value.details == {"rule": "confidential.exportable"}
+        # An update is held to the rule it can change, and may bring the key into it.
+        await fails(admin("key.update", name="old", rotation_period_s=100 * DAY), "invalid_argument")
+        await admin("key.update", name="old", rotation_period_s=30 * DAY)
 
 
 async def test_two_admin_destroy(governed: Broker, owner: str) -> None:

@@ -37,11 +37,12 @@ def _work(lease: object, items: list[int]) -> list[int]:
 
 
 async def test_a_caller_left_behind_by_a_cancelled_runner_is_served(
-    autojump_clock: trio.testing.MockClock,
+    mock_clock: trio.testing.MockClock,
 ) -> None:
     # R runs a loan; A and B queue behind it. R's next loan takes A and B and
     # waits for a session; A's caller leaves, then R is cancelled. B must be
-    # served, and A's items not run for nobody.
+    # served, and A's items not run for nobody. The clock stands still, so no
+    # waiter starts a loan of its own when SPREAD_AFTER_S passes.
     pool = _GatedPool()
     coalescer: Coalescer[int, int] = Coalescer(pool)  # type: ignore[arg-type]
     results: dict[str, object] = {}
@@ -58,6 +59,7 @@ async def test_a_caller_left_behind_by_a_cancelled_runner_is_served(
         nursery.start_soon(caller, "R", 1)
         await trio.testing.wait_all_tasks_blocked()
         nursery.start_soon(caller, "A", 2)
+        await trio.testing.wait_all_tasks_blocked()  # A queues first, then B
         nursery.start_soon(caller, "B", 3)
         await trio.testing.wait_all_tasks_blocked()
         pool.gates[0].set()  # R's loan ends; its next one takes A and B
