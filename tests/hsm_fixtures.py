@@ -155,6 +155,33 @@ print(json.dumps(found))
 """
 
 
+_DESTROY_OBJECTS = r"""
+import sys
+import pkcs11
+from pkcs11 import Attribute
+module, label, pin, wanted = sys.argv[1:5]
+token = pkcs11.lib(module).get_token(token_label=label)
+with token.open(user_pin=pin, rw=True) as session:
+    for obj in list(session.get_objects({Attribute.ID: bytes.fromhex(wanted)})):
+        obj.destroy()
+"""
+
+
+def destroy_elsewhere(token: SoftToken, object_id: bytes) -> None:
+    """Destroy the objects carrying ``object_id`` from another process, as another
+    broker on the same token does: it sees the token objects, never this
+    process's session objects."""
+    import sys  # noqa: PLC0415
+
+    subprocess.run(
+        [sys.executable, "-c", _DESTROY_OBJECTS, token.module, token.label, token.pin, object_id.hex()],
+        check=True,
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, "SOFTHSM2_CONF": str(token.conf)},
+    )
+
+
 def token_objects(token: SoftToken, object_ids: list[bytes]) -> dict[bytes, list[dict[str, Any]]]:
     """The token objects carrying each CKA_ID, as another application sees them.
 

@@ -18,8 +18,12 @@ Design notes:
   each pooled session uses a *session copy* of a secret key (C_CopyObject with
   CKA_TOKEN false; the copy keeps CKA_SENSITIVE and non-extractability, and
   lives inside the token like the original). Copies die with their session;
-  ``destroy`` removes them together with the token object. A token that
-  refuses the copy is used through the token object.
+  ``destroy`` removes them together with the token object. Another broker's
+  copies are its session objects, which this one can neither see nor
+  remove: each broker destroys its own when the core tells it the key
+  changed (``forget``, at every session's next loan), so a version destroyed
+  elsewhere leaves no copy behind. A token that refuses the copy is used
+  through the token object.
 - Batches of up to ``COALESCE_MAX_ITEMS`` items go through a
   :class:`~keybroker_pkcs11.pool.Coalescer`: concurrent callers of one
   version and operation share a loan (measured: twice the single-item
@@ -134,10 +138,16 @@ class Pkcs11Backend:
         self._mechanisms: frozenset[int] | None = None
         self._public: dict[bytes, PublicKey] = {}
         self._coalescer: Coalescer[tuple[bytes, bytes], Any] = Coalescer(pool)
-        # CKA_IDs destroyed by this broker; every session drops its cached
-        # objects of them (their handles are already invalid) when next lent.
+        # CKA_IDs destroyed by this broker.
         self._destroyed: set[bytes] = set()
-        self._destroy_count = 0
+        # The CKA_IDs each key's operations used here (for ``forget``), and
+        # those whose cached objects every session is to drop (and destroy,
+        # for its session copies) when next lent, each with the number of
+        # the change that made it stale; a session's ``mark`` is the last
+        # change it applied (see _sync).
+        self._used: dict[bytes, set[bytes]] = {}
+        self._stale: dict[bytes, int] = {}
+        self._changes = 0
         self._opened = False
         self._closed = False
 
@@ -229,7 +239,7 @@ class Pkcs11Backend:
         object_id = object_id_of(ref)
         self._public.pop(object_id, None)
         self._destroyed.add(object_id)
-        self._destroy_count += 1
+        self._mark_stale(object_id)
 
         def work(lease: Lease) -> None:
             self._sync(lease)
@@ -243,7 +253,15 @@ class Pkcs11Backend:
         await self._run(work)
 
     def forget(self, key_id: bytes) -> None:
-        """Nothing secret is cached; public keys stay valid for the same object."""
+        """The key changed, perhaps on another broker: every session destroys its
+        copies of the key's versions at its next loan (the versions may be
+        destroyed). Public keys stay valid for the same object."""
+        for object_id in self._used.pop(key_id, ()):
+            self._mark_stale(object_id)
+
+    def _mark_stale(self, object_id: bytes) -> None:
+        self._changes += 1
+        self._stale[object_id] = self._changes
 
     async def export_material(self, ref: VersionRef) -> bytearray:
         """Refused: token keys are generated non-extractable and never leave it.
@@ -429,6 +447,11 @@ class Pkcs11Backend:
         object_id = object_id_of(ref)
         if object_id in self._destroyed:
             raise InvalidState(f"version {ref.version} is destroyed")
+        used = self._used.get(ref.key_id)
+        if used is None:
+            self._used[ref.key_id] = {object_id}
+        else:
+            used.add(object_id)
         if expected is not None and ref.key_type is not expected:
             raise InvalidArgument(f"a {ref.key_type.value} key cannot {op}")
         return object_id
@@ -493,11 +516,19 @@ class Pkcs11Backend:
         return await self.pool.run(lambda lease: on_lease(lease, pairs))
 
     def _sync(self, lease: Lease) -> None:
-        """Drop this session's cached objects of versions destroyed since its last loan."""
-        if lease.mark != self._destroy_count:
-            for cached in [k for k in lease.cache if k[0] in self._destroyed]:
-                del lease.cache[cached]
-            lease.mark = self._destroy_count
+        """Drop this session's cached objects of versions made stale since its
+        last loan (destroyed, or their key changed), destroying its session
+        copies: a copy made while ``destroy`` ran, or on a broker that did not
+        destroy the version, would otherwise keep the key usable in the token."""
+        if lease.mark == self._changes:
+            return
+        for cached in [k for k in lease.cache if self._stale.get(k[0], 0) > lease.mark]:
+            obj = lease.cache.pop(cached)
+            # Already gone if destroy reached it; never the token object itself.
+            with contextlib.suppress(ObjectHandleInvalid, KeyHandleInvalid):
+                if not obj[Attribute.TOKEN]:
+                    obj.destroy()
+        lease.mark = self._changes
 
     def _secret(self, lease: Lease, object_id: bytes) -> Any:
         """This session's key object for a secret key: a session copy when allowed."""

@@ -341,3 +341,27 @@ async def test_a_generation_whose_reply_was_lost_leaves_one_object_per_id(
 
         # One private key, under the second id, which cannot sign-recover (raw RSA).
         assert await backend.pool.run(objects) == [(ids[1], False)]
+
+
+async def test_a_version_destroyed_by_another_broker_leaves_no_session_copy(softhsm: SoftToken) -> None:
+    """Another broker can destroy the token object but not this broker's session
+    copy; once the core tells the backend the key changed (``forget``, as it
+    does on the cluster's notice), the copy is destroyed too."""
+    from keybroker_pkcs11.backend import object_id_of  # noqa: PLC0415
+    from pkcs11 import Attribute  # noqa: PLC0415
+
+    async with backend_on(softhsm, size=1) as backend:
+        ref = await aes_ref(backend)
+        sealed = await backend.encrypt(ref, [b"secret"], b"")  # the session now holds a copy
+        object_id = object_id_of(ref)
+        hsm_fixtures.destroy_elsewhere(softhsm, object_id)
+
+        def objects(lease: Any) -> list[bool]:
+            found = lease.session.get_objects({Attribute.ID: object_id})
+            return [bool(obj[Attribute.TOKEN]) for obj in found]
+
+        assert await backend.pool.run(objects) == [False]  # only this session's copy is left
+        backend.forget(ref.key_id)
+        with pytest.raises(Unavailable, match="no object"):
+            await backend.decrypt(ref, sealed, b"")
+        assert await backend.pool.run(objects) == []
