@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final
 
 from .errors import InvalidArgument, InvalidState, NotFound
 from .keys import Classification, Key, KeyState, KeyType, Version, VersionState
@@ -42,6 +42,11 @@ __all__ = [
 AES_GCM_DEFAULT_MAX_USES = 2**31
 # The most a key version may seal with random nonces (NIST SP 800-38D, 8.3).
 AES_GCM_MAX_USES = 2**32
+# Version numbers are unsigned 32-bit (the envelope header's field).
+MAX_VERSION: Final = 2**32 - 1
+# An imported version may take a number up to here, which leaves 2^31
+# rotations after it (a key at MAX_VERSION can no longer rotate).
+MAX_IMPORTED_VERSION: Final = 2**31 - 1
 DAY = 86_400
 MIN_PENDING_DAYS = 7
 MAX_PENDING_DAYS = 30
@@ -322,6 +327,8 @@ def add_version(key: Key, material: bytes, now: int) -> Key:
     """Rotate: a new primary version holding ``material``."""
     _check_from(key, Transition.ROTATE)
     number = max(v.number for v in key.versions) + 1
+    if number > MAX_VERSION:
+        raise InvalidState(f"key {key.name!r} is at version {MAX_VERSION}, the highest; it cannot rotate")
     versions = (*key.versions, Version(number, VersionState.ACTIVE, now, 0, material))
     return _changed(key, now, versions=versions, primary_version=number)
 

@@ -20,6 +20,7 @@ from .calls import KEY, NAME, PERIOD, USES, VERSION, Call, Kind, Method, as_key_
 from .certs import CERT_KIND, DAY, ca_certificate, issue_certificate, list_certificates, policy_of
 from .errors import InvalidArgument, PermissionDenied
 from .keys import Classification, KeyType, check_name
+from .lifecycle import MAX_IMPORTED_VERSION
 from .params import Field, as_bin, as_bool, as_enum, as_int, as_labels, as_str
 from .store import check_document_ref
 from .transfer import (
@@ -245,7 +246,8 @@ DISTRIBUTION_METHODS: Mapping[str, Method] = {
             "name": NAME,
             "type": Field(as_enum(KeyType), required=True),
             "new_version": Field(as_bool, default=False),
-            "version": VERSION,
+            # Not up to 2^32 - 1: room is left for the key to go on rotating.
+            "version": Field(as_int(1, MAX_IMPORTED_VERSION)),
             # Creation options; defaults are applied in the handler so that
             # giving them together with new_version can be refused.
             "key_id": Field(_as_key_id),

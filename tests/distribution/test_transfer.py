@@ -285,6 +285,23 @@ async def test_import_as_new_version_keeps_per_version_origin(first: Broker, own
     )
 
 
+async def test_an_imported_version_number_leaves_room_to_rotate(first: Broker, owner: str) -> None:
+    admin = Caller(first, owner)
+    await admin("key.create", name="high", type="aes256-gcm")
+
+    async def import_as(version: int) -> Any:
+        p = await admin("key.import_params", type="aes256-gcm")
+        wrapped = wrap_for(p["public_key"], os.urandom(32))
+        return await admin(
+            "key.import", import_token=p["import_token"], wrapped=wrapped, name="high", type="aes256-gcm",
+            new_version=True, version=version,
+        )
+
+    await fails(import_as(2**31), "invalid_argument")
+    assert (await import_as(2**31 - 1))["primary_version"] == 2**31 - 1
+    assert (await admin("key.rotate", name="high"))["primary_version"] == 2**31
+
+
 async def test_export_import_between_brokers_keeps_old_ciphertexts_readable(
     first: Broker, second: Broker, owner: str
 ) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from broker.errors import InvalidArgument, InvalidState, NotFound
 from broker.keys import Classification, Key, KeyState, KeyType, VersionState
 from broker.lifecycle import (
     AES_GCM_DEFAULT_MAX_USES,
+    MAX_VERSION,
     TRANSITIONS,
     Transition,
     Usage,
@@ -104,6 +107,14 @@ def test_cancel_destroy_returns_to_the_state_before() -> None:
 def test_pending_days_out_of_range(days: int) -> None:
     with pytest.raises(InvalidArgument):
         transition(make(), Transition.SCHEDULE_DESTROY, NOW, pending_days=days)
+
+
+def test_a_key_at_the_highest_version_number_cannot_rotate() -> None:
+    last = add_version(make(), b"m", NOW)
+    last = replace(last, versions=(*last.versions[:-1], replace(last.versions[-1], number=MAX_VERSION)),
+                   primary_version=MAX_VERSION)
+    with pytest.raises(InvalidState, match="highest"):
+        add_version(last, b"m", NOW)
 
 
 def test_destroy_drops_material_and_keeps_metadata() -> None:
