@@ -37,6 +37,16 @@ class ApprovalRequest:
     def summary(self) -> dict[str, Any]:
         return {"approvals": len(self.approvers), "required": self.required, "done": self.done}
 
+    def describe(self) -> dict[str, Any]:
+        """What is being approved, for the approver to check."""
+        return {
+            "key": self.key,
+            "op": self.op,
+            "requester": self.requester,
+            "params": dict(self.params),
+            "expires_at": int(self.expires_at),
+        }
+
 
 class Approvals:
     """The pending requests of one broker."""

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .calls import NAME, PERIOD, PREFIX, TIME, USES, VERSION, Call, Handler, Kind, Method
-from .errors import ApprovalRequired, BrokerError, PermissionDenied
+from .calls import NAME, PERIOD, PREFIX, TIME, USES, VERSION, Call, Handler, Kind, Method, as_key_name
+from .errors import ApprovalRequired, BrokerError, InvalidArgument, PermissionDenied
 from .keys import Classification, Key, KeyState, KeyType
 from .lifecycle import Transition, transition
 from .params import Field, Spec, as_bool, as_enum, as_int, as_labels, as_str
@@ -127,10 +127,16 @@ async def _approve(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
     request = d.approvals.get(args["request_id"])
     call.details["request_id"] = request.id
     await d.key_for(call, request.key)
+    # An approver who names the key learns of a request id for another key
+    # before approving it, rather than trusting whoever handed them the id.
+    if "name" in args and args["name"] != request.key:
+        raise InvalidArgument("the request is for another key; nothing was approved", {"field": "name"})
     request = d.approvals.approve(request.id, call.ctx.principal.name)
     call.details["approvals"] = len(request.approvers)
     if request.done:
-        # The approved action runs as the requester asked it, audited as theirs.
+        # The approved action runs as the requester asked it. Its record's
+        # principal is the last approver, whose call carried it out; its
+        # details name the requester and every approver.
         action = Call(call.ctx, request.op, key=request.key)
         action.details = {"approved_by": ",".join(sorted(request.approvers)), "requester": request.requester}
         try:
@@ -142,7 +148,7 @@ async def _approve(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
             raise
         action.version = key.primary_version
         await d.record(action, "allowed", None)
-    return request.summary()
+    return {**request.summary(), **request.describe()}
 
 
 async def _subscribe(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
@@ -231,6 +237,8 @@ KEY_METHODS: Mapping[str, Method] = {
     ),
     "key.cancel_destroy": Method(_NAME_ONLY, _lifecycle(Transition.CANCEL_DESTROY), Kind.CHANGE),
     "key.public": Method({"name": NAME, "version": VERSION}, _key_public, Kind.READ),
-    "approve": Method({"request_id": Field(as_str, required=True)}, _approve, Kind.CHANGE),
+    "approve": Method(
+        {"request_id": Field(as_str, required=True), "name": Field(as_key_name)}, _approve, Kind.CHANGE
+    ),
     "subscribe": Method({"prefix": PREFIX}, _subscribe),
 }

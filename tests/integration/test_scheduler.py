@@ -282,11 +282,20 @@ async def test_two_admin_destroy(governed: Broker, owner: str) -> None:
 
     await fails(requester("approve", request_id=request_id), "permission_denied")
     await fails(app("approve", request_id=request_id), "permission_denied")
-    assert await alice("approve", request_id=request_id) == {"approvals": 1, "required": 2, "done": False}
+    # An approver who names another key approves nothing.
+    await requester("key.create", name="other", type="aes256-gcm")
+    await fails(alice("approve", request_id=request_id, name="other"), "invalid_argument")
+    approved = await alice("approve", request_id=request_id, name="c")
+    # The approver is told what they approved.
+    what = {"key": "c", "op": "key.schedule_destroy", "requester": owner}
+    assert {k: approved.pop(k) for k in what} == what
+    assert approved.pop("params")["pending_days"] == 30 and approved.pop("expires_at") > 0
+    assert approved == {"approvals": 1, "required": 2, "done": False}
     # One admin twice is still one approval.
-    assert await alice("approve", request_id=request_id) == {"approvals": 1, "required": 2, "done": False}
+    assert (await alice("approve", request_id=request_id))["approvals"] == 1
     assert (await alice("key.get", name="c"))["state"] == "active"
-    assert await bob("approve", request_id=request_id) == {"approvals": 2, "required": 2, "done": True}
+    done = await bob("approve", request_id=request_id)
+    assert (done["approvals"], done["required"], done["done"]) == (2, 2, True)
     meta = await alice("key.get", name="c")
     assert meta["state"] == "destroy_pending"
     await fails(bob("approve", request_id=request_id), "not_found")
