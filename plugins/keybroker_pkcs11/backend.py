@@ -486,7 +486,9 @@ class Pkcs11Backend:
                 for object_id in object_ids:
                     lease.cache.pop((object_id, ObjectClass.SECRET_KEY), None)
                     lease.cache.pop((object_id, ObjectClass.PRIVATE_KEY), None)
-                raise self._missing(object_ids[0]) from None
+                # A destroyed one among them (rewrap's new version, say) explains it.
+                gone = next((i for i in object_ids if i in self._destroyed), object_ids[0])
+                raise self._missing(gone) from None
 
         return work
 
