@@ -221,6 +221,7 @@ def new_key(
 ) -> Key:
     """A new key with version 1 holding ``material``."""
     _check_use_limit(key_type, max_uses_per_version)
+    _check_window(activate_at, deactivate_at)
     return Key(
         id=key_id,
         name=name,
@@ -371,7 +372,19 @@ def update_settings(
         changes["activate_at"] = activate_at
     if deactivate_at is not None:
         changes["deactivate_at"] = deactivate_at
+    window = changes.get("activate_at", key.activate_at), changes.get("deactivate_at", key.deactivate_at)
+    _check_window(*window)
     return _changed(key, now, **changes)
+
+
+def _check_window(activate_at: int | None, deactivate_at: int | None) -> None:
+    """A key set to deactivate must do so after it activates (a window that ends
+    before it opens is a typo that would leave the key never usable)."""
+    if activate_at is not None and deactivate_at is not None and deactivate_at <= activate_at:
+        raise InvalidArgument(
+            f"deactivate_at ({deactivate_at}) must come after activate_at ({activate_at})",
+            {"field": "deactivate_at"},
+        )
 
 
 def next_rotation_at(key: Key) -> int | None:

@@ -234,6 +234,17 @@ def test_metadata_shape() -> None:
         assert field in meta
 
 
+def test_a_key_deactivates_after_it_activates() -> None:
+    with pytest.raises(InvalidArgument, match="after activate_at"):
+        make(activate=False, activate_at=NOW + 10, deactivate_at=NOW + 10)
+    pending = make(activate=False, activate_at=NOW + 10)
+    with pytest.raises(InvalidArgument, match="after activate_at"):
+        update_settings(pending, NOW, deactivate_at=NOW + 5)
+    with pytest.raises(InvalidArgument, match="after activate_at"):
+        update_settings(make(activate=False, deactivate_at=NOW + 20), NOW, activate_at=NOW + 30)
+    assert update_settings(pending, NOW, deactivate_at=NOW + 11).deactivate_at == NOW + 11
+
+
 def test_activate_at_needs_pre_active() -> None:
     pending = make(activate=False)
     assert update_settings(pending, NOW, activate_at=NOW + 10).activate_at == NOW + 10
