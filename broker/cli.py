@@ -521,6 +521,20 @@ def _key_schedule_destroy(client: Client, args: argparse.Namespace) -> int:
     return _show_metadata(args, client.key_schedule_destroy(args.name, pending_days=args.pending_days))
 
 
+def _key_approve(client: Client, args: argparse.Namespace) -> int:
+    result = client.approve(args.request_id, name=args.key)
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    params = ", ".join(f"{k} {v}" for k, v in sorted(result["params"].items()) if k != "name")
+    _print(
+        f"approved {result['op']} of {result['key']} ({params or 'no options'}), "
+        f"requested by {result['requester']}: {result['approvals']} of {result['required']} approvals"
+        + ("; done" if result["done"] else "")
+    )
+    return EXIT_OK
+
+
 def _key_public(client: Client, args: argparse.Namespace) -> int:
     result = client.key_public(args.name, version=args.version)
     if args.json:
@@ -958,6 +972,12 @@ def add_client_commands(subparsers: Any) -> None:
     destroy.add_argument(
         "--pending-days", type=int, metavar="DAYS", help="grace period, 7 to 30 (default 30)"
     )
+
+    approve = _verb(verbs, "approve", _key_approve, common,
+                    "approve a pending request (the request_id of approval_required)")
+    approve.add_argument("request_id", metavar="REQUEST_ID")
+    approve.add_argument("--key", metavar="NAME",
+                         help="approve only if the request is for this key (recommended)")
 
     public = _verb(verbs, "public", _key_public, common, "print an asymmetric key's public key (PEM)")
     _key_name(public)

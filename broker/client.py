@@ -335,9 +335,10 @@ class _Api(Generic[R]):
             _params(key=key, message=message, mac=mac, version=version, allow_compromised=allow_compromised),
         )
 
-    def approve(self, request_id: str) -> R:
-        """``{approvals, required, done}``."""
-        return self.call("approve", {"request_id": request_id})
+    def approve(self, request_id: str, name: str | None = None) -> R:
+        """``{approvals, required, done, key, op, requester, params, expires_at}``; with
+        ``name``, only a request for that key is approved."""
+        return self.call("approve", _params(request_id=request_id, name=name))
 
     def key_export(self, name: str, public_key: str, version: int | None = None) -> R:
         """Material wrapped for the recipient's RSA public key (PEM); see docs/distribution.md."""

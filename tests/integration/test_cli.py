@@ -21,10 +21,12 @@ import pytest
 import trio
 import trustme
 
-from broker.app import serve_broker
+from broker.app import open_broker, serve_broker
 from broker.client import Client
 from broker.config import parse_config
-from broker.server import ServerInfo
+from broker.errors import BrokerError
+from broker.server import ServerInfo, serve
+from tests.conftest import Caller
 from tests.integration.test_tls import issue_uri_cert
 
 
@@ -287,3 +289,31 @@ async def test_status_over_mutual_tls(short_tmp: Path, nursery: trio.Nursery) ->
     # No client certificate: a usage error before anything is sent.
     assert (await kb("status", *tls[:6])).code == 2
     info.shutdown.set()
+
+
+async def test_key_approve(make_config: Any, nursery: trio.Nursery, owner: str) -> None:
+    grants = [{"principals": ["alice"], "roles": ["admin"], "keys": ["*"]}]
+    governance = {"internal": {"destroy_approvals": 1}}
+    config = make_config({"plugins": {"governance": governance, "rbac": {"grants": grants}}})
+    async with open_broker(config) as broker:
+        info: ServerInfo = await nursery.start(serve, config, broker.dispatcher)
+        sock = info.socket_path
+        alice = Caller(broker, "alice")
+        await alice("key.create", name="cli/doomed", type="aes256-gcm")
+        await alice("key.create", name="cli/other", type="aes256-gcm")
+        with pytest.raises(BrokerError) as asked:
+            await alice("key.schedule_destroy", name="cli/doomed", pending_days=7)
+        request_id = asked.value.details["request_id"]
+        # Named for another key: refused, and nothing is approved.
+        wrong = await kb("key", "approve", request_id, "--key", "cli/other", socket=sock)
+        assert wrong.code == 1 and wrong.err.startswith("keybroker: invalid_argument: ")
+        done = await kb("key", "approve", request_id, "--key", "cli/doomed", socket=sock)
+        assert done.code == 0, done.err
+        assert done.out.decode() == (
+            "approved key.schedule_destroy of cli/doomed (pending_days 7), requested by alice: "
+            "1 of 1 approvals; done\n"
+        )
+        assert (await alice("key.get", name="cli/doomed"))["state"] == "destroy_pending"
+        again = await kb("key", "approve", request_id, socket=sock)
+        assert again.code == 1 and again.err.startswith("keybroker: not_found: ")
+        info.shutdown.set()
