@@ -57,7 +57,15 @@ from .errors import AlreadyExists, DecryptionFailed, InvalidArgument
 from .keys import Key, KeyType
 from .lifecycle import use_limit
 from .store import key_columns, key_from_columns
-from .stream import DEFAULT_SEGMENT_SIZE, SEGMENT_OVERHEAD, Progress, open_segments, seal_segments
+from .stream import (
+    DEFAULT_SEGMENT_SIZE,
+    MAX_SEGMENT_SIZE,
+    MIN_SEGMENT_SIZE,
+    SEGMENT_OVERHEAD,
+    Progress,
+    open_segments,
+    seal_segments,
+)
 from .transfer import load_recipient
 
 if TYPE_CHECKING:
@@ -400,6 +408,10 @@ def open_archive(src: IO[bytes], unlock: rsa.RSAPrivateKey | str) -> Archive:
         raise DecryptionFailed("not a keybroker backup archive")
     if fmt != FORMAT:
         raise DecryptionFailed(f"unknown backup archive format {fmt}")
+    if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
+        # The header is authenticated only once a segment opens, and this
+        # size sizes every read: a crafted one must not ask for gigabytes.
+        raise DecryptionFailed("the backup archive is altered or damaged (segment size out of range)")
     block = src.read(block_len)
     if len(block) != block_len:
         raise DecryptionFailed("the backup archive is truncated")

@@ -21,6 +21,7 @@ from broker.backup_cli import UsageError, run_backup_create, run_backup_restore
 from broker.config import parse_config
 from broker.errors import BrokerError, DecryptionFailed, InvalidArgument
 from broker.keys import Classification, KeyType
+from broker.stream import MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE, SEGMENT_OVERHEAD
 from tests import hsm_fixtures
 from tests.conftest import Caller, ConfigFactory
 from tests.distribution._fakes import rsa_key
@@ -204,6 +205,25 @@ def test_truncated_or_extended_archive_is_refused(small_archive: bytes) -> None:
             open_archive(io.BytesIO(small_archive[:cut]), "pw")
     with pytest.raises(DecryptionFailed):
         open_archive(io.BytesIO(small_archive + b"\x00" * 80), "pw")
+
+
+class _ReadRecorder(io.BytesIO):
+    """Records the largest read asked for, and never allocates for it."""
+
+    largest = 0
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        self.largest = max(self.largest, size or 0)
+        return super().read(min(size, 1 << 20) if size is not None and size >= 0 else size)
+
+
+@pytest.mark.parametrize("size", [0xFFFFFFF0, MAX_SEGMENT_SIZE + 1, MIN_SEGMENT_SIZE - 1, 0])
+def test_segment_size_out_of_range_is_refused_before_reading(small_archive: bytes, size: int) -> None:
+    # The header is not yet authenticated: its segment size must not size a read.
+    crafted = _ReadRecorder(small_archive[:6] + size.to_bytes(4, "big") + small_archive[10:])
+    with pytest.raises(DecryptionFailed, match="segment size"):
+        open_archive(crafted, "pw")
+    assert crafted.largest <= MAX_SEGMENT_SIZE + SEGMENT_OVERHEAD
 
 
 async def test_tampered_archive_restores_nothing(make_config: ConfigFactory, small_archive: bytes) -> None:
