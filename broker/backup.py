@@ -54,7 +54,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from .envelope import KeySlot
 from .errors import AlreadyExists, DecryptionFailed, InvalidArgument
-from .keys import Key, KeyType
+from .keys import Key, KeyType, check_name
 from .lifecycle import use_limit
 from .store import key_columns, key_from_columns
 from .stream import (
@@ -89,6 +89,8 @@ PROTECTOR_RSA: Final = 1
 PROTECTOR_SCRYPT: Final = 2
 DATA_KEY_LEN: Final = 32
 SALT_LEN: Final = 16
+# Every key id is 16 random bytes; envelopes and stream headers carry it as such.
+KEY_ID_LEN: Final = 16
 _FIXED = struct.Struct(">4sBBI16sQH")
 PAGE = 500
 
@@ -260,6 +262,57 @@ def _key_from_record(record: dict[str, Any]) -> ArchivedKey:
     return ArchivedKey(key, materials, references)
 
 
+def _record_problem(key: Key, names: set[str], ids: set[bytes]) -> str | None:
+    """What makes ``key`` (its name already checked) unfit to restore after ``names``/``ids``, or None."""
+    if len(key.id) != KEY_ID_LEN:
+        return f"a key id that is not {KEY_ID_LEN} bytes"
+    numbers = [v.number for v in key.versions]
+    if len(set(numbers)) != len(numbers):
+        return "duplicate version numbers"
+    if key.primary_version not in numbers:
+        return f"primary version {key.primary_version}, which it does not hold"
+    # key.update's rule (destroyed versions below it may be gone from a key).
+    if not 1 <= key.min_decrypt_version <= key.primary_version:
+        return f"min_decrypt_version {key.min_decrypt_version} outside 1 .. its primary version"
+    if key.name in names:
+        return "the name of an earlier record"
+    if key.id in ids:
+        return "the key id of an earlier record"
+    return None
+
+
+def _check_records(keys: Sequence[ArchivedKey]) -> None:
+    """Refuse the archive unless every record could be a key of this broker, each name and id once.
+
+    Authentication proves only who could make an archive -- for a recipient
+    archive, anyone with the public key -- so each record must meet the
+    rules the broker keeps for its own keys before the store sees any.
+
+    Raises:
+        InvalidArgument: naming the first bad record (by position, and by
+            name when the name is valid) and its problem; never its material.
+    """
+    names: set[str] = set()
+    ids: set[bytes] = set()
+    for index, item in enumerate(keys, start=1):
+        key = item.key
+        try:
+            check_name(key.name)
+        except InvalidArgument:
+            raise _bad_record(index, "has an invalid key name") from None
+        problem = _record_problem(key, names, ids)
+        if problem is not None:
+            raise _bad_record(index, f"({key.name!r}) has {problem}")
+        names.add(key.name)
+        ids.add(key.id)
+
+
+def _bad_record(index: int, problem: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"the backup archive's key record {index} {problem}; nothing was restored", {"record": index}
+    )
+
+
 # --- creating ----------------------------------------------------------------------------
 
 
@@ -398,7 +451,9 @@ def open_archive(src: IO[bytes], unlock: rsa.RSAPrivateKey | str) -> Archive:
     Raises:
         DecryptionFailed: altered, truncated or extended anywhere, or the wrong passphrase.
         InvalidArgument: the wrong kind of unlock, another recipient's archive,
-            or a format this keybroker cannot read.
+            a format this keybroker cannot read, or a key record the broker
+            would not hold (an invalid name, duplicate version numbers, a
+            primary or min_decrypt version out of place, a name or id twice).
     """
     fixed = src.read(_FIXED.size)
     if len(fixed) != _FIXED.size:
@@ -437,6 +492,7 @@ def open_archive(src: IO[bytes], unlock: rsa.RSAPrivateKey | str) -> Archive:
         _wipe(plain)
     if not isinstance(manifest, dict) or manifest.get("keys") != len(keys):
         raise InvalidArgument("the backup archive's manifest does not match its contents")
+    _check_records(keys)
     return Archive(int(manifest.get("created_at", 0)), str(manifest.get("node", "")), keys)
 
 

@@ -6,7 +6,8 @@ import io
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 import trio
@@ -20,12 +21,15 @@ from broker.backup import Passphrase, Recipient, ScryptCost, collect_keys, creat
 from broker.backup_cli import UsageError, run_backup_create, run_backup_restore
 from broker.config import parse_config
 from broker.errors import BrokerError, DecryptionFailed, InvalidArgument
-from broker.keys import Classification, KeyType
+from broker.keys import Classification, Key, KeyState, KeyType, Version, VersionState
 from broker.stream import MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE, SEGMENT_OVERHEAD
 from tests import hsm_fixtures
 from tests.conftest import Caller, ConfigFactory
 from tests.distribution._fakes import rsa_key
 from tests.hsm_fixtures import SoftToken
+
+if TYPE_CHECKING:
+    from broker.service import KeyService
 
 softhsm = hsm_fixtures.softhsm  # the session's SoftHSM2 token fixture
 
@@ -205,6 +209,73 @@ def test_truncated_or_extended_archive_is_refused(small_archive: bytes) -> None:
             open_archive(io.BytesIO(small_archive[:cut]), "pw")
     with pytest.raises(DecryptionFailed):
         open_archive(io.BytesIO(small_archive + b"\x00" * 80), "pw")
+
+
+def _record(
+    name: str = "k",
+    key_id: bytes = b"i" * 16,
+    numbers: tuple[int, ...] = (1,),
+    primary: int = 1,
+    min_decrypt: int = 1,
+) -> Key:
+    versions = tuple(Version(n, VersionState.ACTIVE, 0) for n in numbers)
+    return Key(
+        id=key_id,
+        name=name,
+        type=KeyType.HMAC_SHA256,
+        protection="software",
+        classification=Classification.INTERNAL,
+        state=KeyState.ACTIVE,
+        versions=versions,
+        primary_version=primary,
+        min_decrypt_version=min_decrypt,
+        created_at=0,
+        updated_at=0,
+    )
+
+
+async def _archive_of(keys: list[Key]) -> bytes:
+    """An authentic archive of any records: versions without material export nothing."""
+    service = cast("KeyService", SimpleNamespace(backends={}))
+    out = io.BytesIO()
+    await create_backup(service, keys, Passphrase("pw", CHEAP), out, now=0)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("keys", "problem"),
+    [
+        ([_record(name="../Bad Name\n!")], "record 1 has an invalid key name"),
+        ([_record(key_id=b"x")], "a key id that is not 16 bytes"),
+        ([_record(numbers=(1, 1))], "duplicate version numbers"),
+        ([_record(primary=7)], "primary version 7, which it does not hold"),
+        ([_record(min_decrypt=0)], "min_decrypt_version 0 outside"),
+        ([_record(numbers=(1, 2), min_decrypt=2)], "min_decrypt_version 2 outside"),
+        ([_record(), _record(key_id=b"j" * 16)], "record 2 \\('k'\\) has the name of an earlier record"),
+        ([_record(), _record(name="other")], "the key id of an earlier record"),
+    ],
+)
+async def test_archive_with_a_record_the_broker_would_not_hold_is_refused(
+    keys: list[Key], problem: str
+) -> None:
+    # A recipient archive is authentic to anyone holding the public key.
+    with pytest.raises(InvalidArgument, match=problem):
+        open_archive(io.BytesIO(await _archive_of(keys)), "pw")
+
+
+async def test_records_as_the_broker_keeps_them_open() -> None:
+    # Imported at version 5, min_decrypt_version later set to 1 (key.update allows it).
+    keys = [_record(numbers=(5, 6), primary=6, min_decrypt=1), _record(name="b", key_id=b"j" * 16)]
+    assert [a.key for a in open_archive(io.BytesIO(await _archive_of(keys)), "pw").keys] == keys
+
+
+async def test_archive_holding_a_key_twice_restores_nothing(make_config: ConfigFactory) -> None:
+    target = make_config(name="new")
+    path = target.data_dir.parent / "twice.kbbk"
+    path.write_bytes(await _archive_of([_record(), _record()]))
+    with pytest.raises(InvalidArgument, match="earlier record"):
+        await run_backup_restore(target, path, "pw")
+    assert list(target.data_dir.parent.iterdir()) == [path]
 
 
 class _ReadRecorder(io.BytesIO):
