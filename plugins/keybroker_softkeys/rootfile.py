@@ -36,6 +36,7 @@ In memory the root key lives only in a native :class:`~broker.envelope.KeySlot`
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import stat
@@ -108,7 +109,8 @@ class ScryptParams:
 
 class RootKeyError(Unavailable):
     """The root key file cannot be used: missing passphrase, wrong passphrase,
-    corrupt or truncated file, or unsafe permissions. The message names the cause."""
+    corrupt or truncated file, or unsafe permissions, owner or symbolic link.
+    The message names the cause."""
 
 
 class FileRootKey:
@@ -167,7 +169,8 @@ class FileRootKey:
         Raises:
             RootKeyError: the file is corrupt or truncated, was sealed under a
                 different passphrase, is sealed but no passphrase was given,
-                is plain but a passphrase was given, or is readable by others.
+                is plain but a passphrase was given, is readable by others,
+                is owned by another user, or is a symbolic link.
             OSError: the data directory cannot be created or read.
 
         Cancellation: the scrypt derivation runs in a worker thread and is not
@@ -225,11 +228,18 @@ class FileRootKey:
 
     def _read(self) -> tuple[bytearray, int]:
         """The file's bytes in a buffer the caller zeroes, and how many were read."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = self._open_own()
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise RootKeyError(f"root key file {self.path} is not a regular file")
+            if info.st_uid != os.geteuid():
+                # Whoever owns the file chose the root key: another user could
+                # plant one they know, and read everything wrapped under it.
+                raise RootKeyError(
+                    f"root key file {self.path} is owned by uid {info.st_uid}, not by this "
+                    f"broker's user (uid {os.geteuid()}); refusing a root key another user controls"
+                )
             if info.st_mode & 0o077:
                 # Like ssh with private keys: a key others can read is refused,
                 # not silently used.
@@ -251,6 +261,23 @@ class FileRootKey:
             return buf, got
         finally:
             os.close(fd)
+
+    def _open_own(self) -> int:
+        """A read-only descriptor on the file itself, never on a symbolic link's target.
+
+        Raises:
+            FileNotFoundError: no file yet (the caller creates one).
+            RootKeyError: the name is a symbolic link.
+        """
+        try:
+            return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise RootKeyError(
+                f"root key file {self.path} is a symbolic link; refusing to follow it "
+                "(put the file itself in the data directory)"
+            ) from None
 
     async def _create(self) -> tuple[bytearray, int]:
         key_id = os.urandom(KEY_ID_LEN)

@@ -256,6 +256,29 @@ async def test_file_readable_by_others_is_refused(tmp_path: Path) -> None:
         await FileRootKey(path).open()
 
 
+async def test_file_of_another_user_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    await _plain_file(tmp_path)
+    path = tmp_path / "root.key"
+    # As if the broker ran as another user than the file's owner (no chown needed).
+    other = path.stat().st_uid + 1
+    monkeypatch.setattr(os, "geteuid", lambda: other)
+    with pytest.raises(RootKeyError, match=f"owned by uid {other - 1}, not by this broker's user"):
+        await FileRootKey(path).open()
+
+
+@pytest.mark.parametrize("target", ["a valid root key file", "nothing"])
+async def test_symbolic_link_is_refused(tmp_path: Path, target: str) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if target != "nothing":
+        await _plain_file(elsewhere)
+    link = tmp_path / "data" / "root.key"
+    link.parent.mkdir(mode=0o700)
+    link.symlink_to(elsewhere / "root.key")
+    with pytest.raises(RootKeyError, match="is a symbolic link"):
+        await FileRootKey(link).open()
+
+
 async def test_racing_creators_agree(tmp_path: Path) -> None:
     # Both derive their sealing key in a thread, so both reach the write; the
     # loser must adopt the winner's file instead of replacing it.
