@@ -54,6 +54,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from .envelope import KeySlot
 from .errors import AlreadyExists, DecryptionFailed, InvalidArgument
+from .kdf import MAX_SCRYPT_MEMORY, scrypt, scrypt_memory
 from .keys import Key, KeyType, check_name
 from .lifecycle import use_limit
 from .store import key_columns, key_from_columns
@@ -108,23 +109,21 @@ class ScryptCost:
     p: int = 1
 
     def __post_init__(self) -> None:
-        # Bounds keep a crafted archive from demanding gigabytes (N <= 2^20, r <= 16).
-        if not (10 <= self.log2_n <= 20 and 1 <= self.r <= 16 and 1 <= self.p <= 4):
+        # A crafted archive chooses these: each within range is not enough
+        # (N = 2**20, r = 16, p = 4 would need 10 GiB), so the memory they
+        # need together is bounded too (1 GiB, broker.kdf).
+        in_range = 10 <= self.log2_n <= 20 and 1 <= self.r <= 16 and 1 <= self.p <= 4
+        if not in_range or scrypt_memory(self.log2_n, self.r, self.p) > MAX_SCRYPT_MEMORY:
             raise InvalidArgument("scrypt parameters out of range")
 
     def derive(self, passphrase: str, salt: bytes) -> bytes:
-        """The 32-byte key-encryption key for ``passphrase`` and ``salt``."""
-        # OpenSSL's default memory cap (32 MiB) is exactly N=2**15, r=8 and
-        # fails it; allow the documented 128*N*r*p working set plus slack.
-        maxmem = 128 * (1 << self.log2_n) * self.r * (self.p + 1) + (1 << 20)
-        return hashlib.scrypt(
-            passphrase.encode("utf-8"),
-            salt=salt,
-            n=1 << self.log2_n,
-            r=self.r,
-            p=self.p,
-            maxmem=maxmem,
-            dklen=DATA_KEY_LEN,
+        """The 32-byte key-encryption key for ``passphrase`` and ``salt``.
+
+        Raises:
+            ValueError: the KDF failed (out of memory).
+        """
+        return scrypt(
+            passphrase.encode("utf-8"), salt, log2_n=self.log2_n, r=self.r, p=self.p, length=DATA_KEY_LEN
         )
 
 
@@ -190,7 +189,10 @@ def _recover(kind: int, block: bytes, unlock: rsa.RSAPrivateKey | str) -> bytear
             cost = ScryptCost(block[0], block[1], block[2])
         except InvalidArgument:
             raise DecryptionFailed("the backup archive is altered or damaged") from None
-        kek = cost.derive(unlock, block[3 : 3 + SALT_LEN])
+        try:
+            kek = cost.derive(unlock, block[3 : 3 + SALT_LEN])
+        except ValueError:
+            raise DecryptionFailed("the backup archive's passphrase key cannot be derived") from None
         try:
             key = bytearray(keywrap.aes_key_unwrap_with_padding(kek, block[3 + SALT_LEN :]))
         except keywrap.InvalidUnwrap:

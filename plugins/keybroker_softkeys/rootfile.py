@@ -50,6 +50,7 @@ import trio
 from broker.durable import sync_directory
 from broker.envelope import KeySlot
 from broker.errors import DecryptionFailed, InvalidState, Unavailable
+from broker.kdf import MAX_SCRYPT_MEMORY, scrypt, scrypt_memory
 
 from ._secret import random_bytearray, zero
 
@@ -97,14 +98,12 @@ class ScryptParams:
     p: int = 1
 
     def __post_init__(self) -> None:
-        if not (14 <= self.log2_n <= _MAX_LOG2_N and 8 <= self.r <= _MAX_R and 1 <= self.p <= _MAX_P):
-            raise ValueError("scrypt parameters out of range (N from 2**14 to 2**22, r 8-32, p 1-16)")
-
-    @property
-    def maxmem(self) -> int:
-        # OpenSSL's default cap (32 MiB) is exactly N=2**15, r=8 and fails it;
-        # give the documented 128*N*r*p working set plus slack.
-        return 128 * (1 << self.log2_n) * self.r * (self.p + 1) + (1 << 20)
+        in_range = 14 <= self.log2_n <= _MAX_LOG2_N and 8 <= self.r <= _MAX_R and 1 <= self.p <= _MAX_P
+        if not in_range or scrypt_memory(self.log2_n, self.r, self.p) > MAX_SCRYPT_MEMORY:
+            raise ValueError(
+                "scrypt parameters out of range (N from 2**14 to 2**22, r 8-32, p 1-16, "
+                "and 128*N*r*(p+1) at most 1 GiB)"
+            )
 
 
 class RootKeyError(Unavailable):
@@ -406,18 +405,14 @@ class FileRootKey:
         assert passphrase is not None
 
         def derive() -> bytearray:
-            # hashlib.scrypt returns bytes; the copy lives only for this call.
+            # scrypt returns bytes; the copy lives only for this call.
             return bytearray(
-                hashlib.scrypt(
-                    passphrase,
-                    salt=salt,
-                    n=1 << params.log2_n,
-                    r=params.r,
-                    p=params.p,
-                    maxmem=params.maxmem,
-                    dklen=KEY_LEN,
-                )
+                scrypt(passphrase, salt, log2_n=params.log2_n, r=params.r, p=params.p, length=KEY_LEN)
             )
 
-        # ~0.1 s of CPU with the GIL released: keep it off the trio thread.
-        return await trio.to_thread.run_sync(derive)
+        try:
+            # ~0.1 s of CPU with the GIL released: keep it off the trio thread.
+            return await trio.to_thread.run_sync(derive)
+        except ValueError as exc:
+            # The message names the parameters or the failure, never the passphrase.
+            raise RootKeyError(f"cannot derive the key sealing root key file {self.path}: {exc}") from None

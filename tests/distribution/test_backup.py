@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tempfile
 import time
@@ -276,6 +277,31 @@ async def test_archive_holding_a_key_twice_restores_nothing(make_config: ConfigF
     with pytest.raises(InvalidArgument, match="earlier record"):
         await run_backup_restore(target, path, "pw")
     assert list(target.data_dir.parent.iterdir()) == [path]
+
+
+# The passphrase protector block starts at 36: log2 N, r, p.
+_COST = slice(36, 39)
+
+
+@pytest.mark.parametrize("cost", [(20, 16, 4), (20, 8, 1)], ids=["10GiB", "2GiB"])
+def test_scrypt_cost_beyond_the_memory_ceiling_is_refused(
+    small_archive: bytes, cost: tuple[int, ...]
+) -> None:
+    crafted = bytearray(small_archive)
+    crafted[_COST] = bytes(cost)
+    with pytest.raises(DecryptionFailed, match="altered or damaged"):
+        open_archive(io.BytesIO(bytes(crafted)), "pw")
+    with pytest.raises(InvalidArgument, match="out of range"):
+        ScryptCost(*cost)
+
+
+def test_kdf_failure_is_decryption_failed(small_archive: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    def exhausted(*args: object, **kwargs: object) -> bytes:
+        raise MemoryError
+
+    monkeypatch.setattr(hashlib, "scrypt", exhausted)
+    with pytest.raises(DecryptionFailed, match="cannot be derived"):
+        open_archive(io.BytesIO(small_archive), "pw")
 
 
 class _ReadRecorder(io.BytesIO):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -237,15 +238,34 @@ async def test_damaged_plain_file_is_refused(tmp_path: Path, change: Change, mes
         (lambda raw: raw[:23] + b"\x0f" + raw[24:], "wrong passphrase, or the file was modified"),  # N
         (lambda raw: _flipped(raw, len(raw) - 20), "wrong passphrase, or the file was modified"),
         (lambda raw: raw[:23] + b"\x30" + raw[24:], "out-of-range scrypt parameters"),  # N = 2**48
+        # Each parameter within its range, together 16 GiB and more than hashlib allows.
+        (lambda raw: raw[:23] + b"\x16\x20\x10" + raw[26:], "out-of-range scrypt parameters"),
         (lambda raw: raw[:22] + b"\x07" + raw[23:], "unknown KDF 7"),
     ],
-    ids=["cut-1", "extra-byte", "key-id", "salt", "cost", "sealed-key", "huge-cost", "kdf"],
+    ids=["cut-1", "extra-byte", "key-id", "salt", "cost", "sealed-key", "huge-cost", "huge-memory", "kdf"],
 )
 async def test_damaged_sealed_file_is_refused(tmp_path: Path, change: Change, message: str) -> None:
     raw = await _sealed_file(tmp_path)
     (tmp_path / "root.key").write_bytes(change(raw))
     with pytest.raises(RootKeyError, match=message):
         await FileRootKey(tmp_path / "root.key", passphrase=PASSPHRASE).open()
+
+
+async def test_kdf_failure_is_a_root_key_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    await _sealed_file(tmp_path)
+
+    def exhausted(*args: object, **kwargs: object) -> bytes:
+        raise MemoryError
+
+    monkeypatch.setattr(hashlib, "scrypt", exhausted)
+    with pytest.raises(RootKeyError, match="cannot derive the key sealing root key file"):
+        await FileRootKey(tmp_path / "root.key", passphrase=PASSPHRASE).open()
+
+
+def test_params_needing_more_than_a_gibibyte_are_refused() -> None:
+    ScryptParams(log2_n=19, r=8, p=1)  # 1 GiB
+    with pytest.raises(ValueError, match="at most 1 GiB"):
+        ScryptParams(log2_n=20, r=8, p=1)
 
 
 async def test_file_readable_by_others_is_refused(tmp_path: Path) -> None:
