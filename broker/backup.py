@@ -73,6 +73,7 @@ if TYPE_CHECKING:
     from .service import KeyService
 
 __all__ = [
+    "MIN_PASSPHRASE_LEN",
     "BackupSummary",
     "Passphrase",
     "Recipient",
@@ -90,6 +91,10 @@ PROTECTOR_RSA: Final = 1
 PROTECTOR_SCRYPT: Final = 2
 DATA_KEY_LEN: Final = 32
 SALT_LEN: Final = 16
+# An archive is carried and stored away from the broker, where its
+# passphrase meets offline guessing bounded only by scrypt's cost: a short
+# one would be the weakest link.
+MIN_PASSPHRASE_LEN: Final = 12
 # Every key id is 16 random bytes; envelopes and stream headers carry it as such.
 KEY_ID_LEN: Final = 16
 _FIXED = struct.Struct(">4sBBI16sQH")
@@ -146,8 +151,12 @@ class Passphrase:
     cost: ScryptCost = field(default_factory=ScryptCost)
 
     def __post_init__(self) -> None:
-        if not self.passphrase:
-            raise InvalidArgument("the passphrase must not be empty", {"field": "passphrase"})
+        if not isinstance(self.passphrase, str):
+            raise InvalidArgument("passphrase: must be a string", {"field": "passphrase"})
+        if len(self.passphrase) < MIN_PASSPHRASE_LEN:
+            raise InvalidArgument(
+                f"passphrase: must be at least {MIN_PASSPHRASE_LEN} characters", {"field": "passphrase"}
+            )
 
 
 Protector = Recipient | Passphrase

@@ -241,7 +241,10 @@ def _create(args: argparse.Namespace) -> int:
         except InvalidArgument as exc:
             raise UsageError(f"--recipient {args.recipient}: {exc.message}") from None
     else:
-        protector = Passphrase(_read_passphrase(args.passphrase_file))
+        try:
+            protector = Passphrase(_read_passphrase(args.passphrase_file))
+        except InvalidArgument as exc:
+            raise UsageError(f"--passphrase-file {args.passphrase_file}: {exc.message}") from None
     bar = ProgressBar("backup", unit="keys")
     try:
         names = args.key or None

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 softhsm = hsm_fixtures.softhsm  # the session's SoftHSM2 token fixture
 
+PASSPHRASE = "correct horse battery staple"
 # Cheap scrypt for tests: the format records the cost, so any cost restores.
 CHEAP = ScryptCost(log2_n=10, r=8, p=1)
 
@@ -114,6 +115,20 @@ async def test_backup_over_rpc_restores_everything(make_config: ConfigFactory, o
         await run_backup_restore(target, path, rsa_key())
 
 
+@pytest.mark.parametrize("passphrase", [True, 123, "", "eleven char", "twelve chars"])
+async def test_backup_passphrase_is_a_string_of_at_least_12_characters(
+    make_config: ConfigFactory, owner: str, passphrase: object
+) -> None:
+    async with open_broker(make_config(), run_scheduler=False) as broker:
+        admin = Caller(broker, owner)
+        if passphrase == "twelve chars":
+            assert (await admin("backup.create", passphrase=passphrase))["keys"] == 0
+            return
+        with pytest.raises(BrokerError) as refused:
+            await admin("backup.create", passphrase=passphrase)
+        assert (refused.value.code, refused.value.details) == ("invalid_argument", {"field": "passphrase"})
+
+
 async def test_passphrase_and_selected_keys(make_config: ConfigFactory, owner: str) -> None:
     config = make_config(name="old")
     async with open_broker(config, run_scheduler=False) as old:
@@ -147,16 +162,16 @@ async def test_hsm_keys_travel_by_reference(
         admin = Caller(old, owner)
         await admin("key.create", name="soft", type="aes256-gcm")
         await admin("key.create", name="tok", type="ecdsa-p256", protection="hsm")
-        out = await admin("backup.create", passphrase="pw")
+        out = await admin("backup.create", passphrase=PASSPHRASE)
         assert out["by_reference"] == ["tok"]
         tok = await admin("key.get", name="tok")
         public = (await admin("key.public", name="tok"))["pem"]
     path = config.data_dir.parent / "a.kbbk"
     path.write_bytes(out["archive"])
     plain = make_config(name="plain")
-    assert await run_backup_restore(plain, path, "pw") == {"restored": ["soft"], "skipped": ["tok"]}
+    assert await run_backup_restore(plain, path, PASSPHRASE) == {"restored": ["soft"], "skipped": ["tok"]}
     with_token = make_config(token, name="token")
-    restored = await run_backup_restore(with_token, path, "pw")
+    restored = await run_backup_restore(with_token, path, PASSPHRASE)
     assert restored == {"restored": ["soft", "tok"], "skipped": []}
     async with open_broker(with_token, run_scheduler=False) as new:
         admin = Caller(new, owner)
@@ -187,7 +202,7 @@ def small_archive() -> bytes:
                 )
                 out = io.BytesIO()
                 keys = await collect_keys(b.service, None)
-                await create_backup(b.service, keys, Passphrase("pw", CHEAP), out, segment_size=64)
+                await create_backup(b.service, keys, Passphrase(PASSPHRASE, CHEAP), out, segment_size=64)
                 return out.getvalue()
 
     return trio.run(make)
@@ -200,16 +215,16 @@ def test_any_flipped_byte_refuses_the_whole_archive(small_archive: bytes, data: 
     tampered = bytearray(small_archive)
     tampered[position] ^= data.draw(st.integers(1, 255))
     with pytest.raises((DecryptionFailed, InvalidArgument)):
-        open_archive(io.BytesIO(bytes(tampered)), "pw")
+        open_archive(io.BytesIO(bytes(tampered)), PASSPHRASE)
 
 
 def test_truncated_or_extended_archive_is_refused(small_archive: bytes) -> None:
-    assert len(open_archive(io.BytesIO(small_archive), "pw").keys) == 1
+    assert len(open_archive(io.BytesIO(small_archive), PASSPHRASE).keys) == 1
     for cut in (len(small_archive) - 1, len(small_archive) - 80, 40, 10):
         with pytest.raises(DecryptionFailed):
-            open_archive(io.BytesIO(small_archive[:cut]), "pw")
+            open_archive(io.BytesIO(small_archive[:cut]), PASSPHRASE)
     with pytest.raises(DecryptionFailed):
-        open_archive(io.BytesIO(small_archive + b"\x00" * 80), "pw")
+        open_archive(io.BytesIO(small_archive + b"\x00" * 80), PASSPHRASE)
 
 
 def _record(
@@ -239,7 +254,7 @@ async def _archive_of(keys: list[Key]) -> bytes:
     """An authentic archive of any records: versions without material export nothing."""
     service = cast("KeyService", SimpleNamespace(backends={}))
     out = io.BytesIO()
-    await create_backup(service, keys, Passphrase("pw", CHEAP), out, now=0)
+    await create_backup(service, keys, Passphrase(PASSPHRASE, CHEAP), out, now=0)
     return out.getvalue()
 
 
@@ -261,13 +276,13 @@ async def test_archive_with_a_record_the_broker_would_not_hold_is_refused(
 ) -> None:
     # A recipient archive is authentic to anyone holding the public key.
     with pytest.raises(InvalidArgument, match=problem):
-        open_archive(io.BytesIO(await _archive_of(keys)), "pw")
+        open_archive(io.BytesIO(await _archive_of(keys)), PASSPHRASE)
 
 
 async def test_records_as_the_broker_keeps_them_open() -> None:
     # Imported at version 5, min_decrypt_version later set to 1 (key.update allows it).
     keys = [_record(numbers=(5, 6), primary=6, min_decrypt=1), _record(name="b", key_id=b"j" * 16)]
-    assert [a.key for a in open_archive(io.BytesIO(await _archive_of(keys)), "pw").keys] == keys
+    assert [a.key for a in open_archive(io.BytesIO(await _archive_of(keys)), PASSPHRASE).keys] == keys
 
 
 async def test_archive_holding_a_key_twice_restores_nothing(make_config: ConfigFactory) -> None:
@@ -275,7 +290,7 @@ async def test_archive_holding_a_key_twice_restores_nothing(make_config: ConfigF
     path = target.data_dir.parent / "twice.kbbk"
     path.write_bytes(await _archive_of([_record(), _record()]))
     with pytest.raises(InvalidArgument, match="earlier record"):
-        await run_backup_restore(target, path, "pw")
+        await run_backup_restore(target, path, PASSPHRASE)
     assert list(target.data_dir.parent.iterdir()) == [path]
 
 
@@ -290,7 +305,7 @@ def test_scrypt_cost_beyond_the_memory_ceiling_is_refused(
     crafted = bytearray(small_archive)
     crafted[_COST] = bytes(cost)
     with pytest.raises(DecryptionFailed, match="altered or damaged"):
-        open_archive(io.BytesIO(bytes(crafted)), "pw")
+        open_archive(io.BytesIO(bytes(crafted)), PASSPHRASE)
     with pytest.raises(InvalidArgument, match="out of range"):
         ScryptCost(*cost)
 
@@ -301,7 +316,7 @@ def test_kdf_failure_is_decryption_failed(small_archive: bytes, monkeypatch: pyt
 
     monkeypatch.setattr(hashlib, "scrypt", exhausted)
     with pytest.raises(DecryptionFailed, match="cannot be derived"):
-        open_archive(io.BytesIO(small_archive), "pw")
+        open_archive(io.BytesIO(small_archive), PASSPHRASE)
 
 
 class _ReadRecorder(io.BytesIO):
@@ -319,7 +334,7 @@ def test_segment_size_out_of_range_is_refused_before_reading(small_archive: byte
     # The header is not yet authenticated: its segment size must not size a read.
     crafted = _ReadRecorder(small_archive[:6] + size.to_bytes(4, "big") + small_archive[10:])
     with pytest.raises(DecryptionFailed, match="segment size"):
-        open_archive(crafted, "pw")
+        open_archive(crafted, PASSPHRASE)
     assert crafted.largest <= MAX_SEGMENT_SIZE + SEGMENT_OVERHEAD
 
 
@@ -328,7 +343,7 @@ async def test_tampered_archive_restores_nothing(make_config: ConfigFactory, sma
     path = target.data_dir.parent / "t.kbbk"
     path.write_bytes(small_archive[:-20] + bytes([small_archive[-20] ^ 1]) + small_archive[-19:])
     with pytest.raises(DecryptionFailed):
-        await run_backup_restore(target, path, "pw")
+        await run_backup_restore(target, path, PASSPHRASE)
     assert not target.data_dir.exists()
     assert [p for p in target.data_dir.parent.iterdir() if "restoring" in p.name] == []
 

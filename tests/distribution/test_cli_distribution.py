@@ -278,6 +278,15 @@ def test_backup_cli_keeps_the_traceback_of_anything_else(
         )
 
 
+async def test_backup_cli_refuses_a_short_passphrase(short_tmp: Path) -> None:
+    secret = short_tmp / "pass"
+    secret.write_text("too short\n")
+    out = short_tmp / "out.kbbk"
+    result = await kb("backup", "create", "--data-dir", short_tmp, "--passphrase-file", secret, out)
+    assert result.code == 2 and "at least 12 characters" in result.err, result.err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("flag", ["--recipient", "--identity"])
 async def test_backup_cli_usage_errors(short_tmp: Path, flag: str) -> None:
     junk = short_tmp / "junk.pem"
