@@ -6,7 +6,7 @@ import argparse
 import gc
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import trio
@@ -18,7 +18,7 @@ from .audit import audit_verify_main
 from .backup_cli import add_backup_commands
 from .cli import add_client_commands, add_connection_options
 from .config import load_config
-from .errors import BrokerError, Unavailable
+from .errors import BrokerError, Unavailable, leaves
 from .hardening import disable_core_dumps
 from .logs import configure_logging
 from .report_cli import add_parser as add_report_parser
@@ -31,15 +31,6 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` itself, or every exception inside it when it is a (nested) group."""
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
-
-
 def startup_failure(exc: BaseException) -> BrokerError | None:
     """What to report when ``exc`` stopped the broker before it served; None for a bug.
 
@@ -50,10 +41,10 @@ def startup_failure(exc: BaseException) -> BrokerError | None:
     Those are reported in one line like any configuration error. A group
     holding anything else is a bug and keeps its traceback.
     """
-    leaves = list(_leaves(exc))
-    if not leaves or not all(isinstance(leaf, BrokerError | OSError) for leaf in leaves):
+    found = list(leaves(exc))
+    if not found or not all(isinstance(leaf, BrokerError | OSError) for leaf in found):
         return None
-    first = leaves[0]
+    first = found[0]
     if isinstance(first, BrokerError):
         return first
     assert isinstance(first, OSError)

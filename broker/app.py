@@ -19,6 +19,7 @@ from .audit import AuditLog, open_audit_log
 from .backend import Backend
 from .certs import CertPolicy
 from .config import Config
+from .errors import Unavailable
 from .metrics import Metrics
 from .plugins import Plugins
 from .rpc import Dispatcher
@@ -47,9 +48,22 @@ class Broker:
 
 
 def prepare_data_dir(config: Config) -> None:
-    """Create the data directory 0700 (and tighten it if it exists)."""
-    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(config.data_dir, 0o700)
+    """Create the data directory 0700 (and tighten it if it exists).
+
+    Raises:
+        Unavailable: the directory belongs to another user, who could
+            replace the root key, the store or the audit log inside it.
+        OSError: the directory cannot be created or read.
+    """
+    data_dir = config.data_dir
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    owner = data_dir.stat().st_uid
+    if owner != os.geteuid():
+        raise Unavailable(
+            f"data directory {data_dir} is owned by uid {owner}, not by this broker's user "
+            f"(uid {os.geteuid()}); run the broker as its owner, or give it a directory of its own"
+        )
+    os.chmod(data_dir, 0o700)
 
 
 @asynccontextmanager
@@ -74,6 +88,7 @@ async def open_broker(
     Raises:
         InvalidArgument: a bad option in ``[plugins.certificates]``.
         StartupError: plugins missing or clashing.
+        Unavailable: the data directory belongs to another user.
         OSError: the data directory cannot be used.
     """
     # [plugins.certificates] belongs to the broker itself, not to a plugin

@@ -54,16 +54,26 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from .envelope import KeySlot
 from .errors import AlreadyExists, DecryptionFailed, InvalidArgument
-from .keys import Key, KeyType
+from .kdf import MAX_SCRYPT_MEMORY, scrypt, scrypt_memory
+from .keys import Key, KeyType, check_name
 from .lifecycle import use_limit
 from .store import key_columns, key_from_columns
-from .stream import DEFAULT_SEGMENT_SIZE, SEGMENT_OVERHEAD, Progress, open_segments, seal_segments
+from .stream import (
+    DEFAULT_SEGMENT_SIZE,
+    MAX_SEGMENT_SIZE,
+    MIN_SEGMENT_SIZE,
+    SEGMENT_OVERHEAD,
+    Progress,
+    open_segments,
+    seal_segments,
+)
 from .transfer import load_recipient
 
 if TYPE_CHECKING:
     from .service import KeyService
 
 __all__ = [
+    "MIN_PASSPHRASE_LEN",
     "BackupSummary",
     "Passphrase",
     "Recipient",
@@ -81,6 +91,12 @@ PROTECTOR_RSA: Final = 1
 PROTECTOR_SCRYPT: Final = 2
 DATA_KEY_LEN: Final = 32
 SALT_LEN: Final = 16
+# An archive is carried and stored away from the broker, where its
+# passphrase meets offline guessing bounded only by scrypt's cost: a short
+# one would be the weakest link.
+MIN_PASSPHRASE_LEN: Final = 12
+# Every key id is 16 random bytes; envelopes and stream headers carry it as such.
+KEY_ID_LEN: Final = 16
 _FIXED = struct.Struct(">4sBBI16sQH")
 PAGE = 500
 
@@ -98,23 +114,21 @@ class ScryptCost:
     p: int = 1
 
     def __post_init__(self) -> None:
-        # Bounds keep a crafted archive from demanding gigabytes (N <= 2^20, r <= 16).
-        if not (10 <= self.log2_n <= 20 and 1 <= self.r <= 16 and 1 <= self.p <= 4):
+        # A crafted archive chooses these: each within range is not enough
+        # (N = 2**20, r = 16, p = 4 would need 10 GiB), so the memory they
+        # need together is bounded too (1 GiB, broker.kdf).
+        in_range = 10 <= self.log2_n <= 20 and 1 <= self.r <= 16 and 1 <= self.p <= 4
+        if not in_range or scrypt_memory(self.log2_n, self.r, self.p) > MAX_SCRYPT_MEMORY:
             raise InvalidArgument("scrypt parameters out of range")
 
     def derive(self, passphrase: str, salt: bytes) -> bytes:
-        """The 32-byte key-encryption key for ``passphrase`` and ``salt``."""
-        # OpenSSL's default memory cap (32 MiB) is exactly N=2**15, r=8 and
-        # fails it; allow the documented 128*N*r*p working set plus slack.
-        maxmem = 128 * (1 << self.log2_n) * self.r * (self.p + 1) + (1 << 20)
-        return hashlib.scrypt(
-            passphrase.encode("utf-8"),
-            salt=salt,
-            n=1 << self.log2_n,
-            r=self.r,
-            p=self.p,
-            maxmem=maxmem,
-            dklen=DATA_KEY_LEN,
+        """The 32-byte key-encryption key for ``passphrase`` and ``salt``.
+
+        Raises:
+            ValueError: the KDF failed (out of memory).
+        """
+        return scrypt(
+            passphrase.encode("utf-8"), salt, log2_n=self.log2_n, r=self.r, p=self.p, length=DATA_KEY_LEN
         )
 
 
@@ -137,8 +151,12 @@ class Passphrase:
     cost: ScryptCost = field(default_factory=ScryptCost)
 
     def __post_init__(self) -> None:
-        if not self.passphrase:
-            raise InvalidArgument("the passphrase must not be empty", {"field": "passphrase"})
+        if not isinstance(self.passphrase, str):
+            raise InvalidArgument("passphrase: must be a string", {"field": "passphrase"})
+        if len(self.passphrase) < MIN_PASSPHRASE_LEN:
+            raise InvalidArgument(
+                f"passphrase: must be at least {MIN_PASSPHRASE_LEN} characters", {"field": "passphrase"}
+            )
 
 
 Protector = Recipient | Passphrase
@@ -180,7 +198,10 @@ def _recover(kind: int, block: bytes, unlock: rsa.RSAPrivateKey | str) -> bytear
             cost = ScryptCost(block[0], block[1], block[2])
         except InvalidArgument:
             raise DecryptionFailed("the backup archive is altered or damaged") from None
-        kek = cost.derive(unlock, block[3 : 3 + SALT_LEN])
+        try:
+            kek = cost.derive(unlock, block[3 : 3 + SALT_LEN])
+        except ValueError:
+            raise DecryptionFailed("the backup archive's passphrase key cannot be derived") from None
         try:
             key = bytearray(keywrap.aes_key_unwrap_with_padding(kek, block[3 + SALT_LEN :]))
         except keywrap.InvalidUnwrap:
@@ -250,6 +271,57 @@ def _key_from_record(record: dict[str, Any]) -> ArchivedKey:
         # Authenticated yet malformed: written by a different (newer) format.
         raise InvalidArgument("the backup archive holds a key record this keybroker cannot read") from None
     return ArchivedKey(key, materials, references)
+
+
+def _record_problem(key: Key, names: set[str], ids: set[bytes]) -> str | None:
+    """What makes ``key`` (its name already checked) unfit to restore after ``names``/``ids``, or None."""
+    if len(key.id) != KEY_ID_LEN:
+        return f"a key id that is not {KEY_ID_LEN} bytes"
+    numbers = [v.number for v in key.versions]
+    if len(set(numbers)) != len(numbers):
+        return "duplicate version numbers"
+    if key.primary_version not in numbers:
+        return f"primary version {key.primary_version}, which it does not hold"
+    # key.update's rule (destroyed versions below it may be gone from a key).
+    if not 1 <= key.min_decrypt_version <= key.primary_version:
+        return f"min_decrypt_version {key.min_decrypt_version} outside 1 .. its primary version"
+    if key.name in names:
+        return "the name of an earlier record"
+    if key.id in ids:
+        return "the key id of an earlier record"
+    return None
+
+
+def _check_records(keys: Sequence[ArchivedKey]) -> None:
+    """Refuse the archive unless every record could be a key of this broker, each name and id once.
+
+    Authentication proves only who could make an archive -- for a recipient
+    archive, anyone with the public key -- so each record must meet the
+    rules the broker keeps for its own keys before the store sees any.
+
+    Raises:
+        InvalidArgument: naming the first bad record (by position, and by
+            name when the name is valid) and its problem; never its material.
+    """
+    names: set[str] = set()
+    ids: set[bytes] = set()
+    for index, item in enumerate(keys, start=1):
+        key = item.key
+        try:
+            check_name(key.name)
+        except InvalidArgument:
+            raise _bad_record(index, "has an invalid key name") from None
+        problem = _record_problem(key, names, ids)
+        if problem is not None:
+            raise _bad_record(index, f"({key.name!r}) has {problem}")
+        names.add(key.name)
+        ids.add(key.id)
+
+
+def _bad_record(index: int, problem: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"the backup archive's key record {index} {problem}; nothing was restored", {"record": index}
+    )
 
 
 # --- creating ----------------------------------------------------------------------------
@@ -390,7 +462,9 @@ def open_archive(src: IO[bytes], unlock: rsa.RSAPrivateKey | str) -> Archive:
     Raises:
         DecryptionFailed: altered, truncated or extended anywhere, or the wrong passphrase.
         InvalidArgument: the wrong kind of unlock, another recipient's archive,
-            or a format this keybroker cannot read.
+            a format this keybroker cannot read, or a key record the broker
+            would not hold (an invalid name, duplicate version numbers, a
+            primary or min_decrypt version out of place, a name or id twice).
     """
     fixed = src.read(_FIXED.size)
     if len(fixed) != _FIXED.size:
@@ -400,6 +474,10 @@ def open_archive(src: IO[bytes], unlock: rsa.RSAPrivateKey | str) -> Archive:
         raise DecryptionFailed("not a keybroker backup archive")
     if fmt != FORMAT:
         raise DecryptionFailed(f"unknown backup archive format {fmt}")
+    if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
+        # The header is authenticated only once a segment opens, and this
+        # size sizes every read: a crafted one must not ask for gigabytes.
+        raise DecryptionFailed("the backup archive is altered or damaged (segment size out of range)")
     block = src.read(block_len)
     if len(block) != block_len:
         raise DecryptionFailed("the backup archive is truncated")
@@ -425,6 +503,7 @@ def open_archive(src: IO[bytes], unlock: rsa.RSAPrivateKey | str) -> Archive:
         _wipe(plain)
     if not isinstance(manifest, dict) or manifest.get("keys") != len(keys):
         raise InvalidArgument("the backup archive's manifest does not match its contents")
+    _check_records(keys)
     return Archive(int(manifest.get("created_at", 0)), str(manifest.get("node", "")), keys)
 
 

@@ -40,7 +40,7 @@ from .app import open_broker
 from .backup import Passphrase, Recipient, collect_keys, create_backup, open_archive, restore_keys
 from .config import Config, load_config
 from .durable import sync_directory
-from .errors import BrokerError, InvalidArgument
+from .errors import BrokerError, InvalidArgument, leaves
 from .progress import ProgressBar
 from .stream import atomic_output
 
@@ -241,7 +241,10 @@ def _create(args: argparse.Namespace) -> int:
         except InvalidArgument as exc:
             raise UsageError(f"--recipient {args.recipient}: {exc.message}") from None
     else:
-        protector = Passphrase(_read_passphrase(args.passphrase_file))
+        try:
+            protector = Passphrase(_read_passphrase(args.passphrase_file))
+        except InvalidArgument as exc:
+            raise UsageError(f"--passphrase-file {args.passphrase_file}: {exc.message}") from None
     bar = ProgressBar("backup", unit="keys")
     try:
         names = args.key or None
@@ -277,10 +280,26 @@ def _restore(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _unwrapped(handler: Any, args: argparse.Namespace) -> int:
+    """``handler(args)``, with a nursery's group around a lone BrokerError or OSError taken off.
+
+    What open_broker's body raises reaches here inside trio's exception
+    groups; the error alone is reported in one line with its exit code,
+    anything else keeps its traceback.
+    """
+    try:
+        return int(handler(args))
+    except BaseExceptionGroup as group:
+        found = list(leaves(group))
+        if len(found) == 1 and isinstance(found[0], BrokerError | OSError):
+            raise found[0] from None
+        raise
+
+
 def _guarded(handler: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         try:
-            return int(handler(args))
+            return _unwrapped(handler, args)
         except UsageError as exc:
             print(f"keybroker: usage: {exc}", file=sys.stderr)
             return EXIT_USAGE

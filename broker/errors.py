@@ -8,6 +8,7 @@ the caller and never carry key material, plaintext or ciphertext.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "Unavailable",
     "UnknownMethod",
     "error_for_code",
+    "leaves",
 ]
 
 
@@ -155,6 +157,19 @@ _BY_CODE: dict[str, type[BrokerError]] = {
 def error_for_code(code: str) -> type[BrokerError]:
     """The error class for a wire code; unknown codes map to :class:`BrokerError`."""
     return _BY_CODE.get(code, BrokerError)
+
+
+def leaves(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` itself, or every exception inside it when it is a (nested) group.
+
+    trio's nurseries wrap what a body raises in exception groups; command
+    lines look inside them to report a :class:`BrokerError` in one line.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from leaves(inner)
+    else:
+        yield exc
 
 
 class StaleRevision(Unavailable):

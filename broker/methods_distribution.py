@@ -153,7 +153,7 @@ async def _backup_create(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any
     if isinstance(recipient_pem, str):
         protector = Recipient.from_pem(recipient_pem)
     else:
-        protector = Passphrase(str(passphrase))
+        protector = Passphrase(passphrase)
     d.authorize_no_key(call)
     names = args.get("names")
     if names is not None:

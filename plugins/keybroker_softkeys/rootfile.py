@@ -36,6 +36,7 @@ In memory the root key lives only in a native :class:`~broker.envelope.KeySlot`
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import stat
@@ -49,6 +50,7 @@ import trio
 from broker.durable import sync_directory
 from broker.envelope import KeySlot
 from broker.errors import DecryptionFailed, InvalidState, Unavailable
+from broker.kdf import MAX_SCRYPT_MEMORY, scrypt, scrypt_memory
 
 from ._secret import random_bytearray, zero
 
@@ -96,19 +98,18 @@ class ScryptParams:
     p: int = 1
 
     def __post_init__(self) -> None:
-        if not (14 <= self.log2_n <= _MAX_LOG2_N and 8 <= self.r <= _MAX_R and 1 <= self.p <= _MAX_P):
-            raise ValueError("scrypt parameters out of range (N from 2**14 to 2**22, r 8-32, p 1-16)")
-
-    @property
-    def maxmem(self) -> int:
-        # OpenSSL's default cap (32 MiB) is exactly N=2**15, r=8 and fails it;
-        # give the documented 128*N*r*p working set plus slack.
-        return 128 * (1 << self.log2_n) * self.r * (self.p + 1) + (1 << 20)
+        in_range = 14 <= self.log2_n <= _MAX_LOG2_N and 8 <= self.r <= _MAX_R and 1 <= self.p <= _MAX_P
+        if not in_range or scrypt_memory(self.log2_n, self.r, self.p) > MAX_SCRYPT_MEMORY:
+            raise ValueError(
+                "scrypt parameters out of range (N from 2**14 to 2**22, r 8-32, p 1-16, "
+                "and 128*N*r*(p+1) at most 1 GiB)"
+            )
 
 
 class RootKeyError(Unavailable):
     """The root key file cannot be used: missing passphrase, wrong passphrase,
-    corrupt or truncated file, or unsafe permissions. The message names the cause."""
+    corrupt or truncated file, or unsafe permissions, owner or symbolic link.
+    The message names the cause."""
 
 
 class FileRootKey:
@@ -167,7 +168,8 @@ class FileRootKey:
         Raises:
             RootKeyError: the file is corrupt or truncated, was sealed under a
                 different passphrase, is sealed but no passphrase was given,
-                is plain but a passphrase was given, or is readable by others.
+                is plain but a passphrase was given, is readable by others,
+                is owned by another user, or is a symbolic link.
             OSError: the data directory cannot be created or read.
 
         Cancellation: the scrypt derivation runs in a worker thread and is not
@@ -225,11 +227,18 @@ class FileRootKey:
 
     def _read(self) -> tuple[bytearray, int]:
         """The file's bytes in a buffer the caller zeroes, and how many were read."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = self._open_own()
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise RootKeyError(f"root key file {self.path} is not a regular file")
+            if info.st_uid != os.geteuid():
+                # Whoever owns the file chose the root key: another user could
+                # plant one they know, and read everything wrapped under it.
+                raise RootKeyError(
+                    f"root key file {self.path} is owned by uid {info.st_uid}, not by this "
+                    f"broker's user (uid {os.geteuid()}); refusing a root key another user controls"
+                )
             if info.st_mode & 0o077:
                 # Like ssh with private keys: a key others can read is refused,
                 # not silently used.
@@ -251,6 +260,23 @@ class FileRootKey:
             return buf, got
         finally:
             os.close(fd)
+
+    def _open_own(self) -> int:
+        """A read-only descriptor on the file itself, never on a symbolic link's target.
+
+        Raises:
+            FileNotFoundError: no file yet (the caller creates one).
+            RootKeyError: the name is a symbolic link.
+        """
+        try:
+            return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise RootKeyError(
+                f"root key file {self.path} is a symbolic link; refusing to follow it "
+                "(put the file itself in the data directory)"
+            ) from None
 
     async def _create(self) -> tuple[bytearray, int]:
         key_id = os.urandom(KEY_ID_LEN)
@@ -379,18 +405,14 @@ class FileRootKey:
         assert passphrase is not None
 
         def derive() -> bytearray:
-            # hashlib.scrypt returns bytes; the copy lives only for this call.
+            # scrypt returns bytes; the copy lives only for this call.
             return bytearray(
-                hashlib.scrypt(
-                    passphrase,
-                    salt=salt,
-                    n=1 << params.log2_n,
-                    r=params.r,
-                    p=params.p,
-                    maxmem=params.maxmem,
-                    dklen=KEY_LEN,
-                )
+                scrypt(passphrase, salt, log2_n=params.log2_n, r=params.r, p=params.p, length=KEY_LEN)
             )
 
-        # ~0.1 s of CPU with the GIL released: keep it off the trio thread.
-        return await trio.to_thread.run_sync(derive)
+        try:
+            # ~0.1 s of CPU with the GIL released: keep it off the trio thread.
+            return await trio.to_thread.run_sync(derive)
+        except ValueError as exc:
+            # The message names the parameters or the failure, never the passphrase.
+            raise RootKeyError(f"cannot derive the key sealing root key file {self.path}: {exc}") from None

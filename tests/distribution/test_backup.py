@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 import trio
@@ -20,14 +22,19 @@ from broker.backup import Passphrase, Recipient, ScryptCost, collect_keys, creat
 from broker.backup_cli import UsageError, run_backup_create, run_backup_restore
 from broker.config import parse_config
 from broker.errors import BrokerError, DecryptionFailed, InvalidArgument
-from broker.keys import Classification, KeyType
+from broker.keys import Classification, Key, KeyState, KeyType, Version, VersionState
+from broker.stream import MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE, SEGMENT_OVERHEAD
 from tests import hsm_fixtures
 from tests.conftest import Caller, ConfigFactory
 from tests.distribution._fakes import rsa_key
 from tests.hsm_fixtures import SoftToken
 
+if TYPE_CHECKING:
+    from broker.service import KeyService
+
 softhsm = hsm_fixtures.softhsm  # the session's SoftHSM2 token fixture
 
+PASSPHRASE = "correct horse battery staple"
 # Cheap scrypt for tests: the format records the cost, so any cost restores.
 CHEAP = ScryptCost(log2_n=10, r=8, p=1)
 
@@ -108,6 +115,20 @@ async def test_backup_over_rpc_restores_everything(make_config: ConfigFactory, o
         await run_backup_restore(target, path, rsa_key())
 
 
+@pytest.mark.parametrize("passphrase", [True, 123, "", "eleven char", "twelve chars"])
+async def test_backup_passphrase_is_a_string_of_at_least_12_characters(
+    make_config: ConfigFactory, owner: str, passphrase: object
+) -> None:
+    async with open_broker(make_config(), run_scheduler=False) as broker:
+        admin = Caller(broker, owner)
+        if passphrase == "twelve chars":
+            assert (await admin("backup.create", passphrase=passphrase))["keys"] == 0
+            return
+        with pytest.raises(BrokerError) as refused:
+            await admin("backup.create", passphrase=passphrase)
+        assert (refused.value.code, refused.value.details) == ("invalid_argument", {"field": "passphrase"})
+
+
 async def test_passphrase_and_selected_keys(make_config: ConfigFactory, owner: str) -> None:
     config = make_config(name="old")
     async with open_broker(config, run_scheduler=False) as old:
@@ -141,16 +162,16 @@ async def test_hsm_keys_travel_by_reference(
         admin = Caller(old, owner)
         await admin("key.create", name="soft", type="aes256-gcm")
         await admin("key.create", name="tok", type="ecdsa-p256", protection="hsm")
-        out = await admin("backup.create", passphrase="pw")
+        out = await admin("backup.create", passphrase=PASSPHRASE)
         assert out["by_reference"] == ["tok"]
         tok = await admin("key.get", name="tok")
         public = (await admin("key.public", name="tok"))["pem"]
     path = config.data_dir.parent / "a.kbbk"
     path.write_bytes(out["archive"])
     plain = make_config(name="plain")
-    assert await run_backup_restore(plain, path, "pw") == {"restored": ["soft"], "skipped": ["tok"]}
+    assert await run_backup_restore(plain, path, PASSPHRASE) == {"restored": ["soft"], "skipped": ["tok"]}
     with_token = make_config(token, name="token")
-    restored = await run_backup_restore(with_token, path, "pw")
+    restored = await run_backup_restore(with_token, path, PASSPHRASE)
     assert restored == {"restored": ["soft", "tok"], "skipped": []}
     async with open_broker(with_token, run_scheduler=False) as new:
         admin = Caller(new, owner)
@@ -181,7 +202,7 @@ def small_archive() -> bytes:
                 )
                 out = io.BytesIO()
                 keys = await collect_keys(b.service, None)
-                await create_backup(b.service, keys, Passphrase("pw", CHEAP), out, segment_size=64)
+                await create_backup(b.service, keys, Passphrase(PASSPHRASE, CHEAP), out, segment_size=64)
                 return out.getvalue()
 
     return trio.run(make)
@@ -194,16 +215,127 @@ def test_any_flipped_byte_refuses_the_whole_archive(small_archive: bytes, data: 
     tampered = bytearray(small_archive)
     tampered[position] ^= data.draw(st.integers(1, 255))
     with pytest.raises((DecryptionFailed, InvalidArgument)):
-        open_archive(io.BytesIO(bytes(tampered)), "pw")
+        open_archive(io.BytesIO(bytes(tampered)), PASSPHRASE)
 
 
 def test_truncated_or_extended_archive_is_refused(small_archive: bytes) -> None:
-    assert len(open_archive(io.BytesIO(small_archive), "pw").keys) == 1
+    assert len(open_archive(io.BytesIO(small_archive), PASSPHRASE).keys) == 1
     for cut in (len(small_archive) - 1, len(small_archive) - 80, 40, 10):
         with pytest.raises(DecryptionFailed):
-            open_archive(io.BytesIO(small_archive[:cut]), "pw")
+            open_archive(io.BytesIO(small_archive[:cut]), PASSPHRASE)
     with pytest.raises(DecryptionFailed):
-        open_archive(io.BytesIO(small_archive + b"\x00" * 80), "pw")
+        open_archive(io.BytesIO(small_archive + b"\x00" * 80), PASSPHRASE)
+
+
+def _record(
+    name: str = "k",
+    key_id: bytes = b"i" * 16,
+    numbers: tuple[int, ...] = (1,),
+    primary: int = 1,
+    min_decrypt: int = 1,
+) -> Key:
+    versions = tuple(Version(n, VersionState.ACTIVE, 0) for n in numbers)
+    return Key(
+        id=key_id,
+        name=name,
+        type=KeyType.HMAC_SHA256,
+        protection="software",
+        classification=Classification.INTERNAL,
+        state=KeyState.ACTIVE,
+        versions=versions,
+        primary_version=primary,
+        min_decrypt_version=min_decrypt,
+        created_at=0,
+        updated_at=0,
+    )
+
+
+async def _archive_of(keys: list[Key]) -> bytes:
+    """An authentic archive of any records: versions without material export nothing."""
+    service = cast("KeyService", SimpleNamespace(backends={}))
+    out = io.BytesIO()
+    await create_backup(service, keys, Passphrase(PASSPHRASE, CHEAP), out, now=0)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("keys", "problem"),
+    [
+        ([_record(name="../Bad Name\n!")], "record 1 has an invalid key name"),
+        ([_record(key_id=b"x")], "a key id that is not 16 bytes"),
+        ([_record(numbers=(1, 1))], "duplicate version numbers"),
+        ([_record(primary=7)], "primary version 7, which it does not hold"),
+        ([_record(min_decrypt=0)], "min_decrypt_version 0 outside"),
+        ([_record(numbers=(1, 2), min_decrypt=2)], "min_decrypt_version 2 outside"),
+        ([_record(), _record(key_id=b"j" * 16)], "record 2 \\('k'\\) has the name of an earlier record"),
+        ([_record(), _record(name="other")], "the key id of an earlier record"),
+    ],
+)
+async def test_archive_with_a_record_the_broker_would_not_hold_is_refused(
+    keys: list[Key], problem: str
+) -> None:
+    # A recipient archive is authentic to anyone holding the public key.
+    with pytest.raises(InvalidArgument, match=problem):
+        open_archive(io.BytesIO(await _archive_of(keys)), PASSPHRASE)
+
+
+async def test_records_as_the_broker_keeps_them_open() -> None:
+    # Imported at version 5, min_decrypt_version later set to 1 (key.update allows it).
+    keys = [_record(numbers=(5, 6), primary=6, min_decrypt=1), _record(name="b", key_id=b"j" * 16)]
+    assert [a.key for a in open_archive(io.BytesIO(await _archive_of(keys)), PASSPHRASE).keys] == keys
+
+
+async def test_archive_holding_a_key_twice_restores_nothing(make_config: ConfigFactory) -> None:
+    target = make_config(name="new")
+    path = target.data_dir.parent / "twice.kbbk"
+    path.write_bytes(await _archive_of([_record(), _record()]))
+    with pytest.raises(InvalidArgument, match="earlier record"):
+        await run_backup_restore(target, path, PASSPHRASE)
+    assert list(target.data_dir.parent.iterdir()) == [path]
+
+
+# The passphrase protector block starts at 36: log2 N, r, p.
+_COST = slice(36, 39)
+
+
+@pytest.mark.parametrize("cost", [(20, 16, 4), (20, 8, 1)], ids=["10GiB", "2GiB"])
+def test_scrypt_cost_beyond_the_memory_ceiling_is_refused(
+    small_archive: bytes, cost: tuple[int, ...]
+) -> None:
+    crafted = bytearray(small_archive)
+    crafted[_COST] = bytes(cost)
+    with pytest.raises(DecryptionFailed, match="altered or damaged"):
+        open_archive(io.BytesIO(bytes(crafted)), PASSPHRASE)
+    with pytest.raises(InvalidArgument, match="out of range"):
+        ScryptCost(*cost)
+
+
+def test_kdf_failure_is_decryption_failed(small_archive: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    def exhausted(*args: object, **kwargs: object) -> bytes:
+        raise MemoryError
+
+    monkeypatch.setattr(hashlib, "scrypt", exhausted)
+    with pytest.raises(DecryptionFailed, match="cannot be derived"):
+        open_archive(io.BytesIO(small_archive), PASSPHRASE)
+
+
+class _ReadRecorder(io.BytesIO):
+    """Records the largest read asked for, and never allocates for it."""
+
+    largest = 0
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        self.largest = max(self.largest, size or 0)
+        return super().read(min(size, 1 << 20) if size is not None and size >= 0 else size)
+
+
+@pytest.mark.parametrize("size", [0xFFFFFFF0, MAX_SEGMENT_SIZE + 1, MIN_SEGMENT_SIZE - 1, 0])
+def test_segment_size_out_of_range_is_refused_before_reading(small_archive: bytes, size: int) -> None:
+    # The header is not yet authenticated: its segment size must not size a read.
+    crafted = _ReadRecorder(small_archive[:6] + size.to_bytes(4, "big") + small_archive[10:])
+    with pytest.raises(DecryptionFailed, match="segment size"):
+        open_archive(crafted, PASSPHRASE)
+    assert crafted.largest <= MAX_SEGMENT_SIZE + SEGMENT_OVERHEAD
 
 
 async def test_tampered_archive_restores_nothing(make_config: ConfigFactory, small_archive: bytes) -> None:
@@ -211,7 +343,7 @@ async def test_tampered_archive_restores_nothing(make_config: ConfigFactory, sma
     path = target.data_dir.parent / "t.kbbk"
     path.write_bytes(small_archive[:-20] + bytes([small_archive[-20] ^ 1]) + small_archive[-19:])
     with pytest.raises(DecryptionFailed):
-        await run_backup_restore(target, path, "pw")
+        await run_backup_restore(target, path, PASSPHRASE)
     assert not target.data_dir.exists()
     assert [p for p in target.data_dir.parent.iterdir() if "restoring" in p.name] == []
 

@@ -13,9 +13,12 @@ import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
 
+from broker import backup_cli
+from broker.__main__ import main
 from broker.app import open_broker
 from broker.client import Client
 from broker.config import parse_config
+from broker.errors import NotFound, Unavailable
 from broker.server import ServerInfo
 from broker.stream import SEGMENT_OVERHEAD, StreamHeader
 from tests.conftest import Caller
@@ -203,6 +206,85 @@ async def test_backup_cli_round_trip(short_tmp: Path, owner: str) -> None:
         "backup", "create", "--data-dir", short_tmp / "nope", "--passphrase-file", secret, archive
     )
     assert absent.code == 2
+
+
+async def test_backup_cli_reports_a_missing_key_in_one_line(short_tmp: Path) -> None:
+    async with open_broker(parse_config({}, data_dir=short_tmp / "d"), run_scheduler=False):
+        pass
+    secret = short_tmp / "pass"
+    secret.write_text("a long backup passphrase\n")
+    out = short_tmp / "out.kbbk"
+    result = await kb(
+        "backup", "create", "--data-dir", short_tmp / "d", "--passphrase-file", secret, "--key", "nosuch", out
+    )
+    assert (result.code, result.err) == (1, "keybroker: not_found: no key named 'nosuch'\n")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (Unavailable("store is down"), 3),
+        (NotFound("no key named 'x'"), 1),
+        (PermissionError(13, "denied", "f"), 2),
+    ],
+)
+def test_backup_cli_takes_a_lone_error_out_of_its_group(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    error: Exception,
+    code: int,
+) -> None:
+    async def fails(*args: object, **kwargs: object) -> None:
+        raise ExceptionGroup("nursery", [ExceptionGroup("inner", [error])])
+
+    monkeypatch.setattr(backup_cli, "run_backup_create", fails)
+    secret = tmp_path / "pass"
+    secret.write_text("a long backup passphrase")
+    argv = [
+        "backup",
+        "create",
+        "--data-dir",
+        str(tmp_path),
+        "--passphrase-file",
+        str(secret),
+        str(tmp_path / "o"),
+    ]
+    assert main(argv) == code
+    assert capsys.readouterr().err.startswith("keybroker: ")
+
+
+def test_backup_cli_keeps_the_traceback_of_anything_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def fails(*args: object, **kwargs: object) -> None:
+        raise ExceptionGroup("nursery", [NotFound("x"), RuntimeError("a bug")])
+
+    monkeypatch.setattr(backup_cli, "run_backup_create", fails)
+    secret = tmp_path / "pass"
+    secret.write_text("a long backup passphrase")
+    with pytest.raises(ExceptionGroup):
+        main(
+            [
+                "backup",
+                "create",
+                "--data-dir",
+                str(tmp_path),
+                "--passphrase-file",
+                str(secret),
+                str(tmp_path / "o"),
+            ]
+        )
+
+
+async def test_backup_cli_refuses_a_short_passphrase(short_tmp: Path) -> None:
+    secret = short_tmp / "pass"
+    secret.write_text("too short\n")
+    out = short_tmp / "out.kbbk"
+    result = await kb("backup", "create", "--data-dir", short_tmp, "--passphrase-file", secret, out)
+    assert result.code == 2 and "at least 12 characters" in result.err, result.err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("flag", ["--recipient", "--identity"])

@@ -318,7 +318,7 @@ async def test_a_principal_learns_no_name_of_a_key_it_may_not_see(
         assert (record["op"], record["outcome"]) == ("decrypt_batch", "allowed")
         assert record["details"]["denied"] == 1
         # A backup of everything, which alice may not make, names no key either.
-        err = await fails(alice("backup.create", passphrase="pw"), "permission_denied")
+        err = await fails(alice("backup.create", passphrase="a long enough passphrase"), "permission_denied")
         assert "every key" in err.message and "hr/" not in err.message and "ops/" not in err.message
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -237,9 +238,11 @@ async def test_damaged_plain_file_is_refused(tmp_path: Path, change: Change, mes
         (lambda raw: raw[:23] + b"\x0f" + raw[24:], "wrong passphrase, or the file was modified"),  # N
         (lambda raw: _flipped(raw, len(raw) - 20), "wrong passphrase, or the file was modified"),
         (lambda raw: raw[:23] + b"\x30" + raw[24:], "out-of-range scrypt parameters"),  # N = 2**48
+        # Each parameter within its range, together 16 GiB and more than hashlib allows.
+        (lambda raw: raw[:23] + b"\x16\x20\x10" + raw[26:], "out-of-range scrypt parameters"),
         (lambda raw: raw[:22] + b"\x07" + raw[23:], "unknown KDF 7"),
     ],
-    ids=["cut-1", "extra-byte", "key-id", "salt", "cost", "sealed-key", "huge-cost", "kdf"],
+    ids=["cut-1", "extra-byte", "key-id", "salt", "cost", "sealed-key", "huge-cost", "huge-memory", "kdf"],
 )
 async def test_damaged_sealed_file_is_refused(tmp_path: Path, change: Change, message: str) -> None:
     raw = await _sealed_file(tmp_path)
@@ -248,12 +251,52 @@ async def test_damaged_sealed_file_is_refused(tmp_path: Path, change: Change, me
         await FileRootKey(tmp_path / "root.key", passphrase=PASSPHRASE).open()
 
 
+async def test_kdf_failure_is_a_root_key_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    await _sealed_file(tmp_path)
+
+    def exhausted(*args: object, **kwargs: object) -> bytes:
+        raise MemoryError
+
+    monkeypatch.setattr(hashlib, "scrypt", exhausted)
+    with pytest.raises(RootKeyError, match="cannot derive the key sealing root key file"):
+        await FileRootKey(tmp_path / "root.key", passphrase=PASSPHRASE).open()
+
+
+def test_params_needing_more_than_a_gibibyte_are_refused() -> None:
+    ScryptParams(log2_n=19, r=8, p=1)  # 1 GiB
+    with pytest.raises(ValueError, match="at most 1 GiB"):
+        ScryptParams(log2_n=20, r=8, p=1)
+
+
 async def test_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     await _plain_file(tmp_path)
     path = tmp_path / "root.key"
     path.chmod(0o640)
     with pytest.raises(RootKeyError, match="chmod 600"):
         await FileRootKey(path).open()
+
+
+async def test_file_of_another_user_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    await _plain_file(tmp_path)
+    path = tmp_path / "root.key"
+    # As if the broker ran as another user than the file's owner (no chown needed).
+    other = path.stat().st_uid + 1
+    monkeypatch.setattr(os, "geteuid", lambda: other)
+    with pytest.raises(RootKeyError, match=f"owned by uid {other - 1}, not by this broker's user"):
+        await FileRootKey(path).open()
+
+
+@pytest.mark.parametrize("target", ["a valid root key file", "nothing"])
+async def test_symbolic_link_is_refused(tmp_path: Path, target: str) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if target != "nothing":
+        await _plain_file(elsewhere)
+    link = tmp_path / "data" / "root.key"
+    link.parent.mkdir(mode=0o700)
+    link.symlink_to(elsewhere / "root.key")
+    with pytest.raises(RootKeyError, match="is a symbolic link"):
+        await FileRootKey(link).open()
 
 
 async def test_racing_creators_agree(tmp_path: Path) -> None:
