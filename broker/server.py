@@ -16,6 +16,7 @@ import signal
 import socket
 import ssl
 import stat
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,8 +184,19 @@ class _Server:
             nursery.start_soon(self._counted, handle, stream)
 
     async def _counted(self, handle: _StreamHandler, stream: trio.SocketStream) -> None:
+        """Run ``handle`` on ``stream``; nothing it raises but cancellation leaves here.
+
+        This task runs in the connections nursery, so an exception escaping
+        it would cancel every other connection and stop ``serve``: one client
+        must never be able to do that, whatever bug it finds.
+        """
         try:
             await handle(stream)
+        except Exception as exc:
+            # Type and stack only: the message may quote what the peer sent.
+            stack = "".join(traceback.format_tb(exc.__traceback__))
+            log.error("connection task failed: %s\n%s", type(exc).__qualname__, stack)
+            await trio.aclose_forcefully(stream)
         finally:
             self.active -= 1
 
@@ -206,7 +218,12 @@ class _Server:
                 der = tls_stream.getpeercert(binary_form=True)
                 if der:
                     principal = principal_for_cert(der, self.config.principals)
-            except (trio.BrokenResourceError, ValueError) as exc:
+            except Exception as exc:
+                # Whatever the peer's bytes or certificate make the TLS or
+                # X.509 code raise refuses this client only: cryptography
+                # raises plain Exception subclasses for some certificates
+                # (an EDIPartyName SAN, a duplicate extension). The type
+                # only: the message may quote the certificate.
                 log.info("TLS client refused: %s", type(exc).__name__)
         if principal is None:
             await trio.aclose_forcefully(tls_stream)

@@ -278,6 +278,32 @@ async def test_connection_limit(server: ServerInfo) -> None:
     assert (await d.call(1, "echo", {})).error is None
 
 
+class _BrokenOnce(EchoHandler):
+    """Fails while the first connection is being set up, before it is served."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 0
+
+    @property
+    def suspending(self) -> frozenset[str]:
+        if not self.failures:
+            self.failures += 1
+            raise RuntimeError("a bug met while setting up a connection")
+        return frozenset()
+
+
+async def test_a_connection_that_fails_before_it_is_served_leaves_the_server_up(tmpdir_short: Path) -> None:
+    handler = _BrokenOnce()
+    async with running_server(make_config(tmpdir_short), handler) as info:
+        first = await RawConn.open(info.socket_path)
+        with trio.fail_after(5):
+            await first.expect_closed()
+        assert handler.failures == 1
+        second = await RawConn.open(info.socket_path)
+        assert (await second.call(1, "echo", {})).error is None
+
+
 @pytest.mark.parametrize("limits", [{"idle_timeout_s": 0.3}])
 async def test_idle_timeout(server: ServerInfo, handler: EchoHandler) -> None:
     conn = await RawConn.open(server.socket_path)

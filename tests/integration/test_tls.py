@@ -52,6 +52,39 @@ def issue_uri_cert(ca: trustme.CA, uri: str, common_name: str | None = None) -> 
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
+def _der_tlv(tag: int, body: bytes) -> bytes:
+    """A DER tag-length-value."""
+    size = len(body)
+    if size < 128:
+        return bytes([tag, size]) + body
+    width = (size.bit_length() + 7) // 8
+    return bytes([tag, 0x80 | width]) + size.to_bytes(width, "big") + body
+
+
+def issue_edi_party_cert(ca: trustme.CA) -> tuple[bytes, bytes]:
+    """A validly signed client certificate whose SAN holds an EDIPartyName.
+
+    OpenSSL accepts it; cryptography cannot read its extensions (it raises
+    UnsupportedGeneralNameType, a plain Exception). No builder writes such a
+    SAN, so a DNS name of the same length is swapped for one in the
+    to-be-signed bytes, which are then signed again.
+    """
+    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+    leaf = ca.issue_cert("aaaaaaaaaa", common_name="mallory")
+    cert = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
+    der = cert.public_bytes(serialization.Encoding.DER)
+    tbs = cert.tbs_certificate_bytes
+    dns_name, edi_party = b"\x82\x0aaaaaaaaaaa", b"\xa5\x0a\xa1\x08\x0c\x06BBBBBB"
+    assert tbs.count(dns_name) == 1
+    evil_tbs = tbs.replace(dns_name, edi_party)
+    at = der.index(tbs) + len(tbs)
+    signature_algorithm = der[at : at + 2 + der[at + 1]]
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    signature = ca_key.sign(evil_tbs, ec.ECDSA(hashes.SHA256()))
+    evil = _der_tlv(0x30, evil_tbs + signature_algorithm + _der_tlv(0x03, b"\x00" + signature))
+    return ssl.DER_cert_to_PEM_cert(evil).encode(), leaf.private_key_pem.bytes()
+
+
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:
     return trustme.CA()
@@ -185,6 +218,21 @@ async def test_a_certificate_naming_a_unix_peer_is_refused(
         cert, key = issue_uri_cert(ca, "uid:0", common_name="harmless")
     ctx = client_context(tmpdir_short, cert, key)
     await _answered_nothing(server.tls_port, ctx)
+
+
+async def test_a_certificate_cryptography_cannot_read_is_refused_and_the_broker_serves_on(
+    server: ServerInfo, ca: trustme.CA, tmpdir_short: Path
+) -> None:
+    assert server.tls_port
+    cert, key = issue_edi_party_cert(ca)
+    with pytest.raises(x509.UnsupportedGeneralNameType):
+        principal_for_cert(x509.load_pem_x509_certificate(cert), {})
+    await _answered_nothing(server.tls_port, client_context(tmpdir_short, cert, key))
+    good, good_key = issue_uri_cert(ca, SPIFFE_ID)
+    ctx = client_context(tmpdir_short, good, good_key)
+    with trio.fail_after(5):
+        async with AsyncClient(host="127.0.0.1", port=server.tls_port, ssl_context=ctx) as client:
+            assert (await client.call("whoami", {}))["name"] == SPIFFE_ID
 
 
 async def test_tls12_refused(server: ServerInfo, ca: trustme.CA, tmpdir_short: Path) -> None:
