@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ssl
 import struct
@@ -20,9 +21,9 @@ from cryptography.x509.oid import NameOID
 
 from broker.auth import principal_for_cert, principal_for_unix, unix_peer
 from broker.client import AsyncClient, Client, ConnectionLost, client_ssl_context
-from broker.config import Config, TLSConfig
+from broker.config import Config, Limits, TLSConfig
 from broker.server import ServerInfo
-from tests._transport_helpers import EchoHandler, make_config, running_server, short_tmpdir
+from tests._transport_helpers import EchoHandler, RawConn, make_config, running_server, short_tmpdir
 
 SPIFFE_ID = "spiffe://example.org/ns/prod/sa/billing"
 
@@ -243,6 +244,54 @@ async def test_tls12_refused(server: ServerInfo, ca: trustme.CA, tmpdir_short: P
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
         await _raw_tls_attempt(server.tls_port, ctx)
+
+
+async def _closed_by_server(stream: trio.SocketStream) -> None:
+    """The server closes ``stream`` (a close or a reset) within a few seconds."""
+    with trio.fail_after(5), contextlib.suppress(trio.BrokenResourceError):
+        assert await stream.receive_some(4096) == b""
+
+
+async def test_tcp_peers_cannot_use_up_the_unix_sockets_connections(tls_config: Config) -> None:
+    config = replace(tls_config, limits=Limits(max_connections=2))
+    async with running_server(config, EchoHandler()) as info:
+        assert info.tls_port
+        # Never a byte: not even authenticated.
+        squatters = [await trio.open_tcp_stream("127.0.0.1", info.tls_port) for _ in range(2)]
+        await _closed_by_server(await trio.open_tcp_stream("127.0.0.1", info.tls_port))
+        local = await RawConn.open(info.socket_path)
+        with trio.fail_after(5):
+            assert (await local.call(1, "echo", {})).error is None
+        for stream in squatters:
+            await stream.aclose()
+
+
+async def test_a_tls_handshake_has_its_own_short_timeout(tls_config: Config) -> None:
+    config = replace(tls_config, limits=Limits(handshake_timeout_s=0.2))
+    async with running_server(config, EchoHandler()) as info:
+        assert info.tls_port
+        silent = await trio.open_tcp_stream("127.0.0.1", info.tls_port)
+        start = trio.current_time()
+        await _closed_by_server(silent)
+        assert trio.current_time() - start < 2
+
+
+async def test_tls_handshakes_under_way_are_capped(
+    tls_config: Config, ca: trustme.CA, tmpdir_short: Path
+) -> None:
+    config = replace(tls_config, limits=Limits(max_tls_handshakes=1))
+    async with running_server(config, EchoHandler()) as info:
+        assert info.tls_port
+        silent = await trio.open_tcp_stream("127.0.0.1", info.tls_port)
+        await trio.sleep(0.1)
+        await _closed_by_server(await trio.open_tcp_stream("127.0.0.1", info.tls_port))
+        await silent.aclose()
+        await trio.sleep(0.1)
+        cert, key = issue_uri_cert(ca, SPIFFE_ID)
+        ctx = client_context(tmpdir_short, cert, key)
+        with trio.fail_after(5):
+            async with AsyncClient(host="127.0.0.1", port=info.tls_port, ssl_context=ctx) as client:
+                assert (await client.call("whoami", {}))["name"] == SPIFFE_ID
 
 
 # -- auth unit checks (pure) -----------------------------------------------------
