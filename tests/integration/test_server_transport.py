@@ -18,6 +18,7 @@ import trio
 
 from broker.client import AsyncClient, Client, ConnectionLost
 from broker.config import Config
+from broker.connection import RESPONSE_BACKLOG_FLOOR
 from broker.errors import InvalidState, NotFound, UnknownMethod
 from broker.protocol import Notification, Response, encode_request
 from broker.server import ServerInfo, serve
@@ -261,6 +262,23 @@ async def test_client_that_never_reads_does_not_block_others(server: ServerInfo)
             with trio.fail_after(2):
                 assert (await good.call(i, "echo", {"i": i})).result == {"i": i}
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("limits", [{"max_message_bytes": 2 << 20}])
+async def test_a_client_that_does_not_read_pins_a_bounded_response_backlog(
+    server: ServerInfo, handler: EchoHandler
+) -> None:
+    """Small requests for large responses: in-flight slots alone would let all 50 run."""
+    size, count = 1 << 20, 50
+    conn = await RawConn.open(server.socket_path)
+    await conn.send(b"".join(encode_request(i, "grow", {"n": size}) for i in range(count)))
+    await trio.sleep(0.3)
+    # The backlog, one more response, and what the socket buffers took.
+    assert handler.started <= RESPONSE_BACKLOG_FLOOR // size + 3
+    with trio.fail_after(10):
+        replies = await conn.responses(count)
+    assert sorted(r.msgid for r in replies) == list(range(count))
+    assert all(r.error is None and len(r.result["b"]) == size for r in replies)
 
 
 @pytest.mark.parametrize("limits", [{"max_connections": 2}])
