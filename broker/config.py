@@ -39,6 +39,12 @@ DEFAULT_MAX_INFLIGHT = 128
 DEFAULT_MESSAGE_TIMEOUT_S = 30.0
 # SIGTERM lets in-flight requests finish for this long before cancelling them.
 DEFAULT_DRAIN_TIMEOUT_S = 10.0
+# A TLS handshake is a few round trips: a peer that has not finished one in
+# this long is refused, so unauthenticated peers cannot hold connections long.
+DEFAULT_HANDSHAKE_TIMEOUT_S = 5.0
+# TLS handshakes under way at once; further TCP clients are refused until one
+# ends, so unauthenticated peers never hold more than this many connections.
+DEFAULT_MAX_TLS_HANDSHAKES = 64
 # After a reply, a Unix-socket connection polls for the next request this long (broker.busypoll).
 DEFAULT_BUSY_POLL_US = 50
 # After a gathered group, the event loop stays awake this long for the next requests (broker.gather).
@@ -56,6 +62,8 @@ class Limits:
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     busy_poll_us: int = DEFAULT_BUSY_POLL_US
     gather_poll_us: int = DEFAULT_GATHER_POLL_US
+    handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S
+    max_tls_handshakes: int = DEFAULT_MAX_TLS_HANDSHAKES
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,11 @@
 The reader decodes requests and queues them for worker tasks, each request
 holding one of ``limits.max_inflight_per_connection`` slots; when all slots
 are taken it stops reading, so the kernel's socket buffers push back on the
-client. A slot is returned only once its response has been written, which
-also bounds the memory a client that never reads can pin. Workers (at most
+client. A slot is returned only once its response has been written. Slots
+alone do not bound memory, as one small request (``datakey``) can ask for a
+response of up to ``max_message_bytes``: so no request is started while the
+responses waiting to be written exceed :func:`response_backlog` bytes, and a
+client that never reads pins about that much, whatever it asks. Workers (at most
 one per slot, parked when idle rather than spawned per request) run requests
 concurrently; responses go out in completion order -- msgpack-rpc matches
 them by msgid -- through a single writer task that sends everything ready at
@@ -65,13 +68,26 @@ if TYPE_CHECKING:
     from .gather import Gatherer
     from .readhub import ReadHub
 
-__all__ = ["MAX_GROUP", "Connection", "GroupHandler", "Handler", "RequestContext", "run_group", "run_inline"]
+__all__ = [
+    "MAX_GROUP",
+    "RESPONSE_BACKLOG_FLOOR",
+    "Connection",
+    "GroupHandler",
+    "Handler",
+    "RequestContext",
+    "response_backlog",
+    "run_group",
+    "run_inline",
+]
 
 log = logging.getLogger("keybroker.connection")
 
 # notify() waits while this much output is queued, so a subscriber that stops
 # reading cannot make the broker buffer events without bound.
 NOTIFY_HIGH_WATER: Final = 1 << 20
+# Responses waiting to be written beyond which no request is started: a few
+# writes' worth, so a fast reader never waits on it (see response_backlog).
+RESPONSE_BACKLOG_FLOOR: Final = 4 << 20
 # The most queued requests handed to one handle_group call.
 MAX_GROUP: Final = 256
 # Errors that mean the transport is gone; anything else is a bug.
@@ -113,6 +129,17 @@ def _resume(coro: Coroutine[Any, Any, None], trap: Any) -> Generator[Any, Any, N
                 trap = coro.send(value)
             except StopIteration:
                 return
+
+
+def response_backlog(limits: Limits) -> int:
+    """Bytes of responses waiting to be written beyond which a connection starts no request.
+
+    At least one largest response (``max_message_bytes``), so that one can
+    always be queued behind another; what is started below the bound adds
+    at most one response each, so a connection holds at most about twice
+    this (plus a joined copy while it writes).
+    """
+    return max(RESPONSE_BACKLOG_FLOOR, limits.max_message_bytes)
 
 
 def internal_error(exc: BaseException, method: str, where: str) -> Internal:
@@ -301,6 +328,8 @@ class Connection:
         self._pending: list[bytes] = []
         self._pending_responses = 0
         self._pending_bytes = 0
+        self._sending_bytes = 0  # of the write under way
+        self._max_backlog = response_backlog(limits)
         self._writing = False  # the writer task is inside send_all
         self._wakeup = trio.Event()
         self._flushed = trio.Event()
@@ -609,8 +638,15 @@ class Connection:
         burst costs one wake-up); one that blocks in a handler wakes the next
         worker before it starts (see _worker), so requests still overlap.
         """
-        if not self._waking and self._queue:
+        if not self._waking and self._queue and not self._backlogged():
             self._rouse()
+
+    def _backlogged(self) -> bool:
+        """Too many response bytes wait to be written to start another request.
+
+        The writer wakes a worker once they have gone out (see _write_loop).
+        """
+        return self._pending_bytes + self._sending_bytes > self._max_backlog
 
     def _pass_reading(self) -> None:
         """Have a worker take over reading (see :meth:`_read_loop`)."""
@@ -649,7 +685,7 @@ class Connection:
                 self._reader_wanted = False
                 await self._read_role()
                 continue
-            if self._queue:
+            if self._queue and not self._backlogged():
                 event = self._queue.popleft()
                 group = self._take_group(event)
                 self._wake_worker()  # for the rest of the queue, should we block
@@ -658,7 +694,7 @@ class Connection:
                 else:
                     await self._dispatch_group(group)
                 continue
-            if self._reader_done:
+            if self._reader_done and not self._queue:
                 return
             self._idle_workers.append(task)
 
@@ -807,24 +843,38 @@ class Connection:
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
                 continue
-            batch, self._pending = self._pending, []
-            responses, self._pending_responses = self._pending_responses, 0
-            self._pending_bytes = 0
-            data = batch[0] if len(batch) == 1 else b"".join(batch)
-            self._writing = True
-            with trio.move_on_after(self._limits.message_timeout_s) as scope:
-                try:
-                    await self._io.send_all(data)
-                except _TRANSPORT_ERRORS:
-                    self._abort("connection lost")
-                    return
-            self._writing = False
-            if scope.cancelled_caught:
-                self._abort("client did not read its responses in time")
+            if not await self._write_pending():
                 return
-            self._flushed.set()
-            self._flushed = trio.Event()
-            self._responses_written(responses)
+            self._wake_worker()  # one held back by the response backlog
+
+    async def _write_pending(self) -> bool:
+        """Write everything queued in one write; False if the connection was aborted.
+
+        A function of its own so that the bytes written are no longer
+        referenced once it returns: the loop would otherwise keep the last
+        write (up to a message limit or more) alive while it waits.
+        """
+        responses, self._pending_responses = self._pending_responses, 0
+        self._sending_bytes, self._pending_bytes = self._pending_bytes, 0
+        batch, self._pending = self._pending, []
+        data = batch[0] if len(batch) == 1 else b"".join(batch)
+        del batch  # one copy of the bytes during the write, not two
+        self._writing = True
+        with trio.move_on_after(self._limits.message_timeout_s) as scope:
+            try:
+                await self._io.send_all(data)
+            except _TRANSPORT_ERRORS:
+                self._abort("connection lost")
+                return False
+        self._writing = False
+        self._sending_bytes = 0
+        if scope.cancelled_caught:
+            self._abort("client did not read its responses in time")
+            return False
+        self._flushed.set()
+        self._flushed = trio.Event()
+        self._responses_written(responses)
+        return True
 
     # -- closing -------------------------------------------------------------
 

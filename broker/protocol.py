@@ -140,21 +140,6 @@ class _FrameSplitter:
         """True while part of a message has arrived but not all of it."""
         return bool(self._buf)
 
-    def whole(self, data: bytes | bytearray | memoryview, *, strict_map_key: bool) -> tuple[bool, Any]:
-        """``(True, message)`` when ``data`` is exactly one well-formed message; else ``(False, None)``.
-
-        The request-reply case: nothing pending and one message per read.
-        Decoding it outright skips cutting frames, which otherwise costs as
-        much again. Anything else (a partial message, several, bad bytes, one
-        over the limit) is left to :meth:`feed`, which is not affected.
-        """
-        if self._buf or len(data) > self._limit:
-            return False, None
-        try:
-            return True, msgpack.unpackb(data, raw=False, strict_map_key=strict_map_key)
-        except _STREAM_ERRORS:
-            return False, None
-
     def feed(self, data: bytes | bytearray | memoryview) -> tuple[list[bytes], ProtocolError | None]:
         """Take more bytes; return every message they complete, in order, and
         the error that stopped the stream after them (None if it goes on).
@@ -163,7 +148,7 @@ class _FrameSplitter:
         exceeds the size limit; no more bytes may be fed after it.
         """
         if not self._buf and len(data) <= self._limit:
-            return self._feed_fresh(bytes(data))
+            return self._feed_fresh(data if type(data) is bytes else bytes(data))
         frames: list[bytes] = []
         view = memoryview(data)
         pos = 0
@@ -176,7 +161,7 @@ class _FrameSplitter:
             self._scanner.feed(chunk)
             self._buf += chunk
             cut = 0
-            ends, error = self._message_ends()
+            ends, error = self._message_ends(len(self._buf))
             for end in ends:
                 frames.append(bytes(self._buf[cut:end]))
                 cut = end
@@ -193,12 +178,22 @@ class _FrameSplitter:
         Frames are sliced straight from ``data`` (no copy when one message
         is the whole chunk), and only a trailing partial message is kept.
         """
-        self._scanner.feed(data)
-        ends, error = self._message_ends()
+        scanner = self._scanner
+        scanner.feed(data)
+        try:
+            scanner.skip()
+        except msgpack.OutOfData:  # the scanner rewinds: _message_ends sees it again
+            first = None
+        except _STREAM_ERRORS:
+            return [], ProtocolError("undecodable stream")
+        else:
+            first = scanner.tell() - self._start
+            if first == len(data):  # one whole message: the request-reply case
+                self._start += first
+                return [data], None
+        ends, error = self._message_ends(len(data), first)
         if not ends:
             frames: list[bytes] = []
-        elif len(ends) == 1 and ends[0] == len(data):
-            frames = [data]
         else:
             frames = [data[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
         if error is not None:
@@ -209,10 +204,15 @@ class _FrameSplitter:
         self._start += cut
         return frames, None
 
-    def _message_ends(self) -> tuple[list[int], ProtocolError | None]:
-        """Offsets in the buffered bytes where complete messages end, and the
-        error that stops the stream after them (None if it goes on)."""
-        ends: list[int] = []
+    def _message_ends(
+        self, buffered: int, first: int | None = None
+    ) -> tuple[list[int], ProtocolError | None]:
+        """Offsets in the ``buffered`` bytes where complete messages end, and
+        the error that stops the stream after them (None if it goes on).
+
+        ``first``: the end of the first message, already skipped by the caller.
+        """
+        ends: list[int] = [] if first is None else [first]
         scanner = self._scanner
         while True:
             try:
@@ -221,7 +221,12 @@ class _FrameSplitter:
                 return ends, None
             except _STREAM_ERRORS:
                 return ends, ProtocolError("undecodable stream")
-            ends.append(scanner.tell() - self._start)
+            end = scanner.tell() - self._start
+            ends.append(end)
+            if end == buffered:
+                # Reads usually end on a message boundary (one request per
+                # read): skip the OutOfData a further skip() would raise.
+                return ends, None
 
 
 class RequestDecoder:
@@ -250,10 +255,10 @@ class RequestDecoder:
         Raises:
             ProtocolError: close the connection (see the module docstring).
         """
-        whole, msg = self._splitter.whole(data, strict_map_key=True)
-        if whole:
-            return [_request(msg)]
-        return _events(*self._splitter.feed(data), _request_event)
+        frames, error = self._splitter.feed(data)
+        if error is None and len(frames) == 1:
+            return [_request_event(frames[0])]  # request-reply: one per read
+        return _events(frames, error, _request_event)
 
 
 def _events(frames: list[bytes], error: ProtocolError | None, event: Callable[[bytes], _E]) -> list[_E]:
@@ -346,9 +351,6 @@ class ResponseDecoder:
         Raises:
             ProtocolError: the broker sent something that is not msgpack-rpc.
         """
-        whole, msg = self._splitter.whole(data, strict_map_key=False)
-        if whole:
-            return [_reply(msg)]
         return _events(*self._splitter.feed(data), _reply_event)
 
 

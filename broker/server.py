@@ -1,4 +1,10 @@
-"""Listeners (Unix socket, TLS), the connection limit and graceful shutdown.
+"""Listeners (Unix socket, TLS), the connection limits and graceful shutdown.
+
+The Unix socket and the TLS listener each have their own budget of
+``limits.max_connections``: TCP peers, who may not even be authenticated,
+can never lock the local administrator out. A TLS client still in its
+handshake also holds one of ``limits.max_tls_handshakes`` places, for at most
+``limits.handshake_timeout_s``.
 
 ``serve`` binds its listeners, reports them through ``task_status`` and then
 accepts until its :class:`ServerInfo`'s ``shutdown`` event is set (by a signal
@@ -16,6 +22,7 @@ import signal
 import socket
 import ssl
 import stat
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,22 +154,52 @@ def _unlink_if_ours(path: Path, inode: int) -> None:
 
 
 @dataclass(eq=False)
+class _Budget:
+    """How many connections of one kind may be open at once, and how many are."""
+
+    what: str  # for the log line of a refusal
+    limit: int
+    active: int = 0
+
+    def take(self) -> bool:
+        """Count one more in, or log and return False when the budget is spent."""
+        if self.active >= self.limit:
+            log.warning("%s limit (%d) reached; refusing a client", self.what, self.limit)
+            return False
+        self.active += 1
+        return True
+
+    def release(self) -> None:
+        self.active -= 1
+
+
+@dataclass(eq=False)
 class _Server:
     config: Config
     handler: Handler
     connections: set[Connection] = field(default_factory=set)
     draining: bool = False
-    active: int = 0
+    unix_budget: _Budget = field(init=False)
+    tls_budget: _Budget = field(init=False)
+    handshakes: _Budget = field(init=False)
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     poller: BusyPoller | None = None
     gatherer: Gatherer | None = None
     hub: ReadHub = field(default_factory=ReadHub)
+
+    def __post_init__(self) -> None:
+        limits = self.config.limits
+        self.unix_budget = _Budget("Unix socket connection", limits.max_connections)
+        # One budget for every TCP listener (IPv4 and IPv6 may be two).
+        self.tls_budget = _Budget("TLS connection", limits.max_connections)
+        self.handshakes = _Budget("TLS handshake", limits.max_tls_handshakes)
 
     async def accept_loop(
         self,
         listener: trio.SocketListener,
         nursery: trio.Nursery,
         handle: _StreamHandler,
+        budget: _Budget,
     ) -> None:
         while True:
             try:
@@ -173,20 +210,28 @@ class _Server:
                 log.error("accept failed (%s); retrying in %.0f ms", errno.errorcode[exc.errno], 100)
                 await trio.sleep(_ACCEPT_BACKOFF_S)
                 continue
-            limit = self.config.limits.max_connections
-            if self.active >= limit:
-                log.warning("connection limit (%d) reached; refusing a client", limit)
+            # Counted from accept, so clients stuck in a TLS handshake count too.
+            if not budget.take():
                 await trio.aclose_forcefully(stream)
                 continue
-            # Counted from accept, so clients stuck in a TLS handshake count too.
-            self.active += 1
-            nursery.start_soon(self._counted, handle, stream)
+            nursery.start_soon(self._counted, handle, stream, budget)
 
-    async def _counted(self, handle: _StreamHandler, stream: trio.SocketStream) -> None:
+    async def _counted(self, handle: _StreamHandler, stream: trio.SocketStream, budget: _Budget) -> None:
+        """Run ``handle`` on ``stream``; nothing it raises but cancellation leaves here.
+
+        This task runs in the connections nursery, so an exception escaping
+        it would cancel every other connection and stop ``serve``: one client
+        must never be able to do that, whatever bug it finds.
+        """
         try:
             await handle(stream)
+        except Exception as exc:
+            # Type and stack only: the message may quote what the peer sent.
+            stack = "".join(traceback.format_tb(exc.__traceback__))
+            log.error("connection task failed: %s\n%s", type(exc).__qualname__, stack)
+            await trio.aclose_forcefully(stream)
         finally:
-            self.active -= 1
+            budget.release()
 
     async def handle_unix(self, stream: trio.SocketStream) -> None:
         try:
@@ -199,19 +244,35 @@ class _Server:
     async def handle_tls(self, stream: trio.SocketStream, ctx: ssl.SSLContext) -> None:
         tls_stream = trio.SSLStream(stream, ctx, server_side=True)
         principal: Principal | None = None
-        # A handshake is one message exchange: bound it like one.
-        with trio.move_on_after(self.config.limits.message_timeout_s):
+        # Taken here, not at accept: the task starts without a checkpoint, so
+        # the count is as exact, and accepting stays one budget per listener.
+        if self.handshakes.take():
+            try:
+                principal = await self._handshake(tls_stream)
+            finally:
+                self.handshakes.release()
+        if principal is None:
+            await trio.aclose_forcefully(tls_stream)
+            return
+        await self.run_connection(tls_stream, principal)
+
+    async def _handshake(self, tls_stream: trio.SSLStream[trio.SocketStream]) -> Principal | None:
+        """The verified peer's principal, or None if it did not prove one in time."""
+        principal: Principal | None = None
+        with trio.move_on_after(self.config.limits.handshake_timeout_s):
             try:
                 await tls_stream.do_handshake()
                 der = tls_stream.getpeercert(binary_form=True)
                 if der:
                     principal = principal_for_cert(der, self.config.principals)
-            except (trio.BrokenResourceError, ValueError) as exc:
+            except Exception as exc:
+                # Whatever the peer's bytes or certificate make the TLS or
+                # X.509 code raise refuses this client only: cryptography
+                # raises plain Exception subclasses for some certificates
+                # (an EDIPartyName SAN, a duplicate extension). The type
+                # only: the message may quote the certificate.
                 log.info("TLS client refused: %s", type(exc).__name__)
-        if principal is None:
-            await trio.aclose_forcefully(tls_stream)
-            return
-        await self.run_connection(tls_stream, principal)
+        return principal
 
     async def run_connection(self, stream: trio.abc.Stream, principal: Principal) -> None:
         conn = Connection(
@@ -241,8 +302,8 @@ class _Server:
             conn.begin_drain()
 
 
-def _close_listeners(listeners: list[tuple[trio.SocketListener, _StreamHandler]]) -> None:
-    for listener, _ in listeners:
+def _close_listeners(listeners: list[tuple[trio.SocketListener, _StreamHandler, _Budget]]) -> None:
+    for listener, _, _ in listeners:
         listener.socket.close()
 
 
@@ -287,7 +348,7 @@ async def serve(
     """
     sock, inode = _bind_unix(config.socket_path, config.socket_mode)
     try:
-        listeners: list[tuple[trio.SocketListener, _StreamHandler]] = []
+        listeners: list[tuple[trio.SocketListener, _StreamHandler, _Budget]] = []
         busy_poll_us = config.limits.busy_poll_us
         server = _Server(
             config,
@@ -299,7 +360,7 @@ async def serve(
                 else None
             ),
         )
-        listeners.append((trio.SocketListener(sock), server.handle_unix))
+        listeners.append((trio.SocketListener(sock), server.handle_unix, server.unix_budget))
         info = ServerInfo(
             socket_path=config.socket_path, poller=server.poller, gatherer=server.gatherer, hub=server.hub
         )
@@ -311,7 +372,7 @@ async def serve(
             async def handle_tls(stream: trio.SocketStream) -> None:
                 await server.handle_tls(stream, ctx)
 
-            listeners.extend((listener, handle_tls) for listener in tcp)
+            listeners.extend((listener, handle_tls, server.tls_budget) for listener in tcp)
         try:
             async with trio.open_nursery() as services:
                 services.start_soon(server.hub.run)
@@ -321,8 +382,8 @@ async def serve(
                     async with trio.open_nursery() as acceptors:
                         if handle_signals:
                             await acceptors.start(_shutdown_on_signals, info)
-                        for listener, handle in listeners:
-                            acceptors.start_soon(server.accept_loop, listener, connections, handle)
+                        for listener, handle, budget in listeners:
+                            acceptors.start_soon(server.accept_loop, listener, connections, handle, budget)
                         task_status.started(info)
                         await info.shutdown.wait()
                         acceptors.cancel_scope.cancel()

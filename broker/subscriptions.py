@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .errors import LimitExceeded
 from .events import KeyEvent
 
 if TYPE_CHECKING:
@@ -22,13 +23,17 @@ log = logging.getLogger("keybroker.subscriptions")
 # Events buffered per subscriber; a subscriber that falls this far behind is
 # cut off rather than allowed to make the broker hold events without bound.
 MAX_BACKLOG = 1024
+# Prefixes per connection: every key event is matched against each of them,
+# so a client must not be able to make every change in the broker slower.
+MAX_PREFIXES = 64
 
 
 class Subscriptions:
     """Subscribers of one broker, fed by the service's key events.
 
-    A connection has one feed: subscribing again adds a prefix to it, and
-    an event under several of its prefixes is sent once.
+    A connection has one feed: subscribing again adds a prefix to it (once,
+    however often it is asked for; at most MAX_PREFIXES), and an event under
+    several of its prefixes is sent once.
     """
 
     def __init__(self, nursery: trio.Nursery, service: KeyService) -> None:
@@ -38,10 +43,14 @@ class Subscriptions:
 
     def add(self, ctx: RequestContext, prefix: str, visible: Callable[[str], bool]) -> None:
         """Feed ``ctx`` events of keys starting with ``prefix`` that ``visible`` allows
-        (the connection's principal decides what is visible: the first call's ``visible`` stays)."""
+        (the connection's principal decides what is visible: the first call's ``visible`` stays).
+
+        Raises:
+            LimitExceeded: the connection already has MAX_PREFIXES other prefixes.
+        """
         feed = self._feeds.get(ctx.connection_id)
         if feed is not None:
-            feed[0].append(prefix)
+            _add_prefix(feed[0], prefix)
             return
         prefixes = [prefix]
         send, receive = trio.open_memory_channel[KeyEvent](MAX_BACKLOG)
@@ -84,3 +93,13 @@ class Subscriptions:
     def __len__(self) -> int:
         """Subscribed prefixes over every connection."""
         return sum(len(prefixes) for prefixes, _ in self._feeds.values())
+
+
+def _add_prefix(prefixes: list[str], prefix: str) -> None:
+    if prefix in prefixes:
+        return
+    if len(prefixes) >= MAX_PREFIXES:
+        raise LimitExceeded(
+            f"a connection may subscribe to at most {MAX_PREFIXES} prefixes", {"limit": MAX_PREFIXES}
+        )
+    prefixes.append(prefix)

@@ -26,6 +26,7 @@ from broker.lifecycle import new_key
 from broker.protocol import Notification
 from broker.scheduler import PAUSE_PER_PASS_TIME, Action, Scheduler, due_action
 from broker.service import KeyService
+from broker.subscriptions import MAX_PREFIXES
 from tests._transport_helpers import RawConn
 from tests.conftest import Caller, ConfigFactory
 
@@ -371,6 +372,18 @@ async def test_subscribing_again_adds_a_prefix_and_each_event_comes_once(served:
     with trio.move_on_after(0.2):
         extra = await watcher.next()
         raise AssertionError(f"an event came twice: {extra}")
+    await watcher.aclose()
+
+
+async def test_subscribed_prefixes_are_kept_once_and_capped(served: Any) -> None:
+    watcher = await RawConn.open(served.socket_path)
+    for msgid in range(MAX_PREFIXES + 10):  # one prefix, however often
+        assert (await watcher.call(msgid, "subscribe", {"prefix": "svc/"})).error is None
+    for msgid in range(1, MAX_PREFIXES):
+        assert (await watcher.call(msgid, "subscribe", {"prefix": f"p{msgid}/"})).error is None
+    refused = await watcher.call(0, "subscribe", {"prefix": "one-too-many/"})
+    assert refused.error["code"] == "limit_exceeded"
+    assert refused.error["details"] == {"limit": MAX_PREFIXES}
     await watcher.aclose()
 
 

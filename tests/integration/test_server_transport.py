@@ -18,6 +18,7 @@ import trio
 
 from broker.client import AsyncClient, Client, ConnectionLost
 from broker.config import Config
+from broker.connection import RESPONSE_BACKLOG_FLOOR
 from broker.errors import InvalidState, NotFound, UnknownMethod
 from broker.protocol import Notification, Response, encode_request
 from broker.server import ServerInfo, serve
@@ -263,6 +264,23 @@ async def test_client_that_never_reads_does_not_block_others(server: ServerInfo)
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("limits", [{"max_message_bytes": 2 << 20}])
+async def test_a_client_that_does_not_read_pins_a_bounded_response_backlog(
+    server: ServerInfo, handler: EchoHandler
+) -> None:
+    """Small requests for large responses: in-flight slots alone would let all 50 run."""
+    size, count = 1 << 20, 50
+    conn = await RawConn.open(server.socket_path)
+    await conn.send(b"".join(encode_request(i, "grow", {"n": size}) for i in range(count)))
+    await trio.sleep(0.3)
+    # The backlog, one more response, and what the socket buffers took.
+    assert handler.started <= RESPONSE_BACKLOG_FLOOR // size + 3
+    with trio.fail_after(10):
+        replies = await conn.responses(count)
+    assert sorted(r.msgid for r in replies) == list(range(count))
+    assert all(r.error is None and len(r.result["b"]) == size for r in replies)
+
+
 @pytest.mark.parametrize("limits", [{"max_connections": 2}])
 async def test_connection_limit(server: ServerInfo) -> None:
     a = await RawConn.open(server.socket_path)
@@ -276,6 +294,32 @@ async def test_connection_limit(server: ServerInfo) -> None:
     await trio.sleep(0.1)
     d = await RawConn.open(server.socket_path)
     assert (await d.call(1, "echo", {})).error is None
+
+
+class _BrokenOnce(EchoHandler):
+    """Fails while the first connection is being set up, before it is served."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 0
+
+    @property
+    def suspending(self) -> frozenset[str]:
+        if not self.failures:
+            self.failures += 1
+            raise RuntimeError("a bug met while setting up a connection")
+        return frozenset()
+
+
+async def test_a_connection_that_fails_before_it_is_served_leaves_the_server_up(tmpdir_short: Path) -> None:
+    handler = _BrokenOnce()
+    async with running_server(make_config(tmpdir_short), handler) as info:
+        first = await RawConn.open(info.socket_path)
+        with trio.fail_after(5):
+            await first.expect_closed()
+        assert handler.failures == 1
+        second = await RawConn.open(info.socket_path)
+        assert (await second.call(1, "echo", {})).error is None
 
 
 @pytest.mark.parametrize("limits", [{"idle_timeout_s": 0.3}])

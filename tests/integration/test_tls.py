@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ssl
 import struct
@@ -20,9 +21,9 @@ from cryptography.x509.oid import NameOID
 
 from broker.auth import principal_for_cert, principal_for_unix, unix_peer
 from broker.client import AsyncClient, Client, ConnectionLost, client_ssl_context
-from broker.config import Config, TLSConfig
+from broker.config import Config, Limits, TLSConfig
 from broker.server import ServerInfo
-from tests._transport_helpers import EchoHandler, make_config, running_server, short_tmpdir
+from tests._transport_helpers import EchoHandler, RawConn, make_config, running_server, short_tmpdir
 
 SPIFFE_ID = "spiffe://example.org/ns/prod/sa/billing"
 
@@ -50,6 +51,39 @@ def issue_uri_cert(ca: trustme.CA, uri: str, common_name: str | None = None) -> 
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def _der_tlv(tag: int, body: bytes) -> bytes:
+    """A DER tag-length-value."""
+    size = len(body)
+    if size < 128:
+        return bytes([tag, size]) + body
+    width = (size.bit_length() + 7) // 8
+    return bytes([tag, 0x80 | width]) + size.to_bytes(width, "big") + body
+
+
+def issue_edi_party_cert(ca: trustme.CA) -> tuple[bytes, bytes]:
+    """A validly signed client certificate whose SAN holds an EDIPartyName.
+
+    OpenSSL accepts it; cryptography cannot read its extensions (it raises
+    UnsupportedGeneralNameType, a plain Exception). No builder writes such a
+    SAN, so a DNS name of the same length is swapped for one in the
+    to-be-signed bytes, which are then signed again.
+    """
+    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+    leaf = ca.issue_cert("aaaaaaaaaa", common_name="mallory")
+    cert = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
+    der = cert.public_bytes(serialization.Encoding.DER)
+    tbs = cert.tbs_certificate_bytes
+    dns_name, edi_party = b"\x82\x0aaaaaaaaaaa", b"\xa5\x0a\xa1\x08\x0c\x06BBBBBB"
+    assert tbs.count(dns_name) == 1
+    evil_tbs = tbs.replace(dns_name, edi_party)
+    at = der.index(tbs) + len(tbs)
+    signature_algorithm = der[at : at + 2 + der[at + 1]]
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    signature = ca_key.sign(evil_tbs, ec.ECDSA(hashes.SHA256()))
+    evil = _der_tlv(0x30, evil_tbs + signature_algorithm + _der_tlv(0x03, b"\x00" + signature))
+    return ssl.DER_cert_to_PEM_cert(evil).encode(), leaf.private_key_pem.bytes()
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +221,21 @@ async def test_a_certificate_naming_a_unix_peer_is_refused(
     await _answered_nothing(server.tls_port, ctx)
 
 
+async def test_a_certificate_cryptography_cannot_read_is_refused_and_the_broker_serves_on(
+    server: ServerInfo, ca: trustme.CA, tmpdir_short: Path
+) -> None:
+    assert server.tls_port
+    cert, key = issue_edi_party_cert(ca)
+    with pytest.raises(x509.UnsupportedGeneralNameType):
+        principal_for_cert(x509.load_pem_x509_certificate(cert), {})
+    await _answered_nothing(server.tls_port, client_context(tmpdir_short, cert, key))
+    good, good_key = issue_uri_cert(ca, SPIFFE_ID)
+    ctx = client_context(tmpdir_short, good, good_key)
+    with trio.fail_after(5):
+        async with AsyncClient(host="127.0.0.1", port=server.tls_port, ssl_context=ctx) as client:
+            assert (await client.call("whoami", {}))["name"] == SPIFFE_ID
+
+
 async def test_tls12_refused(server: ServerInfo, ca: trustme.CA, tmpdir_short: Path) -> None:
     assert server.tls_port
     leaf = ca.issue_cert("x@example.org", common_name="old-client")
@@ -195,6 +244,54 @@ async def test_tls12_refused(server: ServerInfo, ca: trustme.CA, tmpdir_short: P
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
         await _raw_tls_attempt(server.tls_port, ctx)
+
+
+async def _closed_by_server(stream: trio.SocketStream) -> None:
+    """The server closes ``stream`` (a close or a reset) within a few seconds."""
+    with trio.fail_after(5), contextlib.suppress(trio.BrokenResourceError):
+        assert await stream.receive_some(4096) == b""
+
+
+async def test_tcp_peers_cannot_use_up_the_unix_sockets_connections(tls_config: Config) -> None:
+    config = replace(tls_config, limits=Limits(max_connections=2))
+    async with running_server(config, EchoHandler()) as info:
+        assert info.tls_port
+        # Never a byte: not even authenticated.
+        squatters = [await trio.open_tcp_stream("127.0.0.1", info.tls_port) for _ in range(2)]
+        await _closed_by_server(await trio.open_tcp_stream("127.0.0.1", info.tls_port))
+        local = await RawConn.open(info.socket_path)
+        with trio.fail_after(5):
+            assert (await local.call(1, "echo", {})).error is None
+        for stream in squatters:
+            await stream.aclose()
+
+
+async def test_a_tls_handshake_has_its_own_short_timeout(tls_config: Config) -> None:
+    config = replace(tls_config, limits=Limits(handshake_timeout_s=0.2))
+    async with running_server(config, EchoHandler()) as info:
+        assert info.tls_port
+        silent = await trio.open_tcp_stream("127.0.0.1", info.tls_port)
+        start = trio.current_time()
+        await _closed_by_server(silent)
+        assert trio.current_time() - start < 2
+
+
+async def test_tls_handshakes_under_way_are_capped(
+    tls_config: Config, ca: trustme.CA, tmpdir_short: Path
+) -> None:
+    config = replace(tls_config, limits=Limits(max_tls_handshakes=1))
+    async with running_server(config, EchoHandler()) as info:
+        assert info.tls_port
+        silent = await trio.open_tcp_stream("127.0.0.1", info.tls_port)
+        await trio.sleep(0.1)
+        await _closed_by_server(await trio.open_tcp_stream("127.0.0.1", info.tls_port))
+        await silent.aclose()
+        await trio.sleep(0.1)
+        cert, key = issue_uri_cert(ca, SPIFFE_ID)
+        ctx = client_context(tmpdir_short, cert, key)
+        with trio.fail_after(5):
+            async with AsyncClient(host="127.0.0.1", port=info.tls_port, ssl_context=ctx) as client:
+                assert (await client.call("whoami", {}))["name"] == SPIFFE_ID
 
 
 # -- auth unit checks (pure) -----------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import msgpack
 import pytest
 
@@ -127,6 +129,23 @@ def test_huge_declared_lengths_wait_for_bytes() -> None:
     dec = RequestDecoder(1 << 20)
     assert dec.feed(b"\x94\x00\x01\xa1m" + b"\xdd\x10\x00\x00\x00" * 100) == []
     assert dec.in_progress
+
+
+@pytest.mark.parametrize("decoder", [RequestDecoder, ResponseDecoder])
+def test_a_read_of_nested_headers_is_scanned_before_anything_is_built(decoder: type) -> None:
+    """A read that fits the limit is not decoded outright: each of these
+    array32 headers declares as many elements as the read has bytes, and a
+    constructing unpacker would allocate for all of them at every level."""
+    size, levels = 64 * 1024, 100
+    bomb = (b"\xdd" + size.to_bytes(4, "big")) * levels
+    dec = decoder(1 << 20)
+    tracemalloc.start()
+    try:
+        assert dec.feed(bomb + b"\x00" * (size - len(bomb))) == []
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * size * 8  # not levels * size * 8 (about 50 MB)
 
 
 def test_response_decoder() -> None:
