@@ -135,9 +135,11 @@ def response_backlog(limits: Limits) -> int:
     """Bytes of responses waiting to be written beyond which a connection starts no request.
 
     At least one largest response (``max_message_bytes``), so that one can
-    always be queued behind another; what is started below the bound adds
-    at most one response each, so a connection holds at most about twice
-    this (plus a joined copy while it writes).
+    always be queued behind another. A request started below the bound adds
+    at most one response, so a connection holds at most about twice this
+    (plus a joined copy while it writes); a group of ``encrypt`` or
+    ``decrypt`` requests taken at once adds one per request, responses that
+    the requests' own bytes already bounded.
     """
     return max(RESPONSE_BACKLOG_FLOOR, limits.max_message_bytes)
 

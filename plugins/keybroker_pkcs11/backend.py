@@ -21,8 +21,9 @@ Design notes:
   ``destroy`` removes them together with the token object. Another broker's
   copies are its session objects, which this one can neither see nor
   remove: each broker destroys its own when the core tells it the key
-  changed (``forget``, at every session's next loan), so a version destroyed
-  elsewhere leaves no copy behind. A token that refuses the copy is used
+  changed (``forget``), at each session's next loan; a session that stays
+  idle keeps its copy until then or until it closes (the core refuses the
+  version meanwhile). A token that refuses the copy is used
   through the token object.
 - Batches of up to ``COALESCE_MAX_ITEMS`` items go through a
   :class:`~keybroker_pkcs11.pool.Coalescer`: concurrent callers of one
@@ -260,8 +261,11 @@ class Pkcs11Backend:
             self._mark_stale(object_id)
 
     def _mark_stale(self, object_id: bytes) -> None:
+        # The entry before the count: a session syncing on a worker thread
+        # meanwhile either sees the new count (and then the entry) or keeps
+        # its mark below it and drops the copy at its next loan.
+        self._stale[object_id] = self._changes + 1
         self._changes += 1
-        self._stale[object_id] = self._changes
 
     async def export_material(self, ref: VersionRef) -> bytearray:
         """Refused: token keys are generated non-extractable and never leave it.
@@ -522,7 +526,8 @@ class Pkcs11Backend:
         last loan (destroyed, or their key changed), destroying its session
         copies: a copy made while ``destroy`` ran, or on a broker that did not
         destroy the version, would otherwise keep the key usable in the token."""
-        if lease.mark == self._changes:
+        changes = self._changes  # read once: the event loop may add more meanwhile
+        if lease.mark == changes:
             return
         for cached in [k for k in lease.cache if self._stale.get(k[0], 0) > lease.mark]:
             obj = lease.cache.pop(cached)
@@ -530,7 +535,7 @@ class Pkcs11Backend:
             with contextlib.suppress(ObjectHandleInvalid, KeyHandleInvalid):
                 if not obj[Attribute.TOKEN]:
                     obj.destroy()
-        lease.mark = self._changes
+        lease.mark = changes
 
     def _secret(self, lease: Lease, object_id: bytes) -> Any:
         """This session's key object for a secret key: a session copy when allowed."""
