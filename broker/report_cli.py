@@ -39,6 +39,7 @@ from .plugins import Plugins
 from .report import AuditStats, Governance, build_report
 from .report_html import render_html
 from .store import Store
+from .stream import atomic_output
 
 __all__ = [
     "DEFAULT_DAYS",
@@ -168,10 +169,11 @@ def _write(text: str, out: Path | None, stdout: TextIO) -> None:
     if out is None:
         stdout.write(text)
         return
-    # Write-then-rename: a pipeline never picks up half a report.
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
+    # Write-then-rename through a 0600 temporary file of a random name: a
+    # pipeline never picks up half a report, the inventory is readable by
+    # its owner only, and no planted link is followed.
+    with atomic_output(out) as sink:
+        sink.write(text.encode("utf-8"))
 
 
 def report_main(

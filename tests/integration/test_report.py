@@ -248,6 +248,7 @@ def test_check_gates_a_pipeline(scenario: Scenario, tmp_path: Path) -> None:
     assert bad.returncode == 1, bad.stderr
     assert "5 violation(s) in 4 key(s)" in bad.stderr and "overdue v1: rotation.overdue" in bad.stderr
     assert _triples(json.loads(out.read_text())) == EXPECTED
+    assert out.stat().st_mode & 0o777 == 0o600  # the inventory is its owner's to read
     good = _cli("--data-dir", scenario.good, "--check", "--since", "2000-01-01")
     assert good.returncode == 0, good.stderr
     report = json.loads(good.stdout)
@@ -257,6 +258,17 @@ def test_check_gates_a_pipeline(scenario: Scenario, tmp_path: Path) -> None:
     assert without_check.returncode == 0
     assert _cli("--data-dir", scenario.bad, "--days", "0").returncode == 1
     assert _cli("--data-dir", scenario.bad, "--since", "yesterday").returncode == 1
+
+
+def test_report_out_never_writes_through_a_link(scenario: Scenario, tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("IMPORTANT")
+    link = tmp_path / "report.html"
+    link.symlink_to(victim)
+    refused = _cli("--data-dir", scenario.bad, "--format", "html", "--out", link, "--days", "30")
+    assert refused.returncode != 0 and "not a regular file" in refused.stderr
+    assert victim.read_text() == "IMPORTANT" and link.is_symlink()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 # --- the HTML page in a real browser ------------------------------------------
