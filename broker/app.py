@@ -135,8 +135,7 @@ async def open_broker(
             await background.start(scheduler.run, config.scheduler.interval_s)
         metrics_port = None
         if config.metrics is not None:
-            metrics_port, stop_metrics = metrics.serve(config.metrics.host, config.metrics.port)
-            stack.callback(stop_metrics)
+            metrics_port = await background.start(metrics.serve, config.metrics.host, config.metrics.port)
             background.start_soon(metrics.refresh_keys, service)
         yield Broker(
             config, plugins, store, backends, audit, service, dispatcher, scheduler, metrics, metrics_port

@@ -3,21 +3,26 @@
 Request counters and histograms are plain numbers updated on the request
 path (a dict look-up and a few additions) and exported when scraped; gauges
 that need the store (keys by state) are refreshed by a background task.
-Metrics are served only when ``[metrics] listen`` is set, on a loopback
-address by default, in a thread of prometheus-client's. Each broker has its
-own registry, so several brokers in one process (tests) never mix their
-figures.
+Metrics are served only when ``[metrics]`` is set, on a loopback address by
+default, by a small HTTP/1.0 responder on the event loop (:func:`serve_metrics`):
+at most ``MAX_SCRAPERS`` connections at once, each given ``SCRAPE_TIMEOUT_S``
+to send its request head of at most ``MAX_HEAD_BYTES`` and to read the page.
+(prometheus-client's own server starts a thread per connection and waits on
+it forever: idle connections to the port could use up the process's
+threads, which the store and the audit log need.) Each broker has its own
+registry, so several brokers in one process (tests) never mix their figures.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -51,6 +56,10 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 10, 100, 1_000, 10_000, 100_000)
 # How often keys are counted by state.
 REFRESH_S = 15.0
+# The metrics responder's bounds (see the module docstring).
+MAX_SCRAPERS = 16
+SCRAPE_TIMEOUT_S = 5.0
+MAX_HEAD_BYTES = 8192
 PAGE = 1000
 
 
@@ -145,22 +154,29 @@ class Metrics:
         for state, count in counts.items():
             self.keys.labels(state).set(count)
 
-    def serve(self, host: str, port: int) -> tuple[int, Callable[[], None]]:
-        """Serve /metrics on ``host:port`` in a background thread.
-
-        Returns:
-            The bound port and a function that stops the server.
-        """
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
-        bound = int(server.server_address[1])
+    async def serve(self, host: str, port: int, *, task_status: trio.TaskStatus[int]) -> None:
+        """Serve /metrics on ``host:port`` until cancelled; reports the bound port once listening."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = int(listeners[0].socket.getsockname()[1])
         log.info("metrics on http://%s:%d/metrics", host, bound)
+        scrapers = trio.CapacityLimiter(MAX_SCRAPERS)
 
-        def stop() -> None:
-            server.shutdown()
-            server.server_close()
-            thread.join(5)
+        async def handle(stream: trio.SocketStream) -> None:
+            try:
+                scrapers.acquire_nowait()
+            except trio.WouldBlock:
+                await trio.aclose_forcefully(stream)  # a full house: refused, never queued
+                return
+            try:
+                with trio.move_on_after(SCRAPE_TIMEOUT_S):
+                    await _answer(stream, self.registry)
+            finally:
+                scrapers.release()
+                await trio.aclose_forcefully(stream)
 
-        return bound, stop
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, handle, listeners)
+            task_status.started(bound)
 
     async def count_keys(self, service: KeyService) -> None:
         """Count keys by state now."""
@@ -183,3 +199,36 @@ class Metrics:
             except BrokerError as exc:
                 log.warning("could not count keys: %s", exc.code)
             await trio.sleep(interval_s)
+
+
+async def _answer(stream: trio.SocketStream, registry: CollectorRegistry) -> None:
+    """Read one request head and answer it: the page for ``GET /metrics`` (or ``/``)."""
+    head = bytearray()
+    while b"\r\n\r\n" not in head and b"\n\n" not in head:
+        if len(head) > MAX_HEAD_BYTES:
+            await stream.send_all(_reply(b"431 Request Header Fields Too Large"))
+            return
+        try:
+            data = await stream.receive_some(MAX_HEAD_BYTES)
+        except trio.BrokenResourceError:
+            return
+        if not data:
+            return
+        head += data
+    method, _, rest = bytes(head).partition(b" ")
+    path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+    if method != b"GET":
+        reply = _reply(b"405 Method Not Allowed")
+    elif path not in (b"/metrics", b"/"):
+        reply = _reply(b"404 Not Found")
+    else:
+        reply = _reply(b"200 OK", generate_latest(registry), CONTENT_TYPE_LATEST.encode())
+    with contextlib.suppress(trio.BrokenResourceError):
+        await stream.send_all(reply)
+
+
+def _reply(status: bytes, body: bytes = b"", content_type: bytes = b"text/plain; charset=utf-8") -> bytes:
+    return (
+        b"HTTP/1.0 " + status + b"\r\nContent-Type: " + content_type
+        + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+    )

@@ -3,11 +3,13 @@ latency, batch sizes, keys by state, scheduler actions."""
 
 from __future__ import annotations
 
+import threading
 import urllib.request
 
 import pytest
 import trio
 
+from broker import metrics as metrics_module
 from broker.app import open_broker
 from broker.errors import NotFound
 from tests.conftest import Caller, ConfigFactory
@@ -53,3 +55,33 @@ async def test_metrics_endpoint(make_config: ConfigFactory, owner: str) -> None:
     assert value(text, 'keybroker_keys{state="destroyed"}') == 0
     # No key material or names of secrets in metrics: only method names and codes.
     assert "plaintext" not in text
+
+
+async def test_idle_scrapers_are_bounded_and_timed_out(
+    make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics_module, "SCRAPE_TIMEOUT_S", 0.5)
+    config = make_config({"metrics": {"host": "127.0.0.1", "port": 0}})
+    async with open_broker(config, run_scheduler=False) as broker:
+        port = broker.metrics_port
+        assert port
+        threads = threading.active_count()
+        idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(metrics_module.MAX_SCRAPERS)]
+        await trio.sleep(0.1)
+        # One more is refused at once rather than queued; no thread was started for any.
+        extra = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(2):
+            assert await extra.receive_some(100) == b""
+        assert threading.active_count() == threads
+        # The idle ones are closed after the timeout, and scraping works again.
+        with trio.fail_after(3):
+            for stream in idle:
+                assert await stream.receive_some(100) == b""
+        text = await trio.to_thread.run_sync(scrape, port)
+        assert "keybroker_requests_total" in text or "keybroker_keys" in text
+        for method, path, status in (("POST", "/metrics", b"405"), ("GET", "/other", b"404")):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            with trio.fail_after(2):
+                assert (await stream.receive_some(100)).startswith(b"HTTP/1.0 " + status)
+            await stream.aclose()
