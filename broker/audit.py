@@ -58,6 +58,7 @@ from ._audit_chain import (
     verify_chain,
 )
 from .errors import Unavailable
+from .logs import failure
 
 __all__ = [
     "AUDIT_FILE_NAME",
@@ -328,9 +329,9 @@ class _Fanout:
             with self.scope:
                 try:
                     await self.sink.open()
-                except Exception:
-                    logger.exception("audit sink %s failed to open; writes will still be tried",
-                                     self.sink.name)
+                except Exception as exc:
+                    logger.error("audit sink %s failed to open; writes will still be tried: %s",
+                                 self.sink.name, failure(exc))
                 while True:
                     if not self.queue:
                         if self.closing:
@@ -706,8 +707,8 @@ async def _close_sink(sink: AuditSink) -> None:
     with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True) as scope:
         try:
             await sink.aclose()
-        except Exception:
-            logger.exception("audit sink %s failed to close", sink.name)
+        except Exception as exc:
+            logger.error("audit sink %s failed to close: %s", sink.name, failure(exc))
     if scope.cancelled_caught:
         logger.warning("audit sink %s did not close within %s s", sink.name, CLOSE_TIMEOUT_S)
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import traceback
 import types
 from collections.abc import Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from .auth import Principal
 from .busypoll import BusyPoller
 from .config import Limits
 from .errors import BrokerError, Internal, InvalidRequest, LimitExceeded
+from .logs import failure
 from .protocol import (
     BadRequest,
     ProtocolError,
@@ -151,15 +151,8 @@ def internal_error(exc: BaseException, method: str, where: str) -> Internal:
     request data, and this is a key broker.
     """
     error = Internal()
-    stack = "".join(traceback.format_tb(exc.__traceback__))
-    log.error(
-        "internal error (correlation id %s) in %s on %s: %s\n%s",
-        error.correlation_id,
-        method,
-        where,
-        type(exc).__qualname__,
-        stack,
-    )
+    log.error("internal error (correlation id %s) in %s on %s: %s",
+              error.correlation_id, method, where, failure(exc))
     return error
 
 
@@ -398,8 +391,10 @@ class Connection:
             # cancellation arriving meanwhile cannot skip it.
             try:
                 self._handler.connection_closed(self.context)
-            except Exception:
-                log.exception("connection %d: connection_closed hook failed", self.connection_id)
+            except Exception as exc:
+                log.error(
+                    "connection %d: connection_closed hook failed: %s", self.connection_id, failure(exc)
+                )
             self._io.detach()
             await trio.aclose_forcefully(self._stream)
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Final, final
 import trio
 
 from .connection import MAX_GROUP, run_group, run_inline
+from .logs import failure
 
 if TYPE_CHECKING:
     from .connection import Connection, GroupHandler
@@ -184,6 +185,7 @@ class Gatherer:
         for (connection, request), outcome in zip(items, outcomes, strict=True):
             try:
                 connection.answer(request, outcome)
-            except Exception:
+            except Exception as exc:
                 # A bug in one connection must not take the others' answers, or the server, down.
-                log.exception("connection %d: answering a gathered request failed", connection.connection_id)
+                log.error("connection %d: answering a gathered request failed: %s",
+                          connection.connection_id, failure(exc))

@@ -13,11 +13,20 @@ import json
 import logging
 import sys
 import time
+import traceback
 from typing import Any
 
-__all__ = ["JsonFormatter", "configure_logging", "request_id"]
+__all__ = ["JsonFormatter", "configure_logging", "failure", "request_id"]
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("keybroker_request_id", default=None)
+
+
+
+def failure(exc: BaseException) -> str:
+    """An unexpected exception as a log may show it: its type and stack, never
+    its message, which may quote request data (and this is a key broker)."""
+    return f"{type(exc).__qualname__}\n{''.join(traceback.format_tb(exc.__traceback__))}"
+
 
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 

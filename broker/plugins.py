@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import traceback
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar, cast
 
@@ -18,6 +17,7 @@ import pluggy
 from . import hookspecs
 from .cluster import Cluster, Solo
 from .errors import InvalidArgument, StartupError
+from .logs import failure
 from .policy import AuthzRequest, Policy, combine
 
 if TYPE_CHECKING:
@@ -181,11 +181,7 @@ class Plugins:
             try:
                 impl.function(event=event)
             except Exception as exc:
-                # The type and stack only, as for any internal error: a message may quote key data.
-                stack = "".join(traceback.format_tb(exc.__traceback__))
-                log.error(
-                    "key event observer %s failed: %s\n%s", impl.plugin_name, type(exc).__qualname__, stack
-                )
+                log.error("key event observer %s failed: %s", impl.plugin_name, failure(exc))
 
     def rpc_methods(self) -> dict[str, RpcMethod]:
         methods: dict[str, RpcMethod] = {}

@@ -22,7 +22,6 @@ import signal
 import socket
 import ssl
 import stat
-import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from .busypoll import BusyPoller
 from .config import Config, TLSConfig
 from .connection import Connection, GroupHandler, Handler
 from .gather import Gatherer
+from .logs import failure
 from .readhub import ReadHub
 
 __all__ = ["ServerInfo", "serve", "server_ssl_context"]
@@ -226,9 +226,7 @@ class _Server:
         try:
             await handle(stream)
         except Exception as exc:
-            # Type and stack only: the message may quote what the peer sent.
-            stack = "".join(traceback.format_tb(exc.__traceback__))
-            log.error("connection task failed: %s\n%s", type(exc).__qualname__, stack)
+            log.error("connection task failed: %s", failure(exc))
             await trio.aclose_forcefully(stream)
         finally:
             budget.release()
@@ -290,9 +288,9 @@ class _Server:
             conn.begin_drain()
         try:
             await conn.run()
-        except Exception:
+        except Exception as exc:
             # A bug in one connection must not take the server down.
-            log.exception("connection %d failed", conn.connection_id)
+            log.error("connection %d failed: %s", conn.connection_id, failure(exc))
         finally:
             self.connections.discard(conn)
 

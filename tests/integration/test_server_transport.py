@@ -296,6 +296,10 @@ async def test_connection_limit(server: ServerInfo) -> None:
     assert (await d.call(1, "echo", {})).error is None
 
 
+# What a failure's message might quote; the stack shows the name, not this.
+_QUOTED = "-".join(("secret", "material"))
+
+
 class _BrokenOnce(EchoHandler):
     """Fails while the first connection is being set up, before it is served."""
 
@@ -307,11 +311,13 @@ class _BrokenOnce(EchoHandler):
     def suspending(self) -> frozenset[str]:
         if not self.failures:
             self.failures += 1
-            raise RuntimeError("a bug met while setting up a connection")
+            raise RuntimeError(f"a bug met while setting up a connection, quoting {_QUOTED}")
         return frozenset()
 
 
-async def test_a_connection_that_fails_before_it_is_served_leaves_the_server_up(tmpdir_short: Path) -> None:
+async def test_a_connection_that_fails_before_it_is_served_leaves_the_server_up(
+    tmpdir_short: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     handler = _BrokenOnce()
     async with running_server(make_config(tmpdir_short), handler) as info:
         first = await RawConn.open(info.socket_path)
@@ -320,6 +326,8 @@ async def test_a_connection_that_fails_before_it_is_served_leaves_the_server_up(
         assert handler.failures == 1
         second = await RawConn.open(info.socket_path)
         assert (await second.call(1, "echo", {})).error is None
+    # Logged by type and stack, never by the message, which may quote what a peer sent.
+    assert "RuntimeError" in caplog.text and "secret-material" not in caplog.text
 
 
 @pytest.mark.parametrize("limits", [{"idle_timeout_s": 0.3}])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from broker.logs import JsonFormatter, request_id
+from broker.logs import JsonFormatter, failure, request_id
 
 
 def test_json_lines_carry_request_id_and_extras() -> None:
@@ -23,3 +23,13 @@ def test_json_lines_carry_request_id_and_extras() -> None:
     assert out["request_id"] == "3-2a" and out["code"] == "unavailable"
     assert out["ts"].endswith("Z")
     assert "request_id" not in json.loads(formatter.format(record))
+
+
+def test_a_failure_is_logged_by_type_and_stack_never_by_message() -> None:
+    quoted = "-".join(("request", "data"))
+    try:
+        raise ValueError(f"bad {quoted}")
+    except ValueError as exc:
+        text = failure(exc)
+    assert text.startswith("ValueError\n") and "test_a_failure_is_logged" in text
+    assert quoted not in text
