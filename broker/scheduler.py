@@ -37,6 +37,13 @@ PAGE = 500
 CERT_CHECK_INTERVAL_S = 3600
 # The pause after a pass is at least this many times the pass's duration.
 PAUSE_PER_PASS_TIME = 20
+# After an action on a key fails (its HSM unreachable, say), the key is left
+# alone for RETRY_FIRST_S, then twice as long after each further failure, up
+# to RETRY_MAX_S: retrying every pass would write two fsynced audit records a
+# pass for as long as the failure lasts. A restart, a success, or the action
+# no longer being due starts afresh.
+RETRY_FIRST_S = 30
+RETRY_MAX_S = 900
 
 
 class Action(StrEnum):
@@ -96,6 +103,8 @@ class Scheduler:
         self.is_leader = is_leader
         self.metrics = metrics or Metrics()
         self._certs_checked_at = -CERT_CHECK_INTERVAL_S
+        # Keys whose last action failed: (failures in a row, when to try again).
+        self._retry: dict[str, tuple[int, int]] = {}
 
     async def run_once(self) -> int:
         """Apply everything due now; returns the number of actions applied.
@@ -158,10 +167,14 @@ class Scheduler:
 
     async def _apply_due(self, key: Key) -> int:
         applied = 0
+        failed = self._retry.get(key.name)
+        if failed is not None and self.service.now() < failed[1]:
+            return applied  # backing off (see RETRY_FIRST_S)
         # A key can owe several things (activate, then rotate): apply in turn.
         for _ in range(len(Action)):
             due = due_action(key, self.service.now())
             if due is None:
+                self._retry.pop(key.name, None)
                 return applied
 
             def still_due(fresh: Key, due: Due = due) -> bool:
@@ -177,13 +190,19 @@ class Scheduler:
                     key = await self.service.lifecycle(key.name, _TRANSITION[due.action], only_if=still_due)
             except NotDue:
                 log.info("scheduled %s of %s: no longer due", due.action.value, key.name)
+                self._retry.pop(key.name, None)
                 await self._record(key, due, "error", "invalid_state")
                 return applied
             except BrokerError as exc:
                 self.metrics.scheduler_actions.labels(due.action.value, exc.code).inc()
-                log.warning("scheduled %s of %s failed: %s", due.action.value, key.name, exc.code)
+                failures = self._retry.get(key.name, (0, 0))[0] + 1
+                wait = min(RETRY_FIRST_S << min(failures - 1, 16), RETRY_MAX_S)
+                self._retry[key.name] = (failures, self.service.now() + wait)
+                log.warning("scheduled %s of %s failed: %s; next try in %d s",
+                            due.action.value, key.name, exc.code, wait)
                 await self._record(key, due, "error", exc.code)
                 return applied
+            self._retry.pop(key.name, None)
             self.metrics.scheduler_actions.labels(due.action.value, "ok").inc()
             applied += 1
             await self._record(key, due, "allowed", None)

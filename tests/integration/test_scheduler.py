@@ -20,7 +20,7 @@ from broker.app import Broker, open_broker
 from broker.client import AsyncClient
 from broker.config import Config
 from broker.envelope import parse_header
-from broker.errors import BrokerError
+from broker.errors import BrokerError, Unavailable
 from broker.keys import Classification, Key, KeyType
 from broker.lifecycle import new_key
 from broker.protocol import Notification
@@ -430,3 +430,33 @@ async def test_a_store_without_list_scheduled_has_every_key_read() -> None:
     service = KeyService(store=ListOnly(), backends={}, plugins=None)  # type: ignore[arg-type]
     assert await service.list_scheduled(limit=7, after="a") == everything
     assert seen == [{"prefix": "", "state": None, "after": "a", "limit": 7}]
+
+
+async def test_a_key_whose_action_keeps_failing_is_retried_less_and_less_often(
+    make_config: ConfigFactory, owner: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    async with opened(make_config(), clock) as broker:
+        await Caller(broker, owner)("key.create", name="flaky", type="aes256-gcm", rotation_period_s=10)
+        clock.advance(11)
+        rotate = broker.service.rotate
+        attempts: list[float] = []
+
+        async def unavailable(name: str, **kw: Any) -> Key:
+            attempts.append(clock.now)
+            raise Unavailable("the key's custody is unreachable")
+
+        monkeypatch.setattr(broker.service, "rotate", unavailable)
+        started = clock.now
+        for _ in range(40):  # passes every 5 s for 200 s
+            await broker.scheduler.run_once()
+            clock.advance(5)
+        # Tried at once, then 30 s later, then 60 s after that (the next is
+        # due 120 s on, past the 200 s): not at every pass.
+        assert [t - started for t in attempts] == [0, 30, 90]
+        failed = [r for r in audit_records(broker, "scheduler") if r["outcome"] == "error"]
+        assert len(failed) == len(attempts) and all(r["code"] == "unavailable" for r in failed)
+        monkeypatch.setattr(broker.service, "rotate", rotate)
+        clock.advance(900)
+        assert await broker.scheduler.run_once() == 1
+        assert (await Caller(broker, owner)("key.get", name="flaky"))["primary_version"] == 2
