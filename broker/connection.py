@@ -6,8 +6,10 @@ are taken it stops reading, so the kernel's socket buffers push back on the
 client. A slot is returned only once its response has been written. Slots
 alone do not bound memory, as one small request (``datakey``) can ask for a
 response of up to ``max_message_bytes``: so no request is started while the
-responses waiting to be written exceed :func:`response_backlog` bytes, and a
-client that never reads pins about that much, whatever it asks. Workers (at most
+responses waiting to be written, and those announced by requests still
+running (:meth:`RequestContext.expect_response`), exceed
+:func:`response_backlog` bytes, and a client that never reads pins about
+that much, whatever it asks. Workers (at most
 one per slot, parked when idle rather than spawned per request) run requests
 concurrently; responses go out in completion order -- msgpack-rpc matches
 them by msgid -- through a single writer task that sends everything ready at
@@ -211,6 +213,18 @@ class RequestContext:
         if self._connection is not None:
             await self._connection.notify(method, params)
 
+    def expect_response(self, size: int) -> None:
+        """The request being run (by this task) will answer with up to ``size`` bytes.
+
+        Counted against the connection's response backlog from now until the
+        request is answered, so that requests which suspend before they
+        answer (reserving uses, say) are not all started meanwhile. Callers
+        announce responses that may be large (``datakey``, batches) before
+        the work; a context without a connection ignores it.
+        """
+        if self._connection is not None:
+            self._connection.expect_response(size)
+
 
 class Handler(Protocol):
     """What the transport calls; the service layer implements it.
@@ -325,6 +339,10 @@ class Connection:
         self._pending_bytes = 0
         self._sending_bytes = 0  # of the write under way
         self._max_backlog = response_backlog(limits)
+        # Responses announced by requests still running (expect_response),
+        # by the task running each, and their total.
+        self._expected: dict[trio.lowlevel.Task, int] = {}
+        self._expected_bytes = 0
         self._writing = False  # the writer task is inside send_all
         self._wakeup = trio.Event()
         self._flushed = trio.Event()
@@ -643,7 +661,13 @@ class Connection:
 
         The writer wakes a worker once they have gone out (see _write_loop).
         """
-        return self._pending_bytes + self._sending_bytes > self._max_backlog
+        return self._pending_bytes + self._sending_bytes + self._expected_bytes > self._max_backlog
+
+    def expect_response(self, size: int) -> None:
+        """See :meth:`RequestContext.expect_response`; released when the request is answered (_dispatch)."""
+        task = trio.lowlevel.current_task()
+        self._expected[task] = self._expected.get(task, 0) + size
+        self._expected_bytes += size
 
     def _pass_reading(self) -> None:
         """Have a worker take over reading (see :meth:`_read_loop`)."""
@@ -731,6 +755,9 @@ class Connection:
                 payload = self._encode_error(event.msgid, self._internal(exc, event.method))
             else:
                 payload = self._encode_result(event.msgid, event.method, result)
+            finally:
+                if self._expected:  # this request announced its response: it is now made
+                    self._expected_bytes -= self._expected.pop(trio.lowlevel.current_task(), 0)
         self._respond(payload, 1)
 
     async def _dispatch_group(self, group: list[Request]) -> None:

@@ -107,7 +107,7 @@ _FRAME = 64
 async def _encrypt_batch(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
     items = args["items"]
     d.check_batch(len(items))
-    d.check_response(_FRAME + sum(map(len, items)) + len(items) * (OVERHEAD + _BIN_HEADER))
+    d.check_response(call, _FRAME + sum(map(len, items)) + len(items) * (OVERHEAD + _BIN_HEADER))
     aad = args.get("aad", b"")
     _check_aad(aad, len(items))
     key = await d.key_for(call, args["key"])
@@ -220,7 +220,7 @@ async def _datakey(d: Dispatcher, call: Call, args: dict[str, Any]) -> Any:
     entry = 1 + len("wrapped") + 1 + _BIN_HEADER + size + OVERHEAD
     if args["plaintext"]:
         entry += len("plaintext") + 1 + _BIN_HEADER + size
-    d.check_response(_FRAME + count * entry)
+    d.check_response(call, _FRAME + count * entry)
     key = await d.key_for(call, args["key"])
     check_operation(key, "datakey")
     plain = [os.urandom(size) for _ in range(count)]

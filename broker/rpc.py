@@ -220,15 +220,17 @@ class Dispatcher:
                 f"{count} items exceed the batch limit of {self.max_batch}", {"limit": self.max_batch}
             )
 
-    def check_response(self, size: int) -> None:
-        """Refuse, before any work, a call whose response could be ``size`` bytes,
+    def check_response(self, call: Call, size: int) -> None:
+        """Before any work: refuse a call whose response could be ``size`` bytes,
         over the message limit (the connection refuses a larger response
-        anyway, but only once the work is done)."""
+        anyway, but only once the work is done); else announce that response
+        to the connection (:meth:`RequestContext.expect_response`)."""
         if size > self.max_message:
             raise LimitExceeded(
                 f"the response could be {size} bytes, over the message limit of {self.max_message} bytes",
                 {"limit": self.max_message},
             )
+        call.ctx.expect_response(size)
 
     def meta(self, call: Call, key: Key) -> dict[str, Any]:
         call.version = key.primary_version

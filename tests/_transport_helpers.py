@@ -46,6 +46,11 @@ class EchoHandler:
             return params
         if method == "grow":
             return {"b": b"x" * params["n"]}
+        if method == "grow_later":
+            # Announces its response, as datakey does, then suspends before making it.
+            ctx.expect_response(params["n"])
+            await trio.sleep(params["s"])
+            return {"b": b"x" * params["n"]}
         if method == "sleep":
             await trio.sleep(params["s"])
             return {"slept": params["s"]}

@@ -281,6 +281,23 @@ async def test_a_client_that_does_not_read_pins_a_bounded_response_backlog(
     assert all(r.error is None and len(r.result["b"]) == size for r in replies)
 
 
+@pytest.mark.parametrize("limits", [{"max_message_bytes": 2 << 20}])
+async def test_announced_responses_count_before_they_are_made(
+    server: ServerInfo, handler: EchoHandler
+) -> None:
+    """Requests that suspend before answering: without their announcements counted,
+    every one would start before the first response is queued."""
+    size, count = 1 << 20, 50
+    conn = await RawConn.open(server.socket_path)
+    await conn.send(b"".join(encode_request(i, "grow_later", {"n": size, "s": 0.5}) for i in range(count)))
+    await trio.sleep(0.3)  # every request started is still sleeping
+    assert handler.started <= RESPONSE_BACKLOG_FLOOR // size + 2
+    with trio.fail_after(30):
+        replies = await conn.responses(count)
+    assert sorted(r.msgid for r in replies) == list(range(count))
+    assert all(r.error is None and len(r.result["b"]) == size for r in replies)
+
+
 @pytest.mark.parametrize("limits", [{"max_connections": 2}])
 async def test_connection_limit(server: ServerInfo) -> None:
     a = await RawConn.open(server.socket_path)
