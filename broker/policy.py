@@ -6,6 +6,7 @@ implementation allows it and none denies it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -15,7 +16,10 @@ if TYPE_CHECKING:
     from .connection import RequestContext
     from .keys import Key
 
-__all__ = ["AuthzRequest", "Decision", "Policy", "RpcMethod", "combine"]
+__all__ = ["AuthzRequest", "Decision", "Policy", "RpcMethod", "combine", "rule_id"]
+
+# What a governance rule sentence starts with: "critical.protection: ...".
+_RULE_PREFIX = re.compile(r"([A-Za-z0-9_.-]{1,64}):\s")
 
 
 class Decision(StrEnum):
@@ -53,6 +57,16 @@ def combine(decisions: Iterable[object]) -> bool:
             continue
         return False  # DENY, or an answer that is no Decision
     return allowed
+
+
+def rule_id(sentence: str) -> str:
+    """The rule a governance sentence (:meth:`Policy.validate`) names (``"critical.protection: ..."``).
+
+    Policies from other plugins may word their sentences freely; one without
+    a ``rule: `` prefix is filed under ``policy``.
+    """
+    match = _RULE_PREFIX.match(sentence)
+    return match.group(1) if match else "policy"
 
 
 class Policy:

@@ -27,7 +27,6 @@ inventory.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from typing import Any, Final
 
 from .keys import Classification, Key, KeyState, VersionState
 from .lifecycle import next_rotation_at, use_limit
+from .policy import rule_id
 
 __all__ = [
     "REPORT_FORMAT",
@@ -62,9 +62,6 @@ DAY: Final = 86_400
 # chart stays readable and the JSON small whatever --days says.
 MAX_TIME_BUCKETS: Final = 92
 
-# What a governance rule sentence starts with: "critical.protection: ...".
-_RULE_PREFIX = re.compile(r"([A-Za-z0-9_.-]{1,64}):\s")
-
 #: Rules a key breaks according to the configured policies (empty: none).
 Governance = Callable[[Key], Sequence[str]]
 
@@ -88,16 +85,6 @@ class Violation:
             "version": self.version,
             "message": self.message,
         }
-
-
-def rule_id(sentence: str) -> str:
-    """The rule a governance sentence names (``"critical.protection: ..."``).
-
-    Policies from other plugins may word their sentences freely; one without
-    a ``rule: `` prefix is filed under ``policy``.
-    """
-    match = _RULE_PREFIX.match(sentence)
-    return match.group(1) if match else "policy"
 
 
 def _duration(seconds: int) -> str:

@@ -48,6 +48,7 @@ from .lifecycle import (
 )
 from .namelocks import NameLocks
 from .plugins import Plugins
+from .policy import rule_id
 from .store import Store
 from .transfer import ImportToken, ImportTokens, new_wrapping_key, unwrap
 from .usage import Meter, lease_size
@@ -606,7 +607,7 @@ class KeyService:
             self.plugins.validate(key, "export")
         except InvalidArgument as exc:
             rules = exc.details.get("rules")
-            rule = rules[0].split(":", 1)[0] if isinstance(rules, list) and rules else "governance"
+            rule = rule_id(str(rules[0])) if isinstance(rules, list) and rules else "governance"
             raise PermissionDenied(exc.message, {"rule": rule}) from None
         if key.state not in EXPORTABLE_STATES:
             raise InvalidState(f"key {key.name!r} is {key.state.value}: export not allowed")
