@@ -220,9 +220,7 @@ class Pkcs11Backend:
             # and each attempt has an id of its own, so that a version never
             # finds two objects under its id.
             for earlier in attempts:
-                for obj in list(lease.session.get_objects({Attribute.ID: earlier})):
-                    with contextlib.suppress(ObjectHandleInvalid, KeyHandleInvalid):
-                        obj.destroy()
+                _destroy_objects(lease.session, earlier)
             object_id = os.urandom(OBJECT_ID_LEN)
             attempts.append(object_id)
             return object_id, generate(lease.session, key_type, object_id, label)
@@ -244,12 +242,7 @@ class Pkcs11Backend:
 
         def work(lease: Lease) -> None:
             self._sync(lease)
-            # Session objects of every session of this application are
-            # visible (and destroyable) from any of them.
-            for obj in list(lease.session.get_objects({Attribute.ID: object_id})):
-                # A session copy whose session closed meanwhile is gone already.
-                with contextlib.suppress(ObjectHandleInvalid, KeyHandleInvalid):
-                    obj.destroy()
+            _destroy_objects(lease.session, object_id)
 
         await self._run(work)
 
@@ -569,6 +562,18 @@ class Pkcs11Backend:
         return Unavailable(
             "the token holds no object for this key version (was it created on another token?)"
         )
+
+
+def _destroy_objects(session: Any, object_id: bytes) -> None:
+    """Destroy every object carrying ``object_id`` that ``session`` can see.
+
+    Session objects of every session of this application are visible (and
+    destroyable) from any of them; a session copy whose session closed
+    meanwhile is gone already.
+    """
+    for obj in list(session.get_objects({Attribute.ID: object_id})):
+        with contextlib.suppress(ObjectHandleInvalid, KeyHandleInvalid):
+            obj.destroy()
 
 
 # --- argument checks ---------------------------------------------------------------------
