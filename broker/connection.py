@@ -657,7 +657,8 @@ class Connection:
             self._rouse()
 
     def _backlogged(self) -> bool:
-        """Too many response bytes wait to be written to start another request.
+        """Too many response bytes wait to be written, or are announced by
+        requests still running, to start another request.
 
         The writer wakes a worker once they have gone out (see _write_loop).
         """

@@ -4,7 +4,7 @@ Request counters and histograms are plain numbers updated on the request
 path (a dict look-up and a few additions) and exported when scraped; gauges
 that need the store (keys by state) are refreshed by a background task.
 Metrics are served only when ``[metrics]`` is set, on a loopback address by
-default, by a small HTTP/1.0 responder on the event loop (:func:`serve_metrics`):
+default, by a small HTTP/1.0 responder on the event loop (:meth:`Metrics.serve`):
 at most ``MAX_SCRAPERS`` connections at once, each given ``SCRAPE_TIMEOUT_S``
 to send its request head of at most ``MAX_HEAD_BYTES`` and to read the page.
 (prometheus-client's own server starts a thread per connection and waits on

@@ -459,10 +459,9 @@ class KeyService:
             InvalidState: the key's state forbids protecting new data.
         """
         last = self._protecting.get(key.id)
-        if (
-            last is not None and last.key is key and (last.limit is None or count <= last.limit)
-            and last.meter.take(count, last.limit)
-        ):
+        # take() refuses a count over the limit too: that case falls through to
+        # _use_limit_for below, which raises.
+        if last is not None and last.key is key and last.meter.take(count, last.limit):
             return key, last.ref
         limit = _use_limit_for(key, count)
         number = check_use(key, Usage.PROTECT).version.number
