@@ -240,18 +240,7 @@ def test_backup_cli_takes_a_lone_error_out_of_its_group(
         raise ExceptionGroup("nursery", [ExceptionGroup("inner", [error])])
 
     monkeypatch.setattr(backup_cli, "run_backup_create", fails)
-    secret = tmp_path / "pass"
-    secret.write_text("a long backup passphrase")
-    argv = [
-        "backup",
-        "create",
-        "--data-dir",
-        str(tmp_path),
-        "--passphrase-file",
-        str(secret),
-        str(tmp_path / "o"),
-    ]
-    assert main(argv) == code
+    assert main(_backup_create_argv(tmp_path)) == code
     assert capsys.readouterr().err.startswith("keybroker: ")
 
 
@@ -262,20 +251,16 @@ def test_backup_cli_keeps_the_traceback_of_anything_else(
         raise ExceptionGroup("nursery", [NotFound("x"), RuntimeError("a bug")])
 
     monkeypatch.setattr(backup_cli, "run_backup_create", fails)
-    secret = tmp_path / "pass"
-    secret.write_text("a long backup passphrase")
     with pytest.raises(ExceptionGroup):
-        main(
-            [
-                "backup",
-                "create",
-                "--data-dir",
-                str(tmp_path),
-                "--passphrase-file",
-                str(secret),
-                str(tmp_path / "o"),
-            ]
-        )
+        main(_backup_create_argv(tmp_path))
+
+
+def _backup_create_argv(directory: Path) -> list[str]:
+    """``backup create`` of ``directory`` with a passphrase file written there."""
+    secret = directory / "pass"
+    secret.write_text("a long backup passphrase")
+    return ["backup", "create", "--data-dir", str(directory), "--passphrase-file", str(secret),
+            str(directory / "o")]
 
 
 async def test_backup_cli_refuses_a_short_passphrase(short_tmp: Path) -> None:

@@ -70,13 +70,19 @@ async def test_a_client_that_does_not_poll_blocks(
     assert polls == []
 
 
+def _listening(path: str, backlog: int) -> socket.socket:
+    """A Unix socket listening at ``path``."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(backlog)
+    return listener
+
+
 @pytest.fixture
 def sleepy_broker(tmp_path: Path) -> Iterator[str]:
     """A Unix socket answering each request ``{"delay": s}`` with ``{"late": s}`` after ``s`` seconds."""
     path = str(tmp_path / "slow.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(1)
+    listener = _listening(path, 1)
 
     def serve() -> None:
         conn, _ = listener.accept()
@@ -145,9 +151,7 @@ def test_busy_poll_must_not_be_negative() -> None:
 def deaf_socket(tmp_path: Path) -> Iterator[str]:
     """A Unix socket path whose listener never accepts, reads or answers."""
     path = str(tmp_path / "deaf.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(4)
+    listener = _listening(path, 4)
     try:
         yield path
     finally:
